@@ -1,0 +1,123 @@
+"""One pass over a checkpoint: every weight signal plus the SHA-256 of every file (docs/fingerprint-format.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from forensics import __version__, roles
+from forensics.errors import ForensicsError
+from forensics.signals.weights import Moments, moments, pick_device
+from forensics.sources import Reads, open_model
+
+SCHEMA = "llm-forensics.fingerprint/1"
+EXPERT_ROLES = {"expert_gate", "expert_up", "expert_down"}
+
+
+def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfinite: bool = False,
+                      progress: Callable[[int, int], None] | None = None) -> dict:
+    """Fingerprint the model at `path`. `progress(done_bytes, total_bytes)` is called as bytes are read."""
+    path = Path(path)
+    started = time.perf_counter()
+    done = 0
+    total = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    reads = Reads(on_bytes)
+    source = open_model(path, reads)
+    planned = source.planned_files()
+    total = sum(f.stat().st_size for f in planned)
+    info = source.info()
+    table, matches = roles.resolve(path, info, source.names())
+    dev = pick_device(device)
+
+    per_role: dict[str, dict[tuple[int, int | None], Moments]] = defaultdict(dict)
+    nonfinite = []
+    for ref in source.tensors():
+        match = matches.get(ref.name)
+        if match is None:
+            continue
+        tensor = ref.load()
+        bad_nan = bad_inf = 0
+        for part in table.parts(ref.name, match, tensor, info):
+            m = moments(part.tensor, dev)
+            bad_nan, bad_inf = bad_nan + m.nan, bad_inf + m.inf
+            per_role[part.role][(part.layer, part.expert)] = m
+        if bad_nan or bad_inf:
+            nonfinite.append({"tensor": ref.name, "file": str(ref.file or path), "nan": bad_nan, "inf": bad_inf})
+        del tensor
+    if nonfinite and not allow_nonfinite:
+        first = nonfinite[0]
+        raise ForensicsError(first["file"], f"non-finite weights in {len(nonfinite)} tensor(s), first "
+                                            f"{first['tensor']} (NaN {first['nan']}, Inf {first['inf']}); "
+                                            f"use --allow-nonfinite to fingerprint the finite values and record them")
+    for f in planned:
+        reads.open(f)
+    files = reads.finish(path)
+
+    layers_seen = {layer for entries in per_role.values() for layer, _ in entries}
+    num_layers = max(info.num_layers or 0, max(layers_seen) + 1)
+    signals = {}
+    for role in sorted(per_role):
+        signals.update(_signal(role, per_role[role], num_layers))
+    return {
+        "schema": SCHEMA,
+        "tool": {"name": "llm-forensics", "version": __version__},
+        "model": {
+            "path": str(path),
+            "format": info.format or source.format,
+            "architecture": info.architecture,
+            "num_layers": num_layers,
+            "hidden_size": info.hidden_size,
+            "files": files,
+        },
+        "signals": signals,
+        "nonfinite": nonfinite,
+        "run": {
+            "device": str(dev),
+            "elapsed_s": round(time.perf_counter() - started, 3),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "bytes_read": done,
+        },
+    }
+
+
+def _signal(role: str, entries: dict[tuple[int, int | None], Moments], num_layers: int) -> dict:
+    if role not in EXPERT_ROLES:
+        values = [None] * num_layers
+        for (layer, _), m in entries.items():
+            values[layer] = _num(m.std)
+        return {role: {"kind": "weight_std", "role": role, "values": values}}
+    experts: list[list[float | None] | None] = [None] * num_layers
+    by_layer: dict[int, dict[int, float]] = defaultdict(dict)
+    for (layer, expert), m in entries.items():
+        by_layer[layer][expert] = m.std
+    for layer, stds in by_layer.items():
+        experts[layer] = [_num(stds.get(e, float("nan"))) for e in range(max(stds) + 1)]
+    means = [None if e is None else _num(float(np.mean([v for v in e if v is not None]))) for e in experts]
+    return {role: {"kind": "weight_std", "role": role.removeprefix("expert_"), "values": means, "experts": experts}}
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def write_json(obj: dict, out: Path) -> None:
+    """Atomic: a reader never sees half a fingerprint under the final name."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, out)

@@ -1,0 +1,306 @@
+"""The one table from each architecture's tensor names to canonical (layer, role, expert).
+
+Adding an architecture means adding rows: a name pattern (with `{L}` for the layer number and `{E}` for the expert)
+and the role it holds. A fused tensor (GPT-2's c_attn, NeoX's per-head interleaved query_key_value, Phi-3's qkv_proj,
+transformers 5's stacked experts) names a split from `SPLITS`, which cuts it into its roles. Tensors outside the layers
+(embeddings, final norm, LM head) are listed as ignored so that anything else is reported as unmapped, never silently
+dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from forensics.errors import ForensicsError
+from forensics.sources.base import ModelInfo
+
+ROLES = (
+    "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm",
+    "attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias", "post_attn_norm", "post_mlp_norm",
+    "gate", "up", "down", "up_bias", "down_bias",
+    "router", "router_bias", "expert_gate", "expert_up", "expert_down",
+    "shared_gate", "shared_up", "shared_down", "shared_router",
+    "q_a", "q_b", "kv_a", "kv_b", "q_a_norm", "kv_a_norm",
+)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One canonical piece of a checkpoint tensor."""
+
+    layer: int
+    role: str
+    expert: int | None
+    tensor: torch.Tensor
+
+
+# --- rows shared by many architectures (suffix after the layer prefix) -------------------------------------------
+
+_ATTN = {
+    "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k",
+    "self_attn.v_proj.weight": "v", "self_attn.o_proj.weight": "o",
+    "self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias",
+    "self_attn.v_proj.bias": "v_bias", "self_attn.o_proj.bias": "o_bias",
+}
+_QK_NORM = {"self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm"}
+_PRE_NORMS = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "mlp_norm"}
+_SANDWICH_NORMS = {
+    "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "post_attn_norm",
+    "pre_feedforward_layernorm.weight": "mlp_norm", "post_feedforward_layernorm.weight": "post_mlp_norm",
+}
+_MLP = {"mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up", "mlp.down_proj.weight": "down"}
+# Per-expert names as written by transformers < 5 and by most published checkpoints.
+_EXPERTS = {
+    "mlp.experts.{E}.gate_proj.weight": "expert_gate", "mlp.experts.{E}.up_proj.weight": "expert_up",
+    "mlp.experts.{E}.down_proj.weight": "expert_down",
+}
+# transformers >= 5 keeps the experts of a layer stacked in two 3-D tensors.
+_STACKED_EXPERTS = {"mlp.experts.gate_up_proj": "stacked_gate_up", "mlp.experts.down_proj": "stacked_down"}
+_SHARED_EXPERT = {
+    "mlp.shared_expert.gate_proj.weight": "shared_gate", "mlp.shared_expert.up_proj.weight": "shared_up",
+    "mlp.shared_expert.down_proj.weight": "shared_down", "mlp.shared_expert_gate.weight": "shared_router",
+}
+_DEEPSEEK_SHARED = {
+    "mlp.shared_experts.gate_proj.weight": "shared_gate", "mlp.shared_experts.up_proj.weight": "shared_up",
+    "mlp.shared_experts.down_proj.weight": "shared_down",
+}
+_MLA = {
+    "self_attn.q_a_proj.weight": "q_a", "self_attn.q_b_proj.weight": "q_b",
+    "self_attn.q_a_layernorm.weight": "q_a_norm", "self_attn.q_proj.weight": "q",
+    "self_attn.kv_a_proj_with_mqa.weight": "kv_a", "self_attn.kv_b_proj.weight": "kv_b",
+    "self_attn.kv_a_layernorm.weight": "kv_a_norm", "self_attn.o_proj.weight": "o",
+}
+_ROUTER = {"mlp.gate.weight": "router"}
+
+_BERT = {
+    "attention.self.query.weight": "q", "attention.self.key.weight": "k", "attention.self.value.weight": "v",
+    "attention.self.query.bias": "q_bias", "attention.self.key.bias": "k_bias", "attention.self.value.bias": "v_bias",
+    "attention.output.dense.weight": "o", "attention.output.dense.bias": "o_bias",
+    "attention.output.LayerNorm.weight": "attn_norm", "attention.output.LayerNorm.bias": "attn_norm_bias",
+    "intermediate.dense.weight": "up", "intermediate.dense.bias": "up_bias",
+    "output.dense.weight": "down", "output.dense.bias": "down_bias",
+    "output.LayerNorm.weight": "mlp_norm", "output.LayerNorm.bias": "mlp_norm_bias",
+}
+_GPT2 = {
+    "attn.c_attn.weight": "split_c_attn", "attn.c_attn.bias": "split_c_attn_bias",
+    "attn.c_proj.weight": "o", "attn.c_proj.bias": "o_bias",
+    "ln_1.weight": "attn_norm", "ln_1.bias": "attn_norm_bias", "ln_2.weight": "mlp_norm", "ln_2.bias": "mlp_norm_bias",
+    "mlp.c_fc.weight": "up", "mlp.c_fc.bias": "up_bias", "mlp.c_proj.weight": "down", "mlp.c_proj.bias": "down_bias",
+}
+_NEOX = {
+    "attention.query_key_value.weight": "split_neox_qkv", "attention.query_key_value.bias": "split_neox_qkv_bias",
+    "attention.dense.weight": "o", "attention.dense.bias": "o_bias",
+    "input_layernorm.weight": "attn_norm", "input_layernorm.bias": "attn_norm_bias",
+    "post_attention_layernorm.weight": "mlp_norm", "post_attention_layernorm.bias": "mlp_norm_bias",
+    "mlp.dense_h_to_4h.weight": "up", "mlp.dense_h_to_4h.bias": "up_bias",
+    "mlp.dense_4h_to_h.weight": "down", "mlp.dense_4h_to_h.bias": "down_bias",
+}
+_PHI3 = {
+    "self_attn.qkv_proj.weight": "split_qkv_rows", "self_attn.o_proj.weight": "o",
+    "mlp.gate_up_proj.weight": "split_gate_up_rows", "mlp.down_proj.weight": "down", **_PRE_NORMS,
+}
+# llama.cpp's names (gguf-py tensor_mapping), used for every GGUF architecture.
+_GGUF = {
+    "attn_q.weight": "q", "attn_k.weight": "k", "attn_v.weight": "v", "attn_output.weight": "o",
+    "attn_q.bias": "q_bias", "attn_k.bias": "k_bias", "attn_v.bias": "v_bias", "attn_output.bias": "o_bias",
+    "attn_qkv.weight": "split_qkv_rows", "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
+    "attn_norm.weight": "attn_norm", "attn_norm.bias": "attn_norm_bias",
+    "ffn_norm.weight": "mlp_norm", "ffn_norm.bias": "mlp_norm_bias",
+    "post_attention_norm.weight": "post_attn_norm", "post_ffw_norm.weight": "post_mlp_norm",
+    "attn_output_norm.weight": "attn_norm", "attn_output_norm.bias": "attn_norm_bias",
+    "layer_output_norm.weight": "mlp_norm", "layer_output_norm.bias": "mlp_norm_bias",
+    "ffn_gate.weight": "gate", "ffn_up.weight": "up", "ffn_down.weight": "down",
+    "ffn_up.bias": "up_bias", "ffn_down.bias": "down_bias",
+    "ffn_gate_inp.weight": "router", "ffn_gate_exps.weight": "stacked_gate", "ffn_up_exps.weight": "stacked_up",
+    "ffn_down_exps.weight": "stacked_down", "ffn_gate_shexp.weight": "shared_gate",
+    "ffn_up_shexp.weight": "shared_up", "ffn_down_shexp.weight": "shared_down",
+    "ffn_gate_inp_shexp.weight": "shared_router",
+}
+_GGUF_IGNORE = (r"token_embd\.weight", r"token_types\.weight", r"position_embd\.weight", r"output_norm\.(weight|bias)",
+                r"output\.weight", r"rope_freqs\.weight", r"token_embd_norm\.(weight|bias)", r"cls\..*")
+
+_DECODER_IGNORE = (r"(model\.)?embed_tokens\.weight", r"(model\.)?norm\.weight", r"lm_head\.weight",
+                   r".*rotary_emb\.inv_freq")
+
+_HF = r"(?:model\.|model\.language_model\.|language_model\.model\.)?layers\.{L}\."
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    prefix: str  # regex before the suffix; holds {L}
+    rows: dict[str, str]
+    ignore: tuple[str, ...]
+
+
+def _arch(name: str, prefix: str, ignore: tuple[str, ...], *row_groups: dict[str, str]) -> Architecture:
+    rows: dict[str, str] = {}
+    for group in row_groups:
+        rows.update(group)
+    return Architecture(name, prefix, rows, ignore)
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    _arch("llama", _HF, _DECODER_IGNORE, _ATTN, _PRE_NORMS, _MLP),
+    _arch("qwen3", _HF, _DECODER_IGNORE, _ATTN, _QK_NORM, _PRE_NORMS, _MLP),
+    _arch("gemma2", _HF, _DECODER_IGNORE, _ATTN, _SANDWICH_NORMS, _MLP),
+    _arch("gemma3", _HF, _DECODER_IGNORE, _ATTN, _QK_NORM, _SANDWICH_NORMS, _MLP),
+    _arch("phi3", _HF, _DECODER_IGNORE, _PHI3),
+    _arch("mixtral", _HF, _DECODER_IGNORE, _ATTN, _PRE_NORMS, {
+        "block_sparse_moe.gate.weight": "router",
+        "block_sparse_moe.experts.{E}.w1.weight": "expert_gate",
+        "block_sparse_moe.experts.{E}.w3.weight": "expert_up",
+        "block_sparse_moe.experts.{E}.w2.weight": "expert_down",
+    }, _ROUTER, _STACKED_EXPERTS),
+    _arch("qwen2_moe", _HF, _DECODER_IGNORE, _ATTN, _PRE_NORMS, _MLP, _ROUTER, _EXPERTS, _STACKED_EXPERTS,
+          _SHARED_EXPERT),
+    _arch("qwen3_moe", _HF, _DECODER_IGNORE, _ATTN, _QK_NORM, _PRE_NORMS, _MLP, _ROUTER, _EXPERTS, _STACKED_EXPERTS),
+    _arch("deepseek_v2", _HF, _DECODER_IGNORE, _MLA, _PRE_NORMS, _MLP, _ROUTER, _EXPERTS, _STACKED_EXPERTS,
+          _DEEPSEEK_SHARED, {"mlp.gate.e_score_correction_bias": "router_bias"}),
+    # Pangu Pro MoE (modeling_pangu_moe.py): Qwen2-MoE-like with biased o_proj and a per-expert router scale.
+    _arch("pangu_pro_moe", _HF, _DECODER_IGNORE, _ATTN, _PRE_NORMS, _MLP, _ROUTER, _EXPERTS, _STACKED_EXPERTS,
+          _SHARED_EXPERT, {"mlp.router_scale": "router_bias"}),
+    _arch("gpt2", r"(?:transformer\.)?h\.{L}\.", (r"(transformer\.)?(wte|wpe)\.weight", r"(transformer\.)?ln_f\.(weight|bias)",
+                                                   r"lm_head\.weight", r".*\.attn\.(masked_)?bias"), _GPT2),
+    _arch("gpt_neox", r"(?:gpt_neox\.)?layers\.{L}\.",
+          (r"(gpt_neox\.)?embed_in\.weight", r"(gpt_neox\.)?final_layer_norm\.(weight|bias)", r"embed_out\.weight",
+           r".*rotary_emb\.inv_freq", r".*attention\.(masked_)?bias"), _NEOX),
+    _arch("bert", r"(?:bert\.|roberta\.|model\.|0\.auto_model\.)?encoder\.layer\.{L}\.",
+          (r"(bert\.|roberta\.|model\.|0\.auto_model\.)?embeddings\..*", r"(bert\.|roberta\.|model\.|0\.auto_model\.)?pooler\..*",
+           r"(cls|lm_head)\..*"), _BERT),
+    _arch("gguf", r"blk\.{L}\.", _GGUF_IGNORE, _GGUF),
+)}
+
+# config.json's model_type (or GGUF's general.architecture) -> table entry.
+ALIASES = {
+    "mistral": "llama", "qwen2": "llama", "gemma": "llama", "gemma3_text": "gemma3",
+    "deepseek_v3": "deepseek_v2", "PanguProMoE": "pangu_pro_moe", "pangu_moe": "pangu_pro_moe",
+    "roberta": "bert", "xlm-roberta": "bert", "xlm_roberta": "bert",
+}
+
+
+def _split_rows(t: torch.Tensor, sizes: list[int], roles: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
+    if sum(sizes) != t.shape[0]:
+        raise ValueError(f"fused tensor has {t.shape[0]} rows, config implies {sum(sizes)}")
+    return list(zip(roles, torch.split(t, sizes, dim=0)))
+
+
+def _qkv_sizes(info: ModelInfo) -> list[int]:
+    hd = info.head_dim or info.hidden_size // info.num_heads
+    kv = info.num_kv_heads or info.num_heads
+    return [info.num_heads * hd, kv * hd, kv * hd]
+
+
+def _neox(t: torch.Tensor, info: ModelInfo, roles: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
+    # NeoX interleaves per head: rows are [head0: q k v][head1: q k v]...
+    per_head = t.reshape(info.num_heads, 3, -1, *t.shape[1:])
+    return [(r, per_head[:, i].reshape(-1, *t.shape[1:])) for i, r in enumerate(roles)]
+
+
+def _stacked(t: torch.Tensor, roles: tuple[str, ...]) -> list[tuple[str, int, torch.Tensor]]:
+    # (experts, rows, cols); gate_up stacks gate then up along the rows (transformers' chunk(2, dim=-1)).
+    out = []
+    for e in range(t.shape[0]):
+        for role, piece in zip(roles, torch.chunk(t[e], len(roles), dim=0)):
+            out.append((role, e, piece))
+    return out
+
+
+SPLITS: dict[str, Callable[[torch.Tensor, ModelInfo], list[tuple[str, torch.Tensor]]]] = {
+    "split_qkv_rows": lambda t, i: _split_rows(t, _qkv_sizes(i), ("q", "k", "v")),
+    "split_gate_up_rows": lambda t, i: _split_rows(t, [t.shape[0] // 2] * 2, ("gate", "up")),
+    # GPT-2's Conv1D stores (in, out): q, k, v are column blocks.
+    "split_c_attn": lambda t, i: list(zip(("q", "k", "v"), torch.chunk(t, 3, dim=-1))),
+    "split_c_attn_bias": lambda t, i: list(zip(("q_bias", "k_bias", "v_bias"), torch.chunk(t, 3, dim=-1))),
+    "split_neox_qkv": lambda t, i: _neox(t, i, ("q", "k", "v")),
+    "split_neox_qkv_bias": lambda t, i: _neox(t, i, ("q_bias", "k_bias", "v_bias")),
+}
+STACKED: dict[str, tuple[str, ...]] = {
+    "stacked_gate_up": ("expert_gate", "expert_up"), "stacked_down": ("expert_down",),
+    "stacked_gate": ("expert_gate",), "stacked_up": ("expert_up",),
+}
+
+
+@dataclass(frozen=True)
+class Match:
+    layer: int
+    target: str  # a role, a SPLITS key or a STACKED key
+    expert: int | None
+
+
+class RoleTable:
+    """Resolves tensor names of one architecture; built once per architecture."""
+
+    def __init__(self, arch: Architecture):
+        self.arch = arch
+        prefix = arch.prefix.replace("{L}", r"(?P<layer>\d+)")
+        self._rows = [
+            (re.compile(prefix + re.escape(suffix).replace(r"\{E\}", r"(?P<expert>\d+)")), target)
+            for suffix, target in arch.rows.items()
+        ]
+        self._ignore = [re.compile(p) for p in arch.ignore]
+
+    def match(self, name: str) -> Match | None:
+        for rx, target in self._rows:
+            m = rx.fullmatch(name)
+            if m:
+                expert = m.groupdict().get("expert")
+                return Match(int(m["layer"]), target, int(expert) if expert is not None else None)
+        return None
+
+    def ignored(self, name: str) -> bool:
+        return any(rx.fullmatch(name) for rx in self._ignore)
+
+    def parts(self, name: str, match: Match, tensor: torch.Tensor, info: ModelInfo) -> list[Part]:
+        if match.target in SPLITS:
+            try:
+                pieces = SPLITS[match.target](tensor, info)
+            except (ValueError, RuntimeError, TypeError) as e:
+                raise ForensicsError(None, f"cannot split fused tensor {name} {tuple(tensor.shape)}: {e}") from e
+            return [Part(match.layer, role, None, piece) for role, piece in pieces]
+        if match.target in STACKED:
+            return [Part(match.layer, role, e, piece) for role, e, piece in _stacked(tensor, STACKED[match.target])]
+        return [Part(match.layer, match.target, match.expert, tensor)]
+
+
+def architecture_key(model_type: str) -> str:
+    return ALIASES.get(model_type, model_type)
+
+
+@lru_cache(maxsize=None)
+def table_for(architecture: str) -> RoleTable | None:
+    arch = ARCHITECTURES.get(architecture_key(architecture))
+    return RoleTable(arch) if arch else None
+
+
+def resolve(path, info: ModelInfo, names: list[str]) -> tuple[RoleTable, dict[str, Match]]:
+    """Map every tensor name, or fail listing the names nobody knows."""
+    architecture = info.architecture
+    table = table_for(info.table or architecture)
+    if table is None:
+        raise ForensicsError(path, f"unknown architecture {architecture!r}; known: "
+                                   f"{', '.join(sorted(set(ARCHITECTURES) | set(ALIASES)))}. "
+                                   f"Unmapped tensor names: {_sample(names)}")
+    matches, unmapped = {}, []
+    for name in names:
+        m = table.match(name)
+        if m is not None:
+            matches[name] = m
+        elif not table.ignored(name):
+            unmapped.append(name)
+    if unmapped:
+        raise ForensicsError(path, f"architecture {architecture!r}: {len(unmapped)} tensor name(s) not in the role "
+                                   f"table (forensics/roles.py): {_sample(unmapped)}")
+    if not matches:
+        raise ForensicsError(path, f"architecture {architecture!r}: no layer tensors found")
+    return table, matches
+
+
+def _sample(names: list[str], n: int = 12) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" … (+{len(names) - n} more)" if len(names) > n else "")

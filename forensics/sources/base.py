@@ -1,0 +1,162 @@
+"""What every checkpoint reader hands the engine: lazy tensors, and the files whose bytes it read.
+
+Every byte a reader needs goes through a `HashedFile`, which hashes as it reads, so the SHA-256 of every input comes
+out of the same pass that computes the statistics: a file is read once, front to back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from forensics.errors import ForensicsError
+
+CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    size: int
+    sha256: str
+
+
+class HashedFile:
+    """A read-only file read front to back; every byte that passes is hashed.
+
+    `read_at` must be called with non-decreasing offsets: bytes skipped over are still read and hashed (never kept),
+    so `finish` can give the SHA-256 of the whole file without a second pass.
+    """
+
+    def __init__(self, path: Path, on_bytes: Callable[[int], None] | None = None):
+        self.path = path
+        try:
+            self._f = open(path, "rb", buffering=0)
+        except OSError as e:
+            raise ForensicsError(path, f"cannot open for reading: {e.strerror}") from e
+        self.size = os.fstat(self._f.fileno()).st_size
+        self._pos = 0
+        self._sha = hashlib.sha256()
+        self._on_bytes = on_bytes
+        self._scratch = bytearray(CHUNK)
+        self.record: FileRecord | None = None
+
+    def _read_into(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                n = self._f.readinto(view[got:])
+            except OSError as e:
+                raise ForensicsError(self.path, f"read failed at byte {self._pos + got}: {e.strerror}") from e
+            if not n:
+                raise ForensicsError(self.path, f"truncated: file ends at byte {self._pos + got}, "
+                                                f"expected at least {self._pos + len(view)}")
+            got += n
+        self._sha.update(view)
+        self._pos += len(view)
+        if self._on_bytes:
+            self._on_bytes(len(view))
+
+    def skip_to(self, offset: int) -> None:
+        if offset < self._pos:
+            raise ForensicsError(self.path, f"internal: read order went backwards ({offset} < {self._pos})")
+        scratch = memoryview(self._scratch)
+        while self._pos < offset:
+            self._read_into(scratch[: min(CHUNK, offset - self._pos)])
+
+    def read_at(self, offset: int, nbytes: int) -> bytearray:
+        if offset + nbytes > self.size:
+            raise ForensicsError(self.path, f"truncated: needs bytes {offset}..{offset + nbytes} "
+                                            f"but the file has {self.size}")
+        self.skip_to(offset)
+        buf = bytearray(nbytes)
+        self._read_into(memoryview(buf))
+        return buf
+
+    def read_all(self) -> bytearray:
+        return self.read_at(self._pos, self.size - self._pos)
+
+    def finish(self) -> FileRecord:
+        if self.record is None:
+            self.skip_to(self.size)
+            if self._f.read(1):
+                raise ForensicsError(self.path, "file grew while it was being read")
+            self._f.close()
+            self.record = FileRecord(str(self.path), self.size, self._sha.hexdigest())
+        return self.record
+
+
+class Reads:
+    """The files a source opened, in order; the engine finishes them all (and so hashes all) at the end."""
+
+    def __init__(self, on_bytes: Callable[[int], None] | None = None):
+        self.on_bytes = on_bytes
+        self._files: dict[Path, HashedFile] = {}
+
+    def open(self, path: Path) -> HashedFile:
+        if path not in self._files:
+            self._files[path] = HashedFile(path, self.on_bytes)
+        return self._files[path]
+
+    def finish(self, root: Path) -> list[dict]:
+        records = []
+        for path, f in self._files.items():
+            r = f.finish()
+            rel = os.path.relpath(path, root) if root.is_dir() else path.name
+            records.append({"path": rel, "size": r.size, "sha256": r.sha256})
+        return sorted(records, key=lambda r: r["path"])
+
+
+@dataclass
+class TensorRef:
+    """One tensor as listed in a checkpoint; `load()` reads (and hashes) its bytes only when called."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    load: Callable[[], torch.Tensor] = field(repr=False)
+    file: Path | None = None
+
+
+@dataclass
+class ModelInfo:
+    """What the role table needs to know about a model besides its tensor names."""
+
+    architecture: str
+    format: str
+    table: str = ""  # role-table entry when it differs from the architecture (all GGUF files share llama.cpp names)
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    config: dict = field(default_factory=dict)
+
+
+class Source:
+    """A checkpoint on disk: a Hugging Face directory, or a single GGUF / ONNX / other file."""
+
+    format: str = ""
+
+    def __init__(self, path: Path, reads: Reads):
+        self.path = path
+        self.reads = reads
+
+    def info(self) -> ModelInfo:
+        raise NotImplementedError
+
+    def tensors(self) -> Iterator[TensorRef]:
+        """Tensors in the order their bytes lie on disk, so loading them in turn reads each file once."""
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors()]
+
+    def planned_files(self) -> list[Path]:
+        """Every file this model's evidence consists of (weights, config, tokenizer): all are hashed."""
+        return [self.path]

@@ -1,0 +1,136 @@
+"""A Hugging Face style model directory: config.json plus safetensors (single or sharded) or PyTorch .bin weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from forensics.errors import ForensicsError
+from forensics.sources import safetensors as st
+from forensics.sources.base import ModelInfo, Reads, Source, TensorRef
+
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".h5", ".msgpack", ".ckpt"}
+# Side files (tokenizer, configs) are hashed as evidence; nothing this large is a side file.
+MAX_SIDE_FILE = 256 << 20
+
+
+def model_info(config: dict, fmt: str) -> ModelInfo:
+    """Dimensions the role table needs, from config.json (multimodal configs keep them under text_config)."""
+    text = config.get("text_config") or config
+
+    def pick(*keys):
+        for k in keys:
+            if text.get(k) is not None:
+                return int(text[k])
+        return None
+
+    return ModelInfo(
+        architecture=str(text.get("model_type") or config.get("model_type") or ""),
+        format=fmt,
+        num_layers=pick("num_hidden_layers", "n_layer", "num_layers"),
+        hidden_size=pick("hidden_size", "n_embd", "d_model"),
+        num_heads=pick("num_attention_heads", "n_head"),
+        num_kv_heads=pick("num_key_value_heads"),
+        head_dim=pick("head_dim"),
+        config=config,
+    )
+
+
+class HFDirectory(Source):
+    def __init__(self, path: Path, reads: Reads):
+        super().__init__(path, reads)
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ForensicsError(path, "not a model directory: no config.json (give a directory with config.json "
+                                       "and weights, or a single .gguf / .onnx file)")
+        raw = bytes(reads.open(cfg_path).read_all())
+        try:
+            self.config = json.loads(raw)
+        except ValueError as e:
+            raise ForensicsError(cfg_path, f"not valid JSON: {e}") from e
+        self.weight_files, self.shard_names, self.format = self._weights()
+        self._info = model_info(self.config, self.format)
+        self._headers: dict[Path, tuple[int, dict]] = {}
+        self._state_dicts: dict[Path, dict] = {}
+
+    def _weights(self) -> tuple[list[Path], dict[Path, set[str]] | None, str]:
+        p = self.path
+        for index_name, fmt in (("model.safetensors.index.json", "safetensors"),
+                                ("pytorch_model.bin.index.json", "pytorch")):
+            index = p / index_name
+            if index.is_file():
+                self.reads.open(index).read_all()
+                by_file = st.shards(index)
+                files = sorted(p / f for f in by_file)
+                return files, {p / f: set(n) for f, n in by_file.items()}, fmt
+        for pattern, fmt in (("*.safetensors", "safetensors"), ("*.bin", "pytorch"), ("*.pt", "pytorch"),
+                             ("*.pth", "pytorch")):
+            files = sorted(f for f in p.glob(pattern) if f.is_file())
+            if files:
+                if len(files) > 1:
+                    raise ForensicsError(p, f"several {pattern} files and no shard index: "
+                                            f"{', '.join(f.name for f in files)}")
+                return files, None, fmt
+        raise ForensicsError(p, "no weights found (*.safetensors, *.bin, *.pt with config.json)")
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def planned_files(self) -> list[Path]:
+        side = [f for f in sorted(self.path.iterdir())
+                if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and f.stat().st_size <= MAX_SIDE_FILE
+                and not f.name.startswith(".")]
+        return side + self.weight_files
+
+    def names(self) -> list[str]:
+        if self.format == "safetensors":
+            out = []
+            for f in self.weight_files:
+                header = self._header(f)[1]
+                want = self.shard_names.get(f) if self.shard_names else None
+                if want is not None and not want <= set(header):
+                    missing = sorted(want - set(header))
+                    raise ForensicsError(f, f"shard lacks {len(missing)} tensor(s) its index lists, e.g. {missing[0]}")
+                out.extend(n for n in header if want is None or n in want)
+            return out
+        return [t.name for t in self.tensors()]
+
+    def _header(self, f: Path) -> tuple[int, dict]:
+        if f not in self._headers:
+            self._headers[f] = st.read_header(self.reads.open(f))
+        return self._headers[f]
+
+    def tensors(self) -> Iterator[TensorRef]:
+        for f in self.weight_files:
+            if self.format == "safetensors":
+                start, header = self._header(f)
+                want = self.shard_names.get(f) if self.shard_names else None
+                yield from st.tensors(self.reads.open(f), start, header, want)
+            else:
+                if f not in self._state_dicts:
+                    self._state_dicts[f] = load_state_dict(f)
+                    self.reads.open(f)
+                state = self._state_dicts[f]
+                for name, t in sorted(state.items(), key=lambda kv: kv[1].untyped_storage().data_ptr()):
+                    yield TensorRef(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), lambda t=t: t, f)
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """PyTorch zip checkpoints through torch's safe loader, memory-mapped.
+
+    weights_only=True refuses pickled code. torch maps the file itself, so its bytes are hashed by a separate
+    sequential read (the one format here not read in a single pass; prefer safetensors evidence where it exists).
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for a bad archive; all mean the same to the analyst
+        raise ForensicsError(path, f"cannot read PyTorch checkpoint safely: {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:300]}") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ForensicsError(path, "PyTorch checkpoint is not a state dict of tensors")
+    return obj

@@ -1,0 +1,113 @@
+"""safetensors files, single or sharded; read front to back through `HashedFile`.
+
+The header is checked here (sizes, offsets, dtypes) so that a corrupt file gets a message that says what is wrong,
+and then by the safetensors library itself (`safe_open`), whose reading of the format is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from forensics.errors import ForensicsError
+from forensics.sources.base import HashedFile, TensorRef
+
+# The safetensors library refuses headers above 100 MB; so do we, before allocating anything.
+MAX_HEADER = 100_000_000
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_header(f: HashedFile) -> tuple[int, dict]:
+    """Return (start of the data section, {name: entry}) after checking every entry against the file."""
+    path = f.path
+    if f.size < 8:
+        raise ForensicsError(path, f"truncated: {f.size} bytes, too short for a safetensors header")
+    (n,) = struct.unpack("<Q", bytes(f.read_at(0, 8)))
+    if n > MAX_HEADER:
+        raise ForensicsError(path, f"corrupt safetensors header: declared header size {n} bytes is absurd "
+                                   f"(limit {MAX_HEADER})")
+    if 8 + n > f.size:
+        raise ForensicsError(path, f"truncated: header declares {n} bytes but the file has {f.size}")
+    try:
+        header = json.loads(bytes(f.read_at(8, n)).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ForensicsError(path, f"corrupt safetensors header: not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ForensicsError(path, "corrupt safetensors header: not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, data_len = 8 + n, f.size - 8 - n
+    spans = []
+    for name, e in header.items():
+        try:
+            dtype, shape, (begin, end) = e["dtype"], [int(s) for s in e["shape"]], e["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ForensicsError(path, f"corrupt safetensors header: entry {name!r} is malformed") from err
+        if dtype not in DTYPES:
+            raise ForensicsError(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+        need = math.prod(shape) * DTYPES[dtype].itemsize
+        if not (isinstance(begin, int) and isinstance(end, int)) or begin < 0 or end - begin != need:
+            raise ForensicsError(path, f"corrupt safetensors header: tensor {name!r} offsets {begin}..{end} "
+                                       f"do not hold {need} bytes of {dtype}{shape}")
+        if end > data_len:
+            raise ForensicsError(path, f"tensor {name!r}: offsets {begin}..{end} out of range "
+                                       f"(data section has {data_len} bytes; file truncated or header corrupt)")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ForensicsError(path, f"corrupt safetensors header: tensors {n0!r} and {n1!r} overlap")
+    try:
+        with safe_open(path, framework="pt") as st:
+            if set(st.keys()) != set(header):
+                raise ForensicsError(path, "safetensors library lists different tensors than the header")
+    except SafetensorError as e:
+        raise ForensicsError(path, f"rejected by the safetensors library: {e}") from e
+    return data_start, header
+
+
+def _decode(buf: bytearray, dtype: str, shape: list[int]) -> torch.Tensor:
+    t = DTYPES[dtype]
+    if not buf:
+        return torch.empty(shape, dtype=t)
+    return torch.frombuffer(buf, dtype=t).reshape(shape)
+
+
+def tensors(f: HashedFile, data_start: int, header: dict, only: set[str] | None = None) -> Iterator[TensorRef]:
+    """Tensors of one file in on-disk order; `only` restricts to a shard's share of an index."""
+    for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        if only is not None and name not in only:
+            continue
+        begin, end = e["data_offsets"]
+
+        def load(begin=begin, end=end, dtype=e["dtype"], shape=e["shape"]) -> torch.Tensor:
+            return _decode(f.read_at(data_start + begin, end - begin), dtype, shape)
+
+        yield TensorRef(name, tuple(e["shape"]), e["dtype"], load, f.path)
+
+
+def shards(index_path: Path) -> dict[str, list[str]]:
+    """{shard file name: [tensor names]} from a model.safetensors.index.json (or pytorch_model.bin.index.json)."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ForensicsError(index_path, f"not a valid shard index: {e}") from e
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    for file in by_file:
+        if not (index_path.parent / file).is_file():
+            raise ForensicsError(index_path.parent / file, f"missing shard: listed in {index_path.name} "
+                                                           f"for {len(by_file[file])} tensors but not on disk")
+    return by_file
