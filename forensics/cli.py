@@ -61,11 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ForensicsError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        return 2
-    except RuntimeError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+    except (ForensicsError, RuntimeError) as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
 
 

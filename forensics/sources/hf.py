@@ -68,7 +68,7 @@ class HFDirectory(Source):
                 return files, {p / f: set(n) for f, n in by_file.items()}, fmt
         for pattern, fmt in (("*.safetensors", "safetensors"), ("*.bin", "pytorch"), ("*.pt", "pytorch"),
                              ("*.pth", "pytorch")):
-            files = sorted(f for f in p.glob(pattern) if f.is_file())
+            files = sorted(p.glob(pattern))
             if files:
                 if len(files) > 1:
                     raise ForensicsError(p, f"several {pattern} files and no shard index: "
