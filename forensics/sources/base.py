@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -17,6 +19,8 @@ import torch
 from forensics.errors import ForensicsError
 
 CHUNK = 8 << 20
+# Buffers waiting to be hashed; bounds the memory held by the hashing thread.
+MAX_PENDING = 8
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,12 @@ class HashedFile:
     """A read-only file read front to back; every byte that passes is hashed.
 
     `read_at` must be called with non-decreasing offsets: bytes skipped over are still read and hashed (never kept),
-    so `finish` can give the SHA-256 of the whole file without a second pass.
+    so `finish` can give the SHA-256 of the whole file without a second pass. Hashing runs on a worker thread
+    (hashlib releases the GIL), overlapping the statistics; a buffer is never written again once read, so the
+    worker can hash it while the caller computes on it.
     """
 
-    def __init__(self, path: Path, on_bytes: Callable[[int], None] | None = None):
+    def __init__(self, path: Path, hasher: ThreadPoolExecutor, on_bytes: Callable[[int], None] | None = None):
         self.path = path
         try:
             self._f = open(path, "rb", buffering=0)
@@ -42,8 +48,9 @@ class HashedFile:
         self.size = os.fstat(self._f.fileno()).st_size
         self._pos = 0
         self._sha = hashlib.sha256()
+        self._hasher = hasher
+        self._pending: deque[Future] = deque()
         self._on_bytes = on_bytes
-        self._scratch = bytearray(CHUNK)
         self.record: FileRecord | None = None
 
     def _read_into(self, view: memoryview) -> None:
@@ -57,7 +64,9 @@ class HashedFile:
                 raise ForensicsError(self.path, f"truncated: file ends at byte {self._pos + got}, "
                                                 f"expected at least {self._pos + len(view)}")
             got += n
-        self._sha.update(view)
+        while len(self._pending) >= MAX_PENDING:
+            self._pending.popleft().result()
+        self._pending.append(self._hasher.submit(self._sha.update, view))
         self._pos += len(view)
         if self._on_bytes:
             self._on_bytes(len(view))
@@ -65,9 +74,8 @@ class HashedFile:
     def skip_to(self, offset: int) -> None:
         if offset < self._pos:
             raise ForensicsError(self.path, f"internal: read order went backwards ({offset} < {self._pos})")
-        scratch = memoryview(self._scratch)
         while self._pos < offset:
-            self._read_into(scratch[: min(CHUNK, offset - self._pos)])
+            self._read_into(memoryview(bytearray(min(CHUNK, offset - self._pos))))
 
     def read_at(self, offset: int, nbytes: int) -> bytearray:
         if offset + nbytes > self.size:
@@ -87,6 +95,8 @@ class HashedFile:
             if self._f.read(1):
                 raise ForensicsError(self.path, "file grew while it was being read")
             self._f.close()
+            while self._pending:
+                self._pending.popleft().result()
             self.record = FileRecord(str(self.path), self.size, self._sha.hexdigest())
         return self.record
 
@@ -97,10 +107,11 @@ class Reads:
     def __init__(self, on_bytes: Callable[[int], None] | None = None):
         self.on_bytes = on_bytes
         self._files: dict[Path, HashedFile] = {}
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
 
     def open(self, path: Path) -> HashedFile:
         if path not in self._files:
-            self._files[path] = HashedFile(path, self.on_bytes)
+            self._files[path] = HashedFile(path, self._hasher, self.on_bytes)
         return self._files[path]
 
     def finish(self, root: Path) -> list[dict]:
@@ -109,6 +120,7 @@ class Reads:
             r = f.finish()
             rel = os.path.relpath(path, root) if root.is_dir() else path.name
             records.append({"path": rel, "size": r.size, "sha256": r.sha256})
+        self._hasher.shutdown()
         return sorted(records, key=lambda r: r["path"])
 
 

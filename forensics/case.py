@@ -1,0 +1,192 @@
+"""Case files (`cases/NAME.yaml`): what to compare, how, and how to sign — validated before anything runs.
+
+Relative paths in a case file are relative to the case file itself. Secrets never live in the YAML: a signing
+passphrase comes from an environment variable or a file named here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from forensics.errors import ForensicsError
+
+WEIGHT_SIGNALS = (
+    "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm",
+    "attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm",
+    "gate", "up", "down", "router", "expert_gate", "expert_up", "expert_down",
+    "shared_gate", "shared_up", "shared_down", "shared_router", "q_a", "q_b", "kv_a", "kv_b",
+)
+ACTIVATION_SIGNALS = ("act_norm", "act_norm_std")
+SIGNALS = WEIGHT_SIGNALS + ACTIVATION_SIGNALS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(Strict):
+    name: str = Field(min_length=1, description="display name used throughout the dossier")
+    path: Path = Field(description="model directory or single .gguf / .onnx file")
+    claimed_origin: str | None = Field(None, description="what its publisher says it is derived from, if anything")
+    notes: str | None = None
+
+
+class Party(Strict):
+    role: str
+    name: str
+
+
+class Activations(Strict):
+    enabled: bool = True
+    corpus: Path | None = Field(None, description="a local .txt/.jsonl/.jsonl.zst/.parquet; default: embedded corpus")
+    text_field: str = "text"
+    batch_size: int = Field(2, ge=1)
+    seq_len: int = Field(128, ge=8)
+    num_batches: int = Field(4, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Statistics(Strict):
+    permutations: int = Field(9999, ge=99)
+    bootstrap: int = Field(2000, ge=100)
+    alpha: float = Field(0.01, gt=0, lt=0.5)
+    seed: int = 20251126
+    multitest: Literal["holm", "fdr_bh"] = "holm"
+    panel: Literal["default", "none"] | Path = "default"
+
+
+class Signing(Strict):
+    pkcs12: Path | None = None
+    key: Path | None = None
+    certificate: Path | None = None
+    passphrase_env: str | None = Field(None, description="name of the environment variable holding the passphrase")
+    passphrase_file: Path | None = None
+
+    @model_validator(mode="after")
+    def one_kind_of_key(self):
+        if self.pkcs12 and (self.key or self.certificate):
+            raise ValueError("give either pkcs12, or key + certificate, not both")
+        if bool(self.key) != bool(self.certificate):
+            raise ValueError("key and certificate go together")
+        if self.passphrase_env and self.passphrase_file:
+            raise ValueError("give passphrase_env or passphrase_file, not both")
+        return self
+
+
+class Case(Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="case identifier, used in output paths")
+    title: str
+    analyst: str
+    organisation: str | None = None
+    parties: list[Party] = []
+    suspect: ModelRef
+    candidates: list[ModelRef] = Field(min_length=1)
+    controls: list[ModelRef] = []
+    signals: Literal["all"] | list[str] = "all"
+    activations: Activations = Activations()
+    statistics: Statistics = Statistics()
+    signing: Signing = Signing()
+
+    @field_validator("signals")
+    @classmethod
+    def known_signals(cls, v):
+        if isinstance(v, list):
+            unknown = [s for s in v if s not in SIGNALS]
+            if unknown:
+                raise ValueError(f"unknown signal(s) {unknown}; known: {', '.join(SIGNALS)}")
+            if not v:
+                raise ValueError("empty list: name at least one signal, or 'all'")
+        return v
+
+    @model_validator(mode="after")
+    def distinct_names(self):
+        names = [m.name for m in self.models()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be distinct; repeated: {dupes}")
+        return self
+
+    def models(self) -> list[ModelRef]:
+        return [self.suspect, *self.candidates, *self.controls]
+
+    def roles(self) -> dict[str, str]:
+        out = {self.suspect.name: "suspect"}
+        out.update({m.name: "candidate" for m in self.candidates})
+        out.update({m.name: "control" for m in self.controls})
+        return out
+
+    def wanted_signals(self) -> tuple[str, ...]:
+        return SIGNALS if self.signals == "all" else tuple(self.signals)
+
+
+def _line_of(node: yaml.Node, loc: tuple) -> int | None:
+    """The YAML line of the field a validation error points at (the deepest node found on its path)."""
+    line = node.start_mark.line + 1
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == key), None)
+            if match is None:
+                match = next((k for k, v in node.value if k.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            match = node.value[key]
+        else:
+            match = None
+        if match is None:
+            break
+        node, line = match, match.start_mark.line + 1
+    return line
+
+
+def load_case(path: str | Path) -> tuple[Case, bytes]:
+    """Parse and validate a case file; returns the case (paths made absolute) and its exact bytes."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ForensicsError(path, f"cannot read case file: {e.strerror}") from e
+    try:
+        text = raw.decode("utf-8")
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ForensicsError(path, f"not valid YAML: {e}") from e
+    if not isinstance(data, dict) or node is None:
+        raise ForensicsError(path, "a case file is a YAML mapping (id, title, analyst, suspect, candidates, ...)")
+    try:
+        case = Case.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            problems.append(f"line {_line_of(node, err['loc'])}: {field}: {err['msg']}")
+        raise ForensicsError(path, "invalid case file:\n  " + "\n  ".join(problems)) from e
+    return _resolve(case, path.parent.resolve()), raw
+
+
+def _resolve(case: Case, base: Path) -> Case:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+
+    def model(m: ModelRef) -> ModelRef:
+        return m.model_copy(update={"path": fix(m.path)})
+
+    update = {
+        "suspect": model(case.suspect),
+        "candidates": [model(m) for m in case.candidates],
+        "controls": [model(m) for m in case.controls],
+        "activations": case.activations.model_copy(update={"corpus": fix(case.activations.corpus)}),
+        "signing": case.signing.model_copy(update={k: fix(getattr(case.signing, k)) for k in
+                                                   ("pkcs12", "key", "certificate", "passphrase_file")}),
+    }
+    if isinstance(case.statistics.panel, Path):
+        update["statistics"] = case.statistics.model_copy(update={"panel": fix(case.statistics.panel)})
+    return case.model_copy(update=update)
+
+
+def sha256_bytes(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
