@@ -44,14 +44,20 @@ def moments(t: torch.Tensor, device: torch.device) -> Moments:
     out = Moments()
     for start in range(0, flat.numel(), CHUNK_ELEMENTS):
         c = flat[start:start + CHUNK_ELEMENTS].to(device=device).to(torch.float64)
-        finite = torch.isfinite(c)
-        if not bool(finite.all()):
+        n = c.numel()
+        mean = c.sum() / n
+        # NaN/Inf anywhere make the sum non-finite: only then pay for counting and dropping them.
+        if not bool(torch.isfinite(mean)):
             out.nan += int(torch.isnan(c).sum())
             out.inf += int(torch.isinf(c).sum())
-            c = c[finite]
-        if c.numel():
-            var, mean = torch.var_mean(c, correction=0)
-            out.merge(c.numel(), float(mean), float(var) * c.numel())
+            c = c[torch.isfinite(c)]
+            n = c.numel()
+            if not n:
+                continue
+            mean = c.sum() / n
+        # In place only on our own float64 copy, never on the caller's tensor.
+        d = c - mean if t.dtype == torch.float64 and c.device == t.device else c.sub_(mean)
+        out.merge(n, float(mean), float(torch.dot(d, d)))
     return out
 
 

@@ -1,0 +1,102 @@
+"""`make bench-weights`: our fingerprint pass against sha256sum and the naive transformers path, as ratios.
+
+Each measurement runs in a fresh process (wall time from the outside, peak RSS from the process itself), on the real
+decoders fetched by `make models`, and on a bf16 safetensors copy of SmolLM2 made from its GGUF (the usual format of
+evidence). Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+WORK = ROOT / "out" / "bench"
+
+NAIVE = r"""
+import sys, resource, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+p = Path(sys.argv[1])
+if p.is_file():
+    m = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, torch_dtype=torch.float32)
+else:
+    m = AutoModelForCausalLM.from_pretrained(p)
+stds = {n: float(t.double().std(unbiased=False)) for n, t in m.state_dict().items() if t.is_floating_point()}
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+OURS = r"""
+import sys, resource
+from forensics.fingerprint import fingerprint_model
+fingerprint_model(sys.argv[1], device="cpu")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def timed(cmd: list[str]) -> tuple[float, int | None]:
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    return wall, int(last) if last.isdigit() else None
+
+
+def files_of(path: Path) -> list[str]:
+    return [str(path)] if path.is_file() else [str(f) for f in sorted(path.iterdir()) if f.is_file()]
+
+
+def safetensors_copy(gguf: Path) -> Path:
+    out = WORK / "smollm2-135m-bf16"
+    if not (out / "model.safetensors").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
+        m.save_pretrained(out)
+    return out
+
+
+def best_of(n: int, cmd: list[str]) -> tuple[float, int | None]:
+    runs = [timed(cmd) for _ in range(n)]
+    return min(r[0] for r in runs), max((r[1] or 0) for r in runs)
+
+
+def main() -> int:
+    gguf_e = MODELS / "E-smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_f = MODELS / "F-gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
+    missing = [str(p) for p in (gguf_e, gguf_f) if not p.is_file()]
+    if missing:
+        print(f"missing models (run `make models`): {missing}", file=sys.stderr)
+        return 2
+    WORK.mkdir(parents=True, exist_ok=True)
+    cases = {"SmolLM2-135M GGUF Q4_1": gguf_e, "Gemma3-270M GGUF Q4_K_M": gguf_f,
+             "SmolLM2-135M safetensors bf16": safetensors_copy(gguf_e)}
+    rows = []
+    for label, path in cases.items():
+        size = sum(Path(f).stat().st_size for f in files_of(path))
+        sha_wall, _ = best_of(3, ["sha256sum", *files_of(path)])
+        ours_wall, ours_rss = best_of(3, [sys.executable, "-c", OURS, str(path)])
+        naive_wall, naive_rss = best_of(1, [sys.executable, "-c", NAIVE, str(path)])
+        rows.append({
+            "model": label, "bytes": size,
+            "ours_s": round(ours_wall, 3), "ours_peak_rss_mb": round(ours_rss / 2**20, 1),
+            "sha256sum_s": round(sha_wall, 3),
+            "naive_s": round(naive_wall, 3), "naive_peak_rss_mb": round(naive_rss / 2**20, 1),
+            "ours_over_sha256sum": round(ours_wall / sha_wall, 2),
+            "naive_over_ours_time": round(naive_wall / ours_wall, 2),
+            "ours_over_naive_memory": round(ours_rss / naive_rss, 3),
+        })
+        print(json.dumps(rows[-1]))
+    print("\nmodel | ours s | sha256sum s | naive s | ours/sha256sum | naive/ours time | ours/naive memory")
+    for r in rows:
+        print(f"{r['model']} | {r['ours_s']} | {r['sha256sum_s']} | {r['naive_s']} | {r['ours_over_sha256sum']}x | "
+              f"{r['naive_over_ours_time']}x | {r['ours_over_naive_memory']}")
+    print("\ntimes: best of 3 wall-clock runs (naive: 1), each a fresh process including Python and torch start-up")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
