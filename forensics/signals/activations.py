@@ -1,0 +1,235 @@
+"""Activation-norm signal: the per-layer L2 norm of the residual stream over a text corpus.
+
+The original analysis ran each model over The Pile's test set (1,000 batches x 8 sequences x 1,024 tokens) and
+compared, layer by layer, the mean norm of the hidden state. Here that is `act_norm` (mean over tokens) and
+`act_norm_std` (population std over tokens), each with `num_layers + 1` values: the embedding output (the input of
+the first block) and the output of every block. The last value is the residual stream *before* the model's final
+norm, which `output_hidden_states` would otherwise apply. The values are raw: the statistics stage z-scores every
+signal's curve across layers the same way (forensics/stats/normalise.py), so activation and weight curves compare
+alike.
+
+Norms are taken with forward hooks and reduced per batch to (count, mean, M2) in float64 on the device, then merged
+with Chan's formula: no hidden state outlives its batch. A model transformers cannot run (an ONNX graph, an
+architecture it does not know) gives both signals with empty `values` and the reason under `unavailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Before transformers is imported: it reads these once, and evidence sites have no network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from forensics.corpus import Corpus, Windows, load_corpus, progress_bar  # noqa: E402
+from forensics.errors import ForensicsError  # noqa: E402
+from forensics.signals.weights import Moments, pick_device  # noqa: E402
+
+# The original's shapes on a GPU; on a CPU, a pass short enough for the demo case (about 10 s for a 135M model).
+GPU_DEFAULTS = {"batch_size": 8, "seq_len": 1024, "num_batches": 1000}
+CPU_DEFAULTS = {"batch_size": 4, "seq_len": 256, "num_batches": 8}
+POSITIONS = "embedding output, then the output of each block (before any final norm)"
+
+
+class Unavailable(Exception):
+    """The model cannot be run here; the reason goes into the fingerprint instead of values."""
+
+
+@dataclass
+class Runnable:
+    """A loaded model and what the activation pass needs to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    blocks: torch.nn.ModuleList
+    dtype: torch.dtype
+    max_positions: int | None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def devices(self) -> str:
+        return ",".join(sorted({str(p.device) for p in self.model.parameters()}))
+
+
+def default_settings(device: str | torch.device | None = None) -> dict:
+    return dict(GPU_DEFAULTS if pick_device(None if device is None else str(device)).type == "cuda" else CPU_DEFAULTS)
+
+
+def activation_signals(model_path: str | Path, corpus: Corpus | str | Path | None = None, *,
+                       batch_size: int | None = None, seq_len: int | None = None, num_batches: int | None = None,
+                       seed: int = 0, device: str | None = "auto", show_progress: bool = True) -> dict:
+    """`{"act_norm": ..., "act_norm_std": ...}` for the model at `model_path` (docs/fingerprint-format.md).
+
+    `corpus` is a loaded Corpus, a corpus file, or None for the embedded one. Unset sizes take the defaults for
+    the device (GPU_DEFAULTS, CPU_DEFAULTS). The result is a pure function of the model's bytes, the corpus, the
+    settings, the seed and the device's arithmetic (bf16 on a GPU, fp32 on a CPU).
+    """
+    defaults = default_settings(device)
+    batch_size = batch_size or defaults["batch_size"]
+    seq_len = seq_len or defaults["seq_len"]
+    num_batches = num_batches or defaults["num_batches"]
+    if min(batch_size, seq_len, num_batches) < 1:
+        raise ValueError(f"batch_size, seq_len and num_batches must be positive: {batch_size}, {seq_len}, "
+                         f"{num_batches}")
+    settings = {"batch_size": batch_size, "seq_len": seq_len, "num_batches": num_batches, "seed": seed}
+    try:
+        runnable = load_runnable(model_path, device)
+    except Unavailable as e:
+        return _unavailable(str(e), settings)
+    if not isinstance(corpus, Corpus):
+        corpus = load_corpus(corpus, show_progress=show_progress)
+    if runnable.max_positions and seq_len > runnable.max_positions:
+        # An encoder such as BERT has 512 positions; record the cut rather than refuse the model.
+        settings["requested_seq_len"] = seq_len
+        settings["seq_len"] = seq_len = runnable.max_positions
+    windows = corpus.sample_windows(runnable.tokenizer, num_windows=batch_size * num_batches, seq_len=seq_len,
+                                    seed=seed, show_progress=show_progress)
+    means, stds = norm_statistics(runnable, windows, batch_size, model_path, show_progress=show_progress)
+    meta = {"corpus": {"id": corpus.id, "sha256": corpus.sha256, "documents": len(corpus)},
+            "windows": windows.describe(), "settings": settings, "positions": POSITIONS,
+            "dtype": str(runnable.dtype).removeprefix("torch."), "device": runnable.devices,
+            "tokens": windows.count * windows.seq_len}
+    return {"act_norm": {"kind": "activation_norm", "statistic": "mean", "values": means, **meta},
+            "act_norm_std": {"kind": "activation_norm", "statistic": "std", "values": stds, **meta}}
+
+
+def load_runnable(model_path: str | Path, device: str | None = "auto") -> Runnable:
+    """The model as transformers runs it: bf16 on a GPU (device_map="auto", so a model larger than one GPU spreads
+    over the others and the CPU), fp32 on a CPU. Raises Unavailable with the reason when it cannot be run."""
+    path = Path(model_path)
+    if not path.exists():
+        raise ForensicsError(path, "no such file or directory")
+    kw: dict = {"local_files_only": True, "trust_remote_code": False}
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            root, kw["gguf_file"] = path.parent, path.name
+        elif path.suffix.lower() == ".onnx":
+            raise Unavailable("an ONNX graph: transformers cannot run it")
+        else:
+            raise Unavailable(f"transformers cannot run a {path.suffix or 'suffix-less'} file")
+    else:
+        root = path
+        if not (path / "config.json").is_file():
+            raise Unavailable("no config.json: transformers needs the model's configuration to run it")
+    dev = pick_device(device)
+    with _quiet_transformers():
+        try:
+            config = transformers.AutoConfig.from_pretrained(root, **kw)
+        except (ValueError, KeyError, OSError) as e:
+            # Never trust_remote_code: evidence may carry its own modeling code, and the tool does not run it.
+            raise Unavailable(f"transformers cannot build this architecture: {_first_line(e)}") from e
+        if getattr(config, "is_encoder_decoder", False):
+            raise Unavailable(f"an encoder-decoder model ({config.model_type}): no single residual stream to measure")
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(root, **kw)
+        except (ValueError, KeyError, OSError, TypeError) as e:
+            raise Unavailable(f"no usable tokenizer: {_first_line(e)}") from e
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        try:
+            model, info = transformers.AutoModel.from_pretrained(
+                root, config=config, dtype=dtype, device_map="auto" if dev.type == "cuda" else None,
+                output_loading_info=True, **kw)
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise Unavailable(f"transformers cannot load the weights: {_first_line(e)}") from e
+    # A weight the checkpoint lacks would be left at its random initialisation; only the pooler is never used.
+    missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
+    if missing:
+        raise Unavailable(f"{len(missing)} weight(s) missing from the checkpoint (first {missing[0]}); "
+                          f"they would run with random values")
+    if dev.type != "cuda":
+        model.to(dev)
+    model.eval()
+    text = config.get_text_config()
+    max_positions = getattr(text, "max_position_embeddings", None)
+    return Runnable(model, tokenizer, find_blocks(model, int(text.num_hidden_layers)), dtype,
+                    int(max_positions) if max_positions else None)
+
+
+def norm_statistics(runnable: Runnable, windows: Windows, batch_size: int, label: str | Path = "",
+                    show_progress: bool = True) -> tuple[list[float], list[float]]:
+    """Mean and population std over all tokens of the hidden state's L2 norm, at each of num_layers + 1 points."""
+    rows = runnable.model.get_input_embeddings().num_embeddings
+    top = int(windows.ids.max())
+    if top >= rows:
+        raise ForensicsError(label, f"the tokenizer gives token id {top} but the model's embedding has {rows} rows")
+    parts: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in range(runnable.num_layers + 1)]
+
+    def record(point: int, hidden: torch.Tensor) -> None:
+        norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float64)
+        mean = norms.mean()
+        # kept on the device as tensors: reading them now would stall the GPU once per block
+        parts[point].append((norms.numel(), mean, ((norms - mean) ** 2).sum()))
+
+    def before_first(module, args, kwargs):
+        record(0, args[0] if args else kwargs["hidden_states"])
+
+    def after(point):
+        def hook(module, args, output):
+            record(point, output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    handles = [runnable.blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
+    handles += [block.register_forward_hook(after(i + 1)) for i, block in enumerate(runnable.blocks)]
+    call = {"use_cache": False} if getattr(runnable.model.config, "use_cache", None) is not None else {}
+    try:
+        with torch.inference_mode(), progress_bar(show_progress) as bar:
+            task = bar.add_task(f"activations {Path(label).name}", total=-(-windows.count // batch_size))
+            for batch in windows.batches(batch_size):
+                runnable.model(input_ids=torch.from_numpy(batch).to(runnable.input_device), **call)
+                bar.advance(task)
+    finally:
+        for h in handles:
+            h.remove()
+    means, stds = [], []
+    for point in parts:
+        m = Moments()
+        for n, mean, m2 in point:
+            m.merge(n, float(mean), float(m2))
+        means.append(m.mean)
+        stds.append(m.std)
+    return means, stds
+
+
+def find_blocks(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:
+    """The stack of transformer blocks: a ModuleList of num_layers modules of one class (model.layers,
+    transformer.h, encoder.layer, ...); if several qualify, the one holding the most parameters."""
+    candidates = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers
+                  and len({type(c) for c in m}) == 1]
+    if not candidates:
+        raise Unavailable(f"no stack of {num_layers} blocks found in {type(model).__name__}")
+    return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def _unavailable(reason: str, settings: dict) -> dict:
+    entry = {"kind": "activation_norm", "values": [], "unavailable": reason, "settings": settings}
+    return {"act_norm": {**entry, "statistic": "mean"}, "act_norm_std": {**entry, "statistic": "std"}}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Loading a causal-LM checkpoint into its base model reports the unused LM head; that is expected here."""
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
