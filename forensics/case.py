@@ -45,9 +45,10 @@ class Activations(Strict):
     enabled: bool = True
     corpus: Path | None = Field(None, description="a local .txt/.jsonl/.jsonl.zst/.parquet; default: embedded corpus")
     text_field: str = "text"
-    batch_size: int = Field(2, ge=1)
-    seq_len: int = Field(128, ge=8)
-    num_batches: int = Field(4, ge=1)
+    # Unset sizes take the device's defaults: the original's 8 x 1024 x 1000 on a GPU, 4 x 256 x 8 on a CPU.
+    batch_size: int | None = Field(None, ge=1)
+    seq_len: int | None = Field(None, ge=8)
+    num_batches: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

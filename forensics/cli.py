@@ -7,24 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
 from forensics import __version__
 from forensics.errors import ForensicsError
-
-err = Console(stderr=True)
-
-
-def byte_progress(description: str) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=err, transient=False)
+from forensics.progress import byte_progress, err
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
     from forensics.fingerprint import fingerprint_model, write_json
 
-    with byte_progress("fingerprint") as bar:
+    with byte_progress() as bar:
         task = bar.add_task(f"{Path(args.path).name}", total=None)
         fp = fingerprint_model(args.path, device=args.device, allow_nonfinite=args.allow_nonfinite,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
