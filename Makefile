@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup test test-slow bench-weights fingerprint models
+.PHONY: setup test test-slow bench-weights fingerprint models lab
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,7 @@ fingerprint: $(STAMP)
 
 bench-weights: models
 	$(PY) bench/bench_weights.py
+
+# Derived checkpoints made from SmolLM2-135M (models/lab/*, each with its recipe.json): the lineage lab's standard set.
+lab: models
+	$(VENV)/bin/forensics lab make-set --source models/E-smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf --out models/lab

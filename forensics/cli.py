@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--allow-nonfinite", action="store_true",
                     help="record NaN/Inf weights in the fingerprint instead of refusing the model")
     fp.set_defaults(func=cmd_fingerprint)
+
+    from forensics.lab.cli import add_parser as add_lab
+    add_lab(sub)
     return p
 
 

@@ -1,0 +1,155 @@
+"""Reading a lab source (HF directory or GGUF file) and writing a lab child with its recipe.json.
+
+A child is an ordinary Hugging Face checkpoint directory (config.json, model.safetensors, generation_config.json, the
+tokenizer) plus recipe.json, which names the source by path and SHA-256, lists the transforms with their parameters
+and seeds, and carries the label "made by the llm-forensics lab" so nobody mistakes it for a model found in the wild.
+Everything written is a function of (source bytes, transforms, parameters, seeds, library versions): no timestamps,
+no machine paths other than the source path as given, so the same recipe gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# Before transformers is imported: the lab never reaches for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
+
+from forensics import __version__  # noqa: E402
+from forensics.errors import ForensicsError  # noqa: E402
+from forensics.evidence.hashing import expand_input, file_record  # noqa: E402
+
+LABEL = "made by the llm-forensics lab"
+SCHEMA = "llm-forensics.lab-recipe/1"
+RECIPE = "recipe.json"
+# Copied byte for byte from a source directory; whatever of these it has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+@dataclass
+class Source:
+    path: Path
+    format: str  # "gguf" or "hf"
+    model: nn.Module
+    tokenizer: object | None  # a transformers tokenizer, or None when the source has none
+    files: list[dict]  # {"path", "size", "sha256"} of every file the source consists of
+    recipe: dict | None  # the source's own recipe.json when it is itself a lab child
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "format": self.format, "files": self.files, "recipe": self.recipe}
+
+
+def load_source(path: str | Path) -> Source:
+    """Hash and load a model directory (config.json + weights) or a .gguf file, as float32, from local files only.
+
+    A GGUF file is dequantised by transformers, which also undoes llama.cpp's Q/K row permutation.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ForensicsError(path, "no such file or directory")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ForensicsError(path, "a lab source is a model directory (config.json + weights) or a .gguf file")
+        where, kwargs, fmt = path.parent, {"gguf_file": path.name}, "gguf"
+        files = [file_record(path, path.name)]
+    else:
+        if not (path / "config.json").is_file():
+            raise ForensicsError(path, "no config.json: not a Hugging Face model directory")
+        where, kwargs, fmt = path, {}, "hf"
+        files = [file_record(f, str(f.relative_to(path))) for f in expand_input(path)]
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, local_files_only=True,
+                                                                  **kwargs)
+    except Exception as e:  # transformers, safetensors and gguf each raise their own types for an unreadable model
+        raise ForensicsError(path, f"transformers cannot load it as a causal language model: "
+                                   f"{type(e).__name__}: {e}") from e
+    # Dequantised weights are plain float32 now; keeping the GGUF quantisation note would make the child's
+    # config.json ask transformers to read it as GGUF again.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    model.name_or_path = str(path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = None  # only continued pre-training needs one, and it says so
+    recipe = None
+    if fmt == "hf" and (path / RECIPE).is_file():
+        try:
+            recipe = json.loads((path / RECIPE).read_text())
+        except ValueError as e:
+            raise ForensicsError(path / RECIPE, f"not valid JSON: {e}") from e
+    return Source(path, fmt, model.eval(), tokenizer, files, recipe)
+
+
+def step(transform: str, params: dict, seed: int | None, details: dict | None = None) -> dict:
+    """One entry of a recipe's `steps`."""
+    return {"transform": transform, "params": params, "seed": seed, "details": details or {}}
+
+
+def recipe(source: Source, steps: list[dict]) -> dict:
+    return {
+        "schema": SCHEMA,
+        "label": LABEL,
+        "tool": {"name": "llm-forensics", "version": __version__},
+        "libraries": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "source": source.describe(),
+        "steps": steps,
+    }
+
+
+def save_child(model: nn.Module, out: str | Path, source: Source, steps: list[dict], *, force: bool = False) -> Path:
+    """Write `model` as a checkpoint directory at `out`, with the source's tokenizer and recipe.json.
+
+    The directory is assembled under a temporary name beside `out` and renamed into place, so `out` is either
+    absent, the old child, or the complete new one.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise ForensicsError(out, "already exists; pass --force to replace it")
+    if out.exists() and not (out / RECIPE).is_file():
+        raise ForensicsError(out, "exists and is not a lab child (no recipe.json); refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        # The source's path is already in recipe.json; config.json should not depend on where the source lay.
+        model.config.name_or_path = ""
+        model.save_pretrained(tmp)
+        _write_tokenizer(source, tmp)
+        text = json.dumps(recipe(source, steps), indent=1, sort_keys=True) + "\n"
+        (tmp / RECIPE).write_text(text)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a child is an ordinary directory
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_tokenizer(source: Source, dest: Path) -> None:
+    if source.format == "hf":
+        for name in TOKENIZER_FILES:
+            if (source.path / name).is_file():
+                shutil.copyfile(source.path / name, dest / name)
+    elif source.tokenizer is not None:  # a GGUF file carries its tokenizer inside; write it out in HF form
+        source.tokenizer.save_pretrained(dest)
+
+
+def read_recipe(path: str | Path) -> dict | None:
+    """A child's recipe.json, or None when there is none or it is unreadable (then the child is remade)."""
+    try:
+        return json.loads((Path(path) / RECIPE).read_text())
+    except (OSError, ValueError):
+        return None
