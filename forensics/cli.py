@@ -28,6 +28,45 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_case_run(args: argparse.Namespace) -> int:
+    from forensics.casework import run_case
+
+    out = run_case(args.case, out_root=args.out, device=args.device)
+    manifest = json.loads((out / "manifest.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    summary = {"dossier": str(out / "dossier.pdf"), "manifest": str(out / "manifest.json"),
+               "results": str(out / "results.json"), "dossier_id": manifest.get("dossier_id"),
+               "signer_certificate_sha256": (manifest.get("signer") or {}).get("certificate_sha256"),
+               "verdicts": {name: c.get("verdict", {}).get("verdict") if isinstance(c.get("verdict"), dict)
+                            else c.get("verdict") for name, c in results.get("candidates", {}).items()}}
+    json.dump(summary, sys.stdout, indent=1, sort_keys=True)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_case_check(args: argparse.Namespace) -> int:
+    from forensics.case import load_case
+
+    case, raw = load_case(args.case)
+    missing = [str(m.path) for m in case.models() if not m.path.exists()]
+    json.dump({"case": case.id, "valid": not missing, "models": {m.name: str(m.path) for m in case.models()},
+               "missing": missing}, sys.stdout, indent=1, sort_keys=True)
+    sys.stdout.write("\n")
+    return 0 if not missing else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from forensics.report.verify import verify_dossier
+
+    result = verify_dossier(args.dossier, check_inputs=args.inputs, base_dir=args.base_dir,
+                            trust_roots=args.trust or (), expected_signer=args.signer)
+    json.dump(result.to_dict(), sys.stdout, indent=1, sort_keys=True)
+    sys.stdout.write("\n")
+    if not result.ok:
+        err.print("[bold red]NOT VERIFIED[/]: see the checks above", highlight=False)
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forensics", description="Evidence on whether one language model was derived "
                                                               "from another, from weights and activations.")
@@ -45,6 +84,33 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--allow-nonfinite", action="store_true",
                     help="record NaN/Inf weights in the fingerprint instead of refusing the model")
     fp.set_defaults(func=cmd_fingerprint)
+
+    case = sub.add_parser("case", help="run a case file end to end into a signed dossier",
+                          description="Cases are YAML files (see cases/demo.yaml and docs/case-format.md).")
+    case_sub = case.add_subparsers(dest="case_command", required=True)
+    run = case_sub.add_parser("run", help="fingerprints, activations, statistics and the signed dossier",
+                              description="Run every step of a case and write OUT/CASE_ID/: dossier.pdf (signed), "
+                                          "manifest.json, results.json, figures/, fingerprints/. Prints a JSON summary.")
+    run.add_argument("case", help="the case file, e.g. cases/demo.yaml")
+    run.add_argument("--out", default="out", help="output root (default: out)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="where to compute (default: cuda when torch sees one)")
+    run.set_defaults(func=cmd_case_run)
+    check = case_sub.add_parser("check", help="validate a case file and check its models exist",
+                                description="Validate a case file (schema, signals, paths) without running it.")
+    check.add_argument("case")
+    check.set_defaults(func=cmd_case_check)
+
+    ver = sub.add_parser("verify", help="check a dossier's signature, and optionally its inputs",
+                         description="Check that the dossier's PAdES signature is intact and covers the whole file, "
+                                     "and extract its manifest; with --inputs, re-hash every input file it lists. "
+                                     "Exit 0 only when everything holds. Prints the checks as JSON.")
+    ver.add_argument("dossier", help="the dossier PDF")
+    ver.add_argument("--inputs", action="store_true", help="re-hash every input file the manifest lists")
+    ver.add_argument("--base-dir", help="where relative input paths are found (default: as recorded)")
+    ver.add_argument("--signer", help="the signing certificate's SHA-256 that must have signed it")
+    ver.add_argument("--trust", action="append", help="a trusted root certificate (PEM), repeatable")
+    ver.set_defaults(func=cmd_verify)
 
     from forensics.lab.cli import add_parser as add_lab
     add_lab(sub)

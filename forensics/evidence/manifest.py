@@ -56,9 +56,21 @@ def write_canonical_json(obj: Any, path: str | Path) -> Path:
     return atomic_write_bytes(path, canonical_json_bytes(obj))
 
 
-def results_digest(results: Mapping) -> str:
-    """SHA-256 of the canonical bytes of results.json (write it with ``write_canonical_json`` so the file matches)."""
-    return sha256_bytes(canonical_json_bytes(results, "results"))
+def results_bytes(results: Mapping | bytes) -> bytes:
+    """The bytes of results.json: given as written (e.g. ``forensics.stats.compare.to_json``), or the canonical JSON
+    of a dict. Either way the dossier attaches, and the manifest hashes, exactly these bytes."""
+    if isinstance(results, (bytes, bytearray)):
+        try:
+            json.loads(results)
+        except ValueError as e:
+            raise ForensicsError(None, f"results are not valid JSON: {e}") from e
+        return bytes(results)
+    return canonical_json_bytes(results, "results")
+
+
+def results_digest(results: Mapping | bytes) -> str:
+    """SHA-256 of the results.json bytes (see ``results_bytes``)."""
+    return sha256_bytes(results_bytes(results))
 
 
 def utc_now() -> str:
@@ -126,7 +138,7 @@ def build_manifest(
     argv: Sequence[str],
     case_yaml_bytes: bytes,
     case_yaml_path: str | Path,
-    results: Mapping,
+    results: Mapping | bytes,
     inputs: Iterable[str | Path | Mapping],
     corpus: Mapping | None = None,
     token_windows: Mapping | None = None,
@@ -155,7 +167,7 @@ def build_manifest(
         "corpus": _plain(corpus, "corpus") if corpus is not None else None,
         "token_windows": _plain(token_windows, "token_windows") if token_windows is not None else None,
         "environment": _plain(environment, "environment") if environment is not None else capture_environment(),
-        "results_digest": {"algorithm": "sha256", "of": "canonical results.json", "sha256": digest},
+        "results_digest": {"algorithm": "sha256", "of": "results.json", "sha256": digest},
     }
 
 

@@ -1,0 +1,526 @@
+"""`make calibrate`: how often the statistics are wrong, measured on models whose lineage is known.
+
+Design (docs/calibration.md has the numbers and the argument):
+
+* Base models: narrow Llama- and Qwen2-style decoders with real-model depth (24 layers, hidden 32), initialised
+  from different seeds and trained for a few hundred AdamW steps on the same English text (the embedded corpus when
+  forensics/corpus has one, else the pydoc topics that ship with Python), with different data orders. Same
+  architecture, same recipe, same data: the hardest case for a lineage test, since the depth trend comes from the
+  recipe and is shared. Every pair of bases of one architecture is an unrelated pair.
+* Derived children of a base: noised (Gaussian, one absolute sigma for every layer), int8 (per-tensor absmax) and
+  int4 (per-row absmax) rounding, layer-pruned (a quarter of the layers dropped), and, for the first few bases,
+  fine-tuned on held-out text, continued-trained on the same text with a new data order, and (Llama only)
+  MoE-upcycled into a Mixtral whose experts start as noisy copies of the dense FFN and which is then trained.
+* Every model is saved as safetensors and fingerprinted with the product's own engine (forensics.fingerprint).
+* Each pair is run through compare_case with the other bases of its architecture as controls, exactly as a case
+  with declared unrelated models would be. For unrelated pairs we also record a plain layer-shuffle permutation
+  test (scipy.stats.permutation_test, 'pairings') of the same statistic, the null the original would have used.
+
+Run: python -m forensics.stats.calibrate [--small] [--markdown docs/calibration.md] [--table PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import multiprocessing
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from forensics.stats.calibration import TABLE
+from forensics.stats.compare import Settings, compare_case
+from forensics.stats.normalise import curve
+from forensics.stats.similarity import QKVO, pearson
+from forensics.stats.verdict import DERIVED, PrimaryEvidence, decide
+
+SCHEMA = "llm-forensics.calibration/1"
+ALPHAS = (0.01, 0.05)
+CORPUS_DIR = Path(__file__).resolve().parent.parent / "corpus"
+UNTRAINED = ("noised", "int8", "int4", "pruned")
+TRAINED = ("fine-tuned", "continued", "moe-upcycled")
+
+
+@dataclass(frozen=True)
+class Design:
+    name: str
+    archs: tuple[str, ...]
+    bases: int  # per architecture; every pair of them is an unrelated pair
+    trained_children: int  # bases per architecture that also get trained children
+    steps: int
+    finetune_steps: int
+    continued_steps: int
+    moe_steps: int
+    layers: int = 24
+    hidden: int = 32
+    intermediate: int = 64
+    heads: int = 4
+    batch: int = 8
+    seq: int = 32
+    lr: float = 2e-3
+    n_permutations: int = 9999
+    n_bootstrap: int = 199  # the interval does not enter the verdict; kept small to save time
+
+
+FULL = Design("full", ("llama", "qwen2"), bases=21, trained_children=10, steps=300, finetune_steps=100,
+              continued_steps=200, moe_steps=100)
+# CI: enough to run every code path and catch a grossly broken null, in well under two minutes on two cores.
+SMALL = Design("small", ("llama",), bases=7, trained_children=1, steps=40, finetune_steps=10, continued_steps=20,
+               moe_steps=10, n_permutations=999)
+
+
+def corpus_text() -> str:
+    files = sorted(p for p in CORPUS_DIR.glob("*") if p.is_file() and p.suffix in {".txt", ".md"}) \
+        if CORPUS_DIR.is_dir() else []
+    if files:
+        return "\n".join(p.read_text(encoding="utf-8") for p in files)
+    from pydoc_data.topics import topics
+    return "\n".join(topics[k] for k in sorted(topics))
+
+
+# --- models (worker side: torch and transformers are imported only here) ---------------------------------------
+
+def _config(arch: str, d: Design, layers: int | None = None):
+    from transformers import LlamaConfig, Qwen2Config
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    return cls(vocab_size=256, hidden_size=d.hidden, intermediate_size=d.intermediate,
+               num_hidden_layers=layers or d.layers, num_attention_heads=d.heads, num_key_value_heads=d.heads,
+               max_position_embeddings=d.seq, tie_word_embeddings=True)
+
+
+def _model(arch: str, d: Design, seed: int, layers: int | None = None):
+    import torch
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    return {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}[arch](_config(arch, d, layers))
+
+
+def _train(model, data, steps: int, lr: float, seed: int, d: Design) -> float:
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - d.seq - 1, (d.batch,), generator=gen).tolist()
+        x = torch.stack([data[s:s + d.seq + 1] for s in starts])
+        loss = model(input_ids=x[:, :-1], labels=x[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _layer_matrices(model):
+    return [p for name, p in model.named_parameters() if ".layers." in name and p.ndim >= 2]
+
+
+def _noised(model, seed: int):
+    import torch
+    child = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    mats = _layer_matrices(child)
+    # One absolute sigma for every layer (half the median weight std): std' = sqrt(std^2 + sigma^2) is not a
+    # constant rescaling, so the curve's shape is really perturbed.
+    sigma = 0.5 * float(np.median([float(p.detach().std()) for p in mats]))
+    with torch.no_grad():
+        for p in mats:
+            p.add_(torch.randn(p.shape, generator=gen) * sigma)
+    return child
+
+
+def _quantised(model, bits: int, per_row: bool):
+    import torch
+    child = copy.deepcopy(model)
+    levels = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for p in _layer_matrices(child):
+            absmax = p.abs().amax(dim=-1, keepdim=True) if per_row else p.abs().max()
+            scale = torch.clamp(absmax, min=1e-12) / levels
+            p.copy_(torch.round(p / scale).clamp(-levels, levels) * scale)
+    return child
+
+
+def _pruned(model, arch: str, d: Design, seed: int):
+    keep_count = d.layers - d.layers // 4
+    rng = np.random.default_rng(seed)
+    # The first and last layers stay (pruning studies drop redundant middle and late layers).
+    dropped = set(rng.choice(np.arange(1, d.layers - 1), size=d.layers - keep_count, replace=False).tolist())
+    kept = [i for i in range(d.layers) if i not in dropped]
+    child = _model(arch, d, seed, layers=keep_count)
+    renumber = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(kept)}
+    state = {}
+    for name, t in model.state_dict().items():
+        if ".layers." in name:
+            prefix = ".".join(name.split(".")[:3]) + "."
+            if prefix not in renumber:
+                continue
+            name = renumber[prefix] + name[len(prefix):]
+        state[name] = t
+    child.load_state_dict(state)
+    return child
+
+
+def _upcycled(model, d: Design, seed: int, experts: int = 4):
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(seed)
+    child = MixtralForCausalLM(MixtralConfig(
+        vocab_size=256, hidden_size=d.hidden, intermediate_size=d.intermediate, num_hidden_layers=d.layers,
+        num_attention_heads=d.heads, num_key_value_heads=d.heads, max_position_embeddings=d.seq,
+        tie_word_embeddings=True, num_local_experts=experts, num_experts_per_tok=2))
+    gen = torch.Generator().manual_seed(seed)
+    state, dense = child.state_dict(), model.state_dict()
+    with torch.no_grad():
+        state.update({name: t for name, t in dense.items() if ".mlp." not in name})
+        for i in range(d.layers):
+            mlp = f"model.layers.{i}.mlp."
+            gate_up = torch.cat([dense[mlp + "gate_proj.weight"], dense[mlp + "up_proj.weight"]])
+            down = dense[mlp + "down_proj.weight"]
+            # Sparse upcycling: each expert starts as the dense FFN; 1 % noise breaks the symmetry between experts.
+            state[mlp + "experts.gate_up_proj"] = torch.stack(
+                [gate_up + 0.01 * gate_up.std() * torch.randn(gate_up.shape, generator=gen) for _ in range(experts)])
+            state[mlp + "experts.down_proj"] = torch.stack(
+                [down + 0.01 * down.std() * torch.randn(down.shape, generator=gen) for _ in range(experts)])
+    child.load_state_dict(state)
+    return child
+
+
+def _fingerprint(model, workdir: Path, name: str) -> dict:
+    from forensics.fingerprint import fingerprint_model
+    folder = workdir / name
+    model.save_pretrained(folder)
+    fp = fingerprint_model(folder, device="cpu")
+    shutil.rmtree(folder)
+    fp["model"]["path"] = name  # the temporary folder means nothing to a reader
+    fp["run"] = {}  # timings vary from run to run
+    return fp
+
+
+def build_family(task: tuple[str, int, int, Design]) -> dict:
+    """Train one base model and make its children; returns {name: fingerprint} and the base's final loss."""
+    import torch
+    import transformers
+    torch.set_num_threads(1)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    arch, index, seed, d = task
+    text = corpus_text().encode("utf-8")
+    split = int(len(text) * 0.8)
+    pretrain = torch.tensor(list(text[:split]), dtype=torch.long)
+    heldout = torch.tensor(list(text[split:]), dtype=torch.long)
+    base_name = f"{arch}-{index:02d}"
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = _model(arch, d, seed)
+        base_loss = _train(base, pretrain, d.steps, d.lr, seed, d)
+        out[base_name] = _fingerprint(base, work, base_name)
+
+        def trained(model, data, steps: int, s: int):
+            # Children train at half the base's learning rate, as fine-tuning usually does.
+            _train(model, data, steps, d.lr / 2, s, d)
+            return model
+
+        children = {
+            "noised": lambda: _noised(base, seed + 1),
+            "int8": lambda: _quantised(base, 8, per_row=False),
+            "int4": lambda: _quantised(base, 4, per_row=True),
+            "pruned": lambda: _pruned(base, arch, d, seed + 2),
+        }
+        if index < d.trained_children:
+            children["fine-tuned"] = lambda: trained(copy.deepcopy(base), heldout, d.finetune_steps, seed + 3)
+            children["continued"] = lambda: trained(copy.deepcopy(base), pretrain, d.continued_steps, seed + 4)
+            if arch == "llama":
+                children["moe-upcycled"] = lambda: trained(_upcycled(base, d, seed + 5), pretrain, d.moe_steps,
+                                                           seed + 6)
+        for transform, make in children.items():
+            name = f"{base_name}/{transform}"
+            out[name] = _fingerprint(make(), work, name)
+    return {"fingerprints": out, "base_loss": base_loss}
+
+
+# --- analysis -------------------------------------------------------------------------------------------------
+
+def shuffle_pvalue(suspect: dict, candidate: dict, n_resamples: int, seed: int) -> float:
+    """The naive null: shuffle the candidate's layers (jointly over Q/K/V/O), mean r as the statistic."""
+    xs, ys = [], []
+    for role in QKVO:
+        a, b = curve(suspect, role), curve(candidate, role)
+        xs.append(a.raw)
+        ys.append(b.raw)
+    x, y = np.array(xs), np.array(ys)
+
+    def statistic(order, axis=-1):
+        return pearson(x, y[:, order].swapaxes(0, -2)).mean(axis=-1)
+
+    res = stats.permutation_test((np.arange(y.shape[1]),), statistic, permutation_type="pairings",
+                                 vectorized=True, n_resamples=n_resamples, alternative="greater",
+                                 rng=np.random.default_rng(seed))
+    return float(res.pvalue)
+
+
+def analyse_pair(task: tuple[str, str, str, str, list[str], dict[str, dict], Design, int]) -> dict:
+    """One case: `suspect` against `candidate`, with `controls` as the declared unrelated models."""
+    kind, transform, suspect, candidate, controls, fps, d, seed = task
+    settings = Settings(n_permutations=d.n_permutations, n_bootstrap=d.n_bootstrap, seed=seed)
+    res = compare_case(fps[suspect], {candidate: fps[candidate]}, {c: fps[c] for c in controls}, None, settings)
+    cand = res["candidates"][candidate]
+    v = cand["verdict"]
+    row = {"kind": kind, "transform": transform, "suspect": suspect, "candidate": candidate,
+           "verdict": v["verdict"], "primary": v.get("primary_signal"), "statistic": v.get("statistic"),
+           "p_perm": v.get("pvalue_permutation"), "p_emp": v.get("pvalue_empirical"),
+           "p_combined": v.get("pvalue_combined"), "n_null": v.get("n_null"),
+           "perm_floor": cand["signals"][v["primary_signal"]]["permutation"]["floor"] if v.get("primary_signal")
+           else None,
+           "signals": {label: e["permutation"]["pvalue"] for label, e in cand["signals"].items()
+                       if e.get("status") == "compared"}}
+    if kind == "unrelated":
+        row["p_shuffle"] = shuffle_pvalue(fps[suspect], fps[candidate], d.n_permutations, seed)
+    return row
+
+
+# --- metrics --------------------------------------------------------------------------------------------------
+
+def rate(hits: int, n: int) -> dict:
+    ci = stats.binomtest(hits, n).proportion_ci(confidence_level=0.95, method="exact") if n else None
+    return {"rate": hits / n if n else None, "hits": hits, "n": n,
+            "ci95": [float(ci.low), float(ci.high)] if ci else None}
+
+
+def auroc(derived: list[float], unrelated: list[float]) -> float:
+    """P(score of a derived pair > score of an unrelated pair), ties counted half (Mann-Whitney U / n1 n2)."""
+    u = stats.mannwhitneyu(derived, unrelated, alternative="greater").statistic
+    return float(u / (len(derived) * len(unrelated)))
+
+
+def summarise(rows: list[dict], d: Design, timing: dict, losses: list[float]) -> dict:
+    null = [r for r in rows if r["kind"] == "unrelated"]
+    derived = [r for r in rows if r["kind"] == "derived"]
+    tested = [r for r in null if r["p_perm"] is not None]
+    table = {
+        "schema": SCHEMA,
+        "design": {
+            "summary": (f"{len(null)} unrelated same-architecture pairs of {d.layers}-layer "
+                        f"{'/'.join(d.archs)} models (hidden {d.hidden}, {d.steps} AdamW steps each, different "
+                        f"seeds, same text), one candidate per case, the other bases of the architecture as "
+                        f"controls; {d.n_permutations} permutations"),
+            **asdict(d),
+            "final_training_loss_mean": float(np.mean(losses)),
+            "timing": timing,
+        },
+        "rule": {repr(a): rate(sum(derived_at(r, a) for r in null), len(null)) for a in ALPHAS},
+        "permutation": {repr(a): rate(sum(r["p_perm"] < a for r in tested), len(tested)) for a in ALPHAS},
+        "empirical_null": {repr(a): rate(sum(r["p_emp"] < a for r in tested), len(tested)) for a in ALPHAS},
+        "layer_shuffle": {repr(a): rate(sum(r["p_shuffle"] < a for r in null), len(null)) for a in ALPHAS},
+        "by_architecture": {arch: _false_positives([r for r in tested if r["candidate"].split("-")[0] == arch])
+                            for arch in d.archs},
+        "per_signal_permutation": {},
+        "tpr": {},
+        "auroc": {},
+        "histogram": {
+            "edges": np.linspace(0, 1, 11).tolist(),
+            "primary_permutation": np.histogram([r["p_perm"] for r in tested], bins=10, range=(0, 1))[0].tolist(),
+            "layer_shuffle": np.histogram([r["p_shuffle"] for r in null], bins=10, range=(0, 1))[0].tolist(),
+        },
+        "verdicts": {kind: {v: sum(r["verdict"] == v for r in rows if r["kind"] == kind)
+                            for v in sorted({r["verdict"] for r in rows})} for kind in ("unrelated", "derived")},
+    }
+    labels = sorted({label for r in null for label in r["signals"]})
+    for label in labels:
+        ps = [r["signals"][label] for r in null if label in r["signals"]]
+        table["per_signal_permutation"][label] = {repr(a): rate(sum(p < a for p in ps), len(ps)) for a in ALPHAS}
+    for transform in UNTRAINED + TRAINED:
+        group = [r for r in derived if r["transform"] == transform]
+        if group:
+            table["tpr"][transform] = {repr(a): rate(sum(derived_at(r, a) for r in group), len(group))
+                                       for a in ALPHAS}
+    both = [r for r in derived if r["p_perm"] is not None]
+    table["auroc"] = {
+        "statistic_r": auroc([r["statistic"] for r in both], [r["statistic"] for r in tested]),
+        "permutation_p": auroc([-r["p_perm"] for r in both], [-r["p_perm"] for r in tested]),
+        "combined_p": auroc([-r["p_combined"] for r in both], [-r["p_combined"] for r in tested]),
+        "n_derived": len(both), "n_unrelated": len(tested),
+    }
+    table["statistic_quantiles"] = {
+        kind: dict(zip(("min", "median", "q95", "max"),
+                       np.quantile([r["statistic"] for r in group], [0, 0.5, 0.95, 1]).tolist()))
+        for kind, group in (("unrelated", tested), ("derived", both))}
+    return table
+
+
+def _false_positives(rows: list[dict]) -> dict:
+    return {"rule": {repr(a): rate(sum(derived_at(r, a) for r in rows), len(rows)) for a in ALPHAS},
+            "permutation": {repr(a): rate(sum(r["p_perm"] < a for r in rows), len(rows)) for a in ALPHAS}}
+
+
+def derived_at(row: dict, alpha: float) -> bool:
+    """The product's verdict rule at `alpha`, re-applied to a pair's recorded evidence so one run serves every alpha
+    (the tests themselves do not depend on alpha)."""
+    if row["primary"] is None:
+        return False
+    ev = PrimaryEvidence(row["primary"], row["statistic"], row["p_perm"], row["p_emp"], row["n_null"],
+                         row["perm_floor"])
+    return decide({"candidate": ev}, alpha, "holm")["candidate"]["verdict"] == DERIVED
+
+
+def markdown(t: dict) -> str:
+    d = t["design"]
+
+    def cell(entry: dict) -> str:
+        lo, hi = entry["ci95"] or (float("nan"), float("nan"))
+        return f"{entry['rate']:.3f} ({entry['hits']}/{entry['n']}; {lo:.3f}-{hi:.3f})"
+
+    lines = [
+        "# Calibration of the lineage statistics",
+        "",
+        f"Generated by `make calibrate` (`python -m forensics.stats.calibrate`, design `{d['name']}`): "
+        f"{_timing(d['timing'])}. Design and argument: forensics/stats/calibrate.py and "
+        "docs/statistics.md. Every number below is a proportion with its exact (Clopper-Pearson) 95 % interval; "
+        "the unrelated pairs share models, so they are not independent and the intervals are optimistic.",
+        "",
+        f"* {d['summary']}.",
+        f"* Mean final training loss of the bases: {d['final_training_loss_mean']:.3f} nats/byte "
+        f"(uniform over bytes: {math.log(256):.3f}).",
+        f"* Derived children of every base: `noised` (Gaussian noise, one absolute sigma of half the median weight "
+        f"std on every layer matrix), `int8` (per-tensor absmax rounding), `int4` (per-row absmax rounding), "
+        f"`pruned` ({d['layers'] // 4} of {d['layers']} layers dropped at random, first and last kept); of the first "
+        f"{d['trained_children']} bases of each architecture also `fine-tuned` ({d['finetune_steps']} steps on "
+        f"held-out text), `continued` ({d['continued_steps']} more steps on the training text, new order), both at "
+        f"half the learning rate, and for Llama `moe-upcycled` (Mixtral with 4 experts, top 2, each expert the "
+        f"dense FFN plus 1 % noise, then {d['moe_steps']} steps). The suspect is the child, the candidate its base.",
+        "",
+        "## False-positive rate on unrelated pairs",
+        "",
+        "| test | FPR at alpha = 0.01 | FPR at alpha = 0.05 |",
+        "|---|---|---|",
+        f"| verdict rule (DERIVED) | {cell(t['rule']['0.01'])} | {cell(t['rule']['0.05'])} |",
+        f"| block-permutation test alone (primary signal) | {cell(t['permutation']['0.01'])} | "
+        f"{cell(t['permutation']['0.05'])} |",
+        f"| empirical null alone (primary signal) | {cell(t['empirical_null']['0.01'])} | "
+        f"{cell(t['empirical_null']['0.05'])} |",
+        f"| plain layer shuffle (the naive null, for comparison) | {cell(t['layer_shuffle']['0.01'])} | "
+        f"{cell(t['layer_shuffle']['0.05'])} |",
+        "",
+        "Per architecture:",
+        "",
+        "| architecture | rule at 0.01 | rule at 0.05 | block permutation at 0.01 | block permutation at 0.05 |",
+        "|---|---|---|---|---|",
+        *[f"| {arch} | {cell(e['rule']['0.01'])} | {cell(e['rule']['0.05'])} | {cell(e['permutation']['0.01'])} | "
+          f"{cell(e['permutation']['0.05'])} |" for arch, e in t["by_architecture"].items()],
+        "",
+        "Block-permutation test per signal (raw p, before any adjustment):",
+        "",
+        "| signal | FPR at 0.01 | FPR at 0.05 |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {label} | {cell(e['0.01'])} | {cell(e['0.05'])} |"
+              for label, e in t["per_signal_permutation"].items()]
+    lines += ["", "## True-positive rate per transform (verdict rule)", "",
+              "| transform | TPR at alpha = 0.01 | TPR at alpha = 0.05 |", "|---|---|---|"]
+    lines += [f"| {name} | {cell(e['0.01'])} | {cell(e['0.05'])} |" for name, e in t["tpr"].items()]
+    a = t["auroc"]
+    lines += ["", "## AUROC, derived vs unrelated", "",
+              f"Over {a['n_derived']} derived and {a['n_unrelated']} unrelated pairs:", "",
+              f"* the original's number alone (mean Pearson r over Q/K/V/O): {a['statistic_r']:.3f}",
+              f"* block-permutation p: {a['permutation_p']:.3f}",
+              f"* combined p of the verdict rule, max(p_perm, p_emp): {a['combined_p']:.3f}", "",
+              "The primary statistic (mean r over Q/K/V/O) ranges over " + "; ".join(
+                  f"{kind} pairs: min {q['min']:.3f}, median {q['median']:.3f}, 95th percentile {q['q95']:.3f}, "
+                  f"max {q['max']:.3f}" for kind, q in t["statistic_quantiles"].items()) + ".",
+              "", "## p-values under the null (unrelated pairs)", "",
+              "Counts per tenth of [0, 1]; a valid test is flat or leans right (conservative), never left.", "",
+              "| bin | block permutation | layer shuffle |", "|---|---|---|"]
+    edges = t["histogram"]["edges"]
+    for i, (p, s) in enumerate(zip(t["histogram"]["primary_permutation"], t["histogram"]["layer_shuffle"])):
+        lines.append(f"| {edges[i]:.1f}-{edges[i + 1]:.1f} | {p} | {s} |")
+    lines += ["", "Verdict counts at alpha = 0.05: " + "; ".join(
+        f"{kind}: " + ", ".join(f"{v} {n}" for v, n in counts.items()) for kind, counts in t["verdicts"].items()),
+        ""]
+    return "\n".join(lines)
+
+
+def families(d: Design, pool, cache: Path | None) -> tuple[list[dict], int]:
+    """Every family and how many had to be built: those already in `cache` are reused (keyed by the design's
+    training parameters and the corpus, so a cached fingerprint is always the one this design would train)."""
+    # The file name carries the architecture and index; the key carries everything else a family depends on.
+    training = {k: v for k, v in asdict(d).items()
+                if k not in ("name", "archs", "bases", "n_permutations", "n_bootstrap")}
+    key = hashlib.sha256(json.dumps([training, corpus_text()], sort_keys=True).encode()).hexdigest()[:16]
+    tasks = [(arch, i, 1000 * (k + 1) + i, d) for k, arch in enumerate(d.archs) for i in range(d.bases)]
+    paths = [cache / f"{key}-{arch}-{i:02d}.json" if cache else None for arch, i, _, _ in tasks]
+    todo = [(t, p) for t, p in zip(tasks, paths) if p is None or not p.exists()]
+    built = {}
+    # Each family is stored as soon as it is built, so an interrupted run resumes where it stopped.
+    for (task, path), fam in zip(todo, pool.imap(build_family, [t for t, _ in todo])):
+        built[task[:2]] = fam
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(fam, sort_keys=True))
+    return [built[t[:2]] if t[:2] in built else json.loads(p.read_text()) for t, p in zip(tasks, paths)], len(todo)
+
+
+def _timing(t: dict) -> str:
+    if t["families_built"]:
+        built = f"building {t['families_built']} model families took {t['build_s'] / 60:.1f} min"
+        if t["families_cached"]:
+            built += f" ({t['families_cached']} more came from the cache)"
+    else:
+        built = f"all {t['families_cached']} model families came from the cache"
+    return f"{built}, the analysis {t['analysis_s'] / 60:.1f} min, with {t['workers']} worker processes"
+
+
+def run(d: Design, workers: int, cache: Path | None = None) -> dict:
+    started = time.perf_counter()
+    # One pool for both phases: a spawned worker pays for importing torch and transformers once.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        fams, n_built = families(d, pool, cache)
+        built_s = time.perf_counter() - started
+        fps = {name: fp for fam in fams for name, fp in fam["fingerprints"].items()}
+        bases = {arch: [f"{arch}-{i:02d}" for i in range(d.bases)] for arch in d.archs}
+        cases = []
+        for names in bases.values():
+            for a, b in combinations(names, 2):
+                cases.append(("unrelated", "none", a, b, [n for n in names if n not in (a, b)]))
+            for base in names:
+                for child in sorted(n for n in fps if n.startswith(base + "/")):
+                    cases.append(("derived", child.split("/")[1], child, base, [n for n in names if n != base]))
+        tasks = [(kind, transform, sus, cand, controls, {n: fps[n] for n in (sus, cand, *controls)}, d, 7 + i)
+                 for i, (kind, transform, sus, cand, controls) in enumerate(cases)]
+        rows = pool.map(analyse_pair, tasks, chunksize=4)
+    timing = {"build_s": round(built_s, 1), "analysis_s": round(time.perf_counter() - started - built_s, 1),
+              "families_built": n_built, "families_cached": len(fams) - n_built, "workers": workers}
+    return summarise(rows, d, timing, [f["base_loss"] for f in fams])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Measure false- and true-positive rates of the lineage statistics.")
+    p.add_argument("--small", action="store_true", help="the CI design: one architecture, 7 bases, short training")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--markdown", type=Path, help="write the report here (make calibrate: docs/calibration.md)")
+    p.add_argument("--table", type=Path, help=f"write the JSON table here (make calibrate: {TABLE})")
+    p.add_argument("--cache", type=Path, help="keep trained families' fingerprints here and reuse them")
+    args = p.parse_args(argv)
+    d = SMALL if args.small else FULL
+    table = run(d, args.workers, args.cache)
+    text = json.dumps(table, indent=1, sort_keys=True) + "\n"
+    if args.table:
+        args.table.write_text(text)
+    if args.markdown:
+        args.markdown.write_text(markdown(table))
+    if not (args.table or args.markdown):
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

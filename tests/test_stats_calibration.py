@@ -1,0 +1,39 @@
+"""The small calibration run (the CI design of `make calibrate`): real tiny models, trained, fingerprinted and
+compared end to end. The full design runs in `make calibrate` only."""
+
+from __future__ import annotations
+
+import pytest
+from scipy import stats
+
+from forensics.stats.calibrate import SMALL, UNTRAINED, markdown, run
+
+
+@pytest.fixture(scope="module")
+def table():
+    return run(SMALL, workers=2)
+
+
+def test_small_calibration_holds_its_false_positive_rate(table):
+    pairs = SMALL.bases * (SMALL.bases - 1) // 2
+    for test in ("rule", "permutation"):
+        for alpha in ("0.01", "0.05"):
+            entry = table[test][alpha]
+            assert entry["n"] == pairs
+            # Tolerant: fails only if the false positives are far more than alpha allows.
+            assert stats.binomtest(entry["hits"], entry["n"], float(alpha), alternative="greater").pvalue > 0.001
+
+
+def test_small_calibration_finds_the_untrained_children(table):
+    for transform in UNTRAINED:
+        entry = table["tpr"][transform]["0.05"]
+        assert entry["n"] == SMALL.bases
+        assert entry["hits"] >= SMALL.bases - 1, transform
+    assert table["auroc"]["combined_p"] > 0.9
+
+
+def test_small_calibration_report(table):
+    text = markdown(table)
+    for heading in ("False-positive rate", "True-positive rate per transform", "AUROC", "p-values under the null"):
+        assert heading in text
+    assert sum(table["histogram"]["primary_permutation"]) == table["permutation"]["0.05"]["n"]
