@@ -88,12 +88,13 @@ def _digest(obj) -> str:
 
 
 def _statistics_settings(case: Case):
+    from forensics.stats.calibration import load_table
     from forensics.stats.compare import Settings
 
     s = case.statistics
     return Settings(alpha=s.alpha, n_permutations=s.permutations, n_bootstrap=s.bootstrap,
                     multitest="bh" if s.multitest == "fdr_bh" else s.multitest, seed=s.seed,
-                    calibration=None)
+                    calibration=load_table())
 
 
 def _panel(case: Case) -> list[dict]:
