@@ -394,7 +394,9 @@ def test_dossier_from_the_statistics_stage(built_stats):
         assert f"{name}: {verdict}." in text
     assert "suspect-chat" in text  # the case's name for the model compare_case calls "suspect"
     assert "has not been measured" in text  # no calibration table: said so, not left blank
-    assert "did not record the individual values" in text
+    # the statistics stage records the null's values, so the dossier draws their histogram
+    assert "of unrelated pairs, and the observed values" in text
+    assert "did not record the individual values" not in text
     assert "ctl-7" in text and "4.2 Aggregates" in text
     assert results["candidates"]["base-7b"]["verdict"]["reasons"][0] in " ".join(text.split())
     # results.json is attached exactly as the statistics stage wrote it
