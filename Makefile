@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup test test-slow bench-weights bench-stats calibrate fingerprint models lab case verify device-check
+.PHONY: setup test test-slow bench bench-ci bench-weights bench-stats calibrate fingerprint models lab panel panel-check case verify device-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,21 @@ fingerprint: $(STAMP)
 # 2 cores the first time; trained families are cached in out/.cache/calibration).
 calibrate: $(STAMP)
 	$(PY) -m forensics.stats.calibrate --markdown docs/calibration.md --cache out/.cache/calibration
+
+# Ground-truth table -> docs/bench.md: every real pair and every lab child vs SmolLM2, per signal, right or wrong.
+bench: lab
+	$(PY) bench/bench_truth.py
+
+# The same on the small real models only, weights only (seconds).
+bench-ci: models
+	$(PY) bench/bench_truth.py --subset tiny --no-activations --out out/bench/bench-tiny.md --json out/bench/truth-tiny.json
+
+# Rebuild (or check) the shipped reference panel forensics/panel/ from the published models.
+panel: models
+	$(PY) scripts/build_panel.py
+
+panel-check: models
+	$(PY) scripts/build_panel.py --check
 
 bench-stats: $(STAMP)
 	$(PY) bench/bench_stats.py

@@ -154,14 +154,20 @@ def rng_for(seed: int, *labels: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32("\0".join(labels).encode())]))
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".data")
+
+
 def same_model(fa: dict, fb: dict) -> bool:
-    """Same weight files (SHA-256) or the very same signals: such a pair cannot serve as an unrelated pair."""
+    """A weight file in common (SHA-256) or the very same signals: such a pair cannot serve as an unrelated pair.
+
+    Only weight files count: unrelated models may ship the same tokenizer or README, and a copy may add some.
+    """
     def hashes(fp: dict) -> frozenset:
         files = (fp.get("model") or {}).get("files") or []
-        return frozenset(f.get("sha256") for f in files if isinstance(f, dict) and f.get("sha256"))
+        return frozenset(f.get("sha256") for f in files if isinstance(f, dict) and f.get("sha256")
+                         and str(f.get("path", "")).endswith(WEIGHT_SUFFIXES))
 
-    ha, hb = hashes(fa), hashes(fb)
-    return (bool(ha) and ha == hb) or fa.get("signals") == fb.get("signals")
+    return bool(hashes(fa) & hashes(fb)) or fa.get("signals") == fb.get("signals")
 
 
 def _scale(x: np.ndarray, y: np.ndarray) -> dict | None:
@@ -179,6 +185,11 @@ def _signal_entry(ps: PairSignal, perm: PermutationResult | None, cand: str, nul
     entry = {"signals": list(ps.names), "status": ps.status,
              "variation": {"suspect": ps.va.as_dict(), "candidate": ps.vb.as_dict()},
              "n_layers": {"suspect": len(ps.a.raw), "candidate": len(ps.b.raw)}}
+    if ps.status == "flat":
+        entry["reason"] = (f"uninformative: a curve varies by less than {s.flat_cv:.2%} across layers (CV), so "
+                           f"z-scoring would turn its rounding noise into a full-scale curve; not compared")
+    if ps.status == "too_short":
+        entry["reason"] = f"fewer than {s.min_layers} layers to compare; not compared"
     if ps.status != "compared":
         return entry
     al = ps.aligner.observed()
@@ -303,7 +314,7 @@ def compare_case(suspect_fp: dict, candidates: dict[str, dict], controls: dict[s
         name = f"panel:{model_label(fp) or i}"
         if any(m.name == name for m in null_members) or any(e["name"] == name for e in excluded):
             name = f"{name}#{i}"  # two panel files describing models at the same path
-        clash = next((m for m in case if same_model(fp, m.fp)), None)
+        clash = next((m for m in case + null_members if same_model(fp, m.fp)), None)
         if clash is not None:
             excluded.append({"name": name, "reason": f"same model as {clash.kind} {clash.name!r}"})
         else:
