@@ -536,9 +536,9 @@ def render(result: BenchResult, meta: dict) -> str:
     w("")
     w("## Per signal: TPR / FPR over the scored pairs")
     w("")
-    w(f"Rule = the tool's verdict rule on that signal alone (DERIVED needs both tests < alpha; NO EVIDENCE if a test "
-      f"that could reach alpha did not). Permutation = p_perm < alpha, over pairs where the permutation test could "
-      f"reach alpha. AUC = P(r of a derived pair > r of an unrelated pair).")
+    w("Rule = the tool's verdict rule on that signal alone (DERIVED needs both tests < alpha; NO EVIDENCE if a test "
+      "that could reach alpha did not). Permutation = p_perm < alpha, over pairs where the permutation test could "
+      "reach alpha. AUC = P(r of a derived pair > r of an unrelated pair).")
     w("")
     w("| signal | derived / unrelated compared | rule TPR (DERIVED on derived) | rule FPR (DERIVED on unrelated) "
       "| rule misses (NO EVIDENCE on derived) | rule NO EVIDENCE on unrelated | permutation TPR | permutation FPR "

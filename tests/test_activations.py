@@ -10,7 +10,6 @@ import onnx
 import pytest
 import torch
 import transformers
-from gguf import GGUFWriter
 from onnx import TensorProto, helper
 from safetensors.torch import load_file, save_file
 
@@ -19,7 +18,6 @@ from forensics.errors import ForensicsError
 from forensics.signals.activations import activation_signals
 from tests import tiny
 from tests.test_corpus import byte_bpe
-from tests.test_gguf_source import GGUF_NAMES, llama_cpp_permute
 
 RUN = dict(batch_size=2, seq_len=24, num_batches=3, device="cpu", show_progress=False)
 # attribute of the base model holding its final norm, which output_hidden_states applies to the last entry
@@ -141,45 +139,19 @@ def write_gguf_with_tokenizer(model_dir, path) -> None:
     converter writes them (Q and K rows permuted, tokens in the byte alphabet, merges as "a b")."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
-    cfg = model.config
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    vocab = tokenizer["model"]["vocab"]
-    tokens = sorted(vocab, key=vocab.get)
-    special = {t["content"] for t in tokenizer["added_tokens"]}
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in special else 1 for t in tokens])
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tokenizer["model"]["merges"]])
-    w.add_eos_token_id(vocab["<|endoftext|>"])
-    w.add_add_bos_token(False)
-    for name, t in model.state_dict().items():
-        a = t.numpy()
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            layer, rest = name.removeprefix("model.layers.").split(".", 1)
-            gname = f"blk.{layer}.{GGUF_NAMES[rest]}"
-            if rest.startswith("self_attn.q_proj"):
-                a = llama_cpp_permute(a, cfg.num_attention_heads)
-            elif rest.startswith("self_attn.k_proj"):
-                a = llama_cpp_permute(a, cfg.num_key_value_heads)
-        w.add_tensor(gname, np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def vocab(w) -> None:
+        vocab = tokenizer["model"]["vocab"]
+        tokens = sorted(vocab, key=vocab.get)
+        special = {t["content"] for t in tokenizer["added_tokens"]}
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t in special else 1 for t in tokens])
+        w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tokenizer["model"]["merges"]])
+        w.add_eos_token_id(vocab["<|endoftext|>"])
+        w.add_add_bos_token(False)
+
+    tiny.write_llama_gguf(model, path, vocab=vocab)
 
 
 def test_gguf_runs_through_transformers_and_matches_its_safetensors_source(saved, corpus, tmp_path):

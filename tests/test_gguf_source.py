@@ -2,63 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter
-from gguf.quants import quantize
 
 from forensics.fingerprint import fingerprint_model
 from forensics.sources.gguf import unpermute
 from tests import tiny
+from tests.tiny import llama_cpp_permute
 
-GGUF_NAMES = {
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-}
-
-
-def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """What convert_hf_to_gguf.py does to Llama's Q and K rows."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_gguf(model, path, qtype: Q = Q.F32, hidden: int = 32) -> None:
-    cfg = model.config
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_context_length(64)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    for name, t in model.state_dict().items():
-        a = t.float().numpy()
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            layer, rest = name.removeprefix("model.layers.").split(".", 1)
-            gname = f"blk.{layer}.{GGUF_NAMES[rest]}"
-            if rest.startswith("self_attn.q_proj"):
-                a = llama_cpp_permute(a, cfg.num_attention_heads)
-            elif rest.startswith("self_attn.k_proj"):
-                a = llama_cpp_permute(a, cfg.num_key_value_heads)
-        if a.ndim == 2 and qtype != Q.F32:
-            w.add_tensor(gname, quantize(a, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(gname, np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+def write_gguf(model, path, qtype: Q = Q.F32) -> None:
+    tiny.write_llama_gguf(model, path, None if qtype == Q.F32 else qtype)
 
 
 def llama(hidden=32, inter=64):

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from gguf import GGUFWriter
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from forensics.errors import ForensicsError
 from forensics.lab import cli
 from forensics.lab.io import LABEL
 from forensics.lab.recipes import TRANSFORMS, effective_params
+from tests import tiny
 from tests.test_lab import SIZES, batch, decoder, logits
 
 TEXT = ("the cat sat on the mat . the dog ate the bone . a bird sang in the tree and the cat watched it . "
@@ -169,61 +169,22 @@ def test_training_a_source_without_tokenizer_says_so(tmp_path, corpus):
         lab("train", "--source", tmp_path / "bare", "--out", tmp_path / "out", "--corpus", corpus)
 
 
-GGUF_NAMES = {
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-}
-
-
-def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """What convert_hf_to_gguf.py does to Llama's Q and K rows (interleaved RoPE pairs)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def write_gguf(model, path: Path) -> None:
     """A float32 GGUF as convert_hf_to_gguf.py writes one (Q/K rows permuted), with a small GPT-2-style vocab."""
-    cfg = model.config
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    tokens = ["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz", *("Ġ" + c for c in "abcdefghijklmnopqrstuvwxyz"),
-              "Ġ", ".", ","]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    w.add_token_scores([0.0] * len(tokens))
-    w.add_token_merges(["Ġ t"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        a = t.float().numpy()
-        if name in ("model.embed_tokens.weight", "model.norm.weight"):
-            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[name]
-        else:
-            layer, rest = name.removeprefix("model.layers.").split(".", 1)
-            gname = f"blk.{layer}.{GGUF_NAMES[rest]}"
-            if rest.startswith(("self_attn.q_proj", "self_attn.k_proj")):
-                heads = cfg.num_attention_heads if "q_proj" in rest else cfg.num_key_value_heads
-                a = llama_cpp_permute(a, heads)
-        w.add_tensor(gname, np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def vocab(w) -> None:
+        tokens = ["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz",
+                  *("\u0120" + c for c in "abcdefghijklmnopqrstuvwxyz"), "\u0120", ".", ","]
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+        w.add_token_scores([0.0] * len(tokens))
+        w.add_token_merges(["\u0120 t"])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+
+    tiny.write_llama_gguf(model, path, vocab=vocab)
 
 
 def test_gguf_source_is_dequantised_unpermuted_and_its_tokenizer_written_out(tmp_path):

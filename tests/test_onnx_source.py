@@ -19,7 +19,6 @@ from forensics.fingerprint import fingerprint_model
 from forensics.sources import Reads, open_model
 from tests import tiny
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
 # signal -> parameter of encoder.layer.{i}
 BERT = {
     "q": "attention.self.query.weight", "k": "attention.self.key.weight", "v": "attention.self.value.weight",
@@ -305,11 +304,7 @@ def test_external_data_missing_or_short(legacy, tmp_path):
 
 # --- the real models (make models) ----------------------------------------------------------------------------
 
-def real(rel: str) -> Path:
-    path = MODELS / rel
-    if not path.is_file():
-        pytest.skip(f"{path} not present (run make models)")
-    return path
+real = tiny.real_model
 
 
 @pytest.mark.slow

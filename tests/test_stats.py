@@ -349,6 +349,22 @@ def test_without_enough_unrelated_pairs_the_verdict_is_capped(case):
     assert any("capped" in r for r in v["reasons"])
 
 
+def test_the_longer_curve_is_the_one_permuted():
+    parent = curves_of(40)
+    short = {k: np.delete(v, [4, 9, 13, 18]) for k, v in parent.items()}
+    long_fp, short_fp = fingerprint(parent, "long"), fingerprint(short, "short")
+    controls = {f"c{i}": fingerprint(curves_of(400 + i), f"c{i}") for i in range(8)}
+    as_suspect = compare_case(long_fp, {"short": short_fp}, controls, None, FAST)["candidates"]["short"]
+    as_candidate = compare_case(short_fp, {"long": long_fp}, controls, None, FAST)["candidates"]["long"]
+    for res, moved in ((as_suspect, "suspect"), (as_candidate, "candidate")):
+        perm = res["signals"]["qkvo"]["permutation"]
+        assert perm["permuted"] == moved and perm["n_resamples"] == 720  # the 24-layer curve: 6! orders
+        assert [s for s, c in res["signals"]["q"]["alignment"]["mapping"]] == [
+            i for i in range(24) if i not in (4, 9, 13, 18)] or moved == "candidate"
+        assert res["verdict"]["verdict"] == DERIVED
+    assert as_suspect["signals"]["q"]["statistic"] == pytest.approx(as_candidate["signals"]["q"]["statistic"])
+
+
 def test_flat_signals_are_reported_and_not_compared():
     rng = np.random.default_rng(9)
     flat = {r: (1 / math.sqrt(640)) * (1 + 2e-4 * rng.standard_normal(18)) for r in ("q", "k", "v", "o")}
@@ -356,6 +372,7 @@ def test_flat_signals_are_reported_and_not_compared():
     cand = res["candidates"]["b"]
     assert all(cand["signals"][r]["status"] == "flat" for r in "qkvo")
     assert all(cand["signals"][r]["variation"]["suspect"]["flat"] for r in "qkvo")
+    assert cand["signals"]["q"]["reason"].startswith("uninformative")
     assert "qkvo" not in cand["signals"]
     assert cand["verdict"]["verdict"] == INCONCLUSIVE and res["multitest"]["m"] == 0
 

@@ -109,3 +109,74 @@ def pangu_pro_moe(path: Path, layers: int = 3, experts: int = 4, seed: int = 0) 
               "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
               "num_experts": experts, "moe_intermediate_size": inter}
     return save_raw(t, config, path)
+
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def real_model(rel: str) -> Path:
+    """A published model fetched by `make models`; the test is skipped, saying so, when it is absent."""
+    import pytest
+
+    path = MODELS / rel
+    if not path.exists():
+        pytest.skip(f"{path} not present (run make models)")
+    return path
+
+
+GGUF_NAMES = {
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def llama_cpp_permute(w, n_head: int):
+    """What convert_hf_to_gguf.py does to Llama's Q and K rows (interleaved RoPE pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(model, path: Path, qtype=None, vocab=None) -> None:
+    """`model` as llama.cpp's converter writes it: llama.cpp names, Q/K rows permuted, matrices quantised to
+    `qtype` with gguf-py's own quantiser (None: float32); `vocab(writer)` adds tokenizer metadata."""
+    import numpy as np
+    from gguf import GGUFWriter
+    from gguf.quants import quantize
+
+    cfg = model.config
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if vocab is not None:
+        vocab(w)
+    outside = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        a = t.float().numpy()
+        if name in outside:
+            gname = outside[name]
+        else:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            gname = f"blk.{layer}.{GGUF_NAMES[rest]}"
+            if rest.startswith(("self_attn.q_proj", "self_attn.k_proj")):
+                a = llama_cpp_permute(a, cfg.num_attention_heads if "q_proj" in rest else cfg.num_key_value_heads)
+        if qtype is not None and a.ndim == 2:
+            w.add_tensor(gname, quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
