@@ -1,8 +1,10 @@
 """`make bench-weights`: our fingerprint pass against sha256sum and the naive transformers path, as ratios.
 
 Each measurement runs in a fresh process (wall time from the outside, peak RSS from the process itself), on the real
-decoders fetched by `make models`, and on a bf16 safetensors copy of SmolLM2 made from its GGUF (the usual format of
-evidence). Run it on an otherwise idle machine.
+decoders fetched by `make models`, on a bf16 safetensors copy of SmolLM2 made from its GGUF (the usual format of
+evidence), and on a 2.6 GB Llama-shaped bf16 checkpoint (bench/device_weights.py), where start-up no longer
+dominates. The inputs are made in child processes too: Linux carries a process's peak RSS across exec, so this
+process stays small. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 p = Path(sys.argv[1])
 if p.is_file():
-    m = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, torch_dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
 else:
     m = AutoModelForCausalLM.from_pretrained(p)
 stds = {n: float(t.double().std(unbiased=False)) for n, t in m.state_dict().items() if t.is_floating_point()}
@@ -49,13 +51,24 @@ def files_of(path: Path) -> list[str]:
     return [str(path)] if path.is_file() else [str(f) for f in sorted(path.iterdir()) if f.is_file()]
 
 
+MAKE_COPY = r"""
+import sys, torch
+from forensics.lab.io import load_source  # dequantises the GGUF into a plain model
+load_source(sys.argv[1]).model.to(torch.bfloat16).save_pretrained(sys.argv[2])
+"""
+
+
 def safetensors_copy(gguf: Path) -> Path:
     out = WORK / "smollm2-135m-bf16"
     if not (out / "model.safetensors").is_file():
-        import torch
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
-        m.save_pretrained(out)
+        subprocess.run([sys.executable, "-c", MAKE_COPY, str(gguf), str(out)], check=True, capture_output=True)
+    return out
+
+
+def large_checkpoint() -> Path:
+    out = WORK / "llama-2.6gb-bf16"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "device_weights.py"), str(out), "--build-only"],
+                   check=True, capture_output=True)
     return out
 
 
@@ -73,7 +86,8 @@ def main() -> int:
         return 2
     WORK.mkdir(parents=True, exist_ok=True)
     cases = {"SmolLM2-135M GGUF Q4_1": gguf_e, "Gemma3-270M GGUF Q4_K_M": gguf_f,
-             "SmolLM2-135M safetensors bf16": safetensors_copy(gguf_e)}
+             "SmolLM2-135M safetensors bf16": safetensors_copy(gguf_e),
+             "Llama-shaped 2.6 GB safetensors bf16": large_checkpoint()}
     rows = []
     for label, path in cases.items():
         size = sum(Path(f).stat().st_size for f in files_of(path))

@@ -66,9 +66,12 @@ def main() -> int:
     ap.add_argument("dir", nargs="?", default="/tmp/forensics-device-weights")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--build-only", action="store_true", help="only write the checkpoint (for make bench-weights)")
     args = ap.parse_args()
     path = Path(args.dir)
     size = build(path, args.hidden, args.layers)
+    if args.build_only:
+        return 0
     print(f"checkpoint: {size / 1e9:.2f} GB bf16, torch {torch.__version__}, "
           f"cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     t = time.perf_counter()
