@@ -22,6 +22,7 @@ import numpy as np
 from forensics.stats.normalise import Curve, zscore
 
 METHODS = ("interp", "dtw")
+REFINEMENTS = 3  # at most, for DTW's re-standardisation (see Aligner._match)
 
 
 def monotone_match(short: np.ndarray, long: np.ndarray) -> np.ndarray:
@@ -149,11 +150,19 @@ class Aligner:
         zs = zscore(short)
         idx = monotone_match(zs, zscore(long))
         # The short curve was standardised over its own layers, the long one over all of its layers, which include
-        # the unmatched ones; standardise the long curve over the layers it matched and match once more.
-        matched = np.take_along_axis(np.broadcast_to(long, idx.shape[:-1] + long.shape[-1:]), idx, axis=-1)
-        centre = matched.mean(axis=-1, keepdims=True)
-        spread = matched.std(axis=-1, keepdims=True)
-        return monotone_match(zs, (long - centre) / spread)
+        # the unmatched ones: standardise the long curve over the layers it matched and match again, until the match
+        # settles or REFINEMENTS times (a quarter of the layers pruned: 50 of 50 synthetic children recovered
+        # exactly after three, 38 after one).
+        full = np.broadcast_to(long, idx.shape[:-1] + long.shape[-1:])
+        for _ in range(REFINEMENTS):
+            matched = np.take_along_axis(full, idx, axis=-1)
+            centre = matched.mean(axis=-1, keepdims=True)
+            spread = matched.std(axis=-1, keepdims=True)
+            again = monotone_match(zs, (long - centre) / spread)
+            if np.array_equal(again, idx):
+                break
+            idx = again
+        return idx
 
     def observed(self) -> Alignment:
         xa, ya = self.pairs(self.b.raw)

@@ -3,14 +3,15 @@
 Design (docs/calibration.md has the numbers and the argument):
 
 * Base models: narrow Llama- and Qwen2-style decoders with real-model depth (24 layers, hidden 32), initialised
-  from different seeds and trained for a few hundred AdamW steps on the same English text (the embedded corpus when
-  forensics/corpus has one, else the pydoc topics that ship with Python), with different data orders. Same
-  architecture, same recipe, same data: the hardest case for a lineage test, since the depth trend comes from the
-  recipe and is shared. Every pair of bases of one architecture is an unrelated pair.
+  from different seeds and trained for a few hundred AdamW steps on the same English text, bytes as tokens (the
+  first 80 % of the embedded corpus, forensics/corpus: Austen, the Jargon File, pydoc topics), with different data
+  orders. Same architecture, same recipe, same data: the hardest case for a lineage test, since the depth trend
+  comes from the recipe and is shared. Every pair of bases of one architecture is an unrelated pair.
 * Derived children of a base: noised (Gaussian, one absolute sigma for every layer), int8 (per-tensor absmax) and
   int4 (per-row absmax) rounding, layer-pruned (a quarter of the layers dropped), and, for the first few bases,
-  fine-tuned on held-out text, continued-trained on the same text with a new data order, and (Llama only)
-  MoE-upcycled into a Mixtral whose experts start as noisy copies of the dense FFN and which is then trained.
+  fine-tuned on the held-out last 20 % of the corpus, continued-trained on the same text with a new data order,
+  and (Llama only) MoE-upcycled into a Mixtral whose experts start as noisy copies of the dense FFN and which is
+  then trained.
 * Every model is saved as safetensors and fingerprinted with the product's own engine (forensics.fingerprint).
 * Each pair is run through compare_case with the other bases of its architecture as controls, exactly as a case
   with declared unrelated models would be. For unrelated pairs we also record a plain layer-shuffle permutation
@@ -37,7 +38,6 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from forensics.stats.calibration import TABLE
 from forensics.stats.compare import Settings, compare_case
 from forensics.stats.normalise import curve
 from forensics.stats.similarity import QKVO, pearson
@@ -79,12 +79,19 @@ SMALL = Design("small", ("llama",), bases=7, trained_children=1, steps=40, finet
 
 
 def corpus_text() -> str:
-    files = sorted(p for p in CORPUS_DIR.glob("*") if p.is_file() and p.suffix in {".txt", ".md"}) \
-        if CORPUS_DIR.is_dir() else []
-    if files:
-        return "\n".join(p.read_text(encoding="utf-8") for p in files)
-    from pydoc_data.topics import topics
-    return "\n".join(topics[k] for k in sorted(topics))
+    """The embedded corpus (forensics/corpus/manifest.json: zstd-compressed JSON lines), in manifest order; the
+    pydoc topics that ship with Python where there is none."""
+    manifest = CORPUS_DIR / "manifest.json"
+    if not manifest.is_file():
+        from pydoc_data.topics import topics
+        return "\n".join(topics[k] for k in sorted(topics))
+    import zstandard
+    meta = json.loads(manifest.read_text())
+    texts = []
+    for entry in meta["files"]:
+        with zstandard.open(CORPUS_DIR / entry["path"], "rt", encoding="utf-8") as f:
+            texts += [json.loads(line)[meta["text_field"]] for line in f if line.strip()]
+    return "\n".join(texts)
 
 
 # --- models (worker side: torch and transformers are imported only here) ---------------------------------------
@@ -216,8 +223,8 @@ def build_family(task: tuple[str, int, int, Design]) -> dict:
     arch, index, seed, d = task
     text = corpus_text().encode("utf-8")
     split = int(len(text) * 0.8)
-    pretrain = torch.tensor(list(text[:split]), dtype=torch.long)
-    heldout = torch.tensor(list(text[split:]), dtype=torch.long)
+    pretrain = torch.frombuffer(bytearray(text[:split]), dtype=torch.uint8).long()
+    heldout = torch.frombuffer(bytearray(text[split:]), dtype=torch.uint8).long()
     base_name = f"{arch}-{index:02d}"
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -395,9 +402,10 @@ def markdown(t: dict) -> str:
         f"std on every layer matrix), `int8` (per-tensor absmax rounding), `int4` (per-row absmax rounding), "
         f"`pruned` ({d['layers'] // 4} of {d['layers']} layers dropped at random, first and last kept); of the first "
         f"{d['trained_children']} bases of each architecture also `fine-tuned` ({d['finetune_steps']} steps on "
-        f"held-out text), `continued` ({d['continued_steps']} more steps on the training text, new order), both at "
-        f"half the learning rate, and for Llama `moe-upcycled` (Mixtral with 4 experts, top 2, each expert the "
-        f"dense FFN plus 1 % noise, then {d['moe_steps']} steps). The suspect is the child, the candidate its base.",
+        f"held-out text, the last 20 % of the corpus), `continued` ({d['continued_steps']} more steps on the "
+        f"training text, new order), both at half the learning rate, and for Llama `moe-upcycled` (Mixtral with 4 "
+        f"experts, top 2, each expert the dense FFN plus 1 % noise, then {d['moe_steps']} steps). The suspect is the "
+        f"child, the candidate its base.",
         "",
         "## False-positive rate on unrelated pairs",
         "",
@@ -427,7 +435,8 @@ def markdown(t: dict) -> str:
               for label, e in t["per_signal_permutation"].items()]
     lines += ["", "## True-positive rate per transform (verdict rule)", "",
               "| transform | TPR at alpha = 0.01 | TPR at alpha = 0.05 |", "|---|---|---|"]
-    lines += [f"| {name} | {cell(e['0.01'])} | {cell(e['0.05'])} |" for name, e in t["tpr"].items()]
+    lines += [f"| {name} | {cell(t['tpr'][name]['0.01'])} | {cell(t['tpr'][name]['0.05'])} |"
+              for name in UNTRAINED + TRAINED if name in t["tpr"]]
     a = t["auroc"]
     lines += ["", "## AUROC, derived vs unrelated", "",
               f"Over {a['n_derived']} derived and {a['n_unrelated']} unrelated pairs:", "",
@@ -443,9 +452,9 @@ def markdown(t: dict) -> str:
     edges = t["histogram"]["edges"]
     for i, (p, s) in enumerate(zip(t["histogram"]["primary_permutation"], t["histogram"]["layer_shuffle"])):
         lines.append(f"| {edges[i]:.1f}-{edges[i + 1]:.1f} | {p} | {s} |")
-    lines += ["", "Verdict counts at alpha = 0.05: " + "; ".join(
-        f"{kind}: " + ", ".join(f"{v} {n}" for v, n in counts.items()) for kind, counts in t["verdicts"].items()),
-        ""]
+    counts = [f"{kind}: " + ", ".join(f"{v} {n}" for v, n in t["verdicts"][kind].items())
+              for kind in ("unrelated", "derived")]
+    lines += ["", "Verdict counts at alpha = 0.05: " + "; ".join(counts), ""]
     return "\n".join(lines)
 
 
@@ -507,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="the CI design: one architecture, 7 bases, short training")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--markdown", type=Path, help="write the report here (make calibrate: docs/calibration.md)")
-    p.add_argument("--table", type=Path, help=f"write the JSON table here (make calibrate: {TABLE})")
+    p.add_argument("--table", type=Path, help="write the JSON table here (make calibrate: "
+                                              "forensics/stats/calibration_table.json, which verdicts quote)")
     p.add_argument("--cache", type=Path, help="keep trained families' fingerprints here and reuse them")
     args = p.parse_args(argv)
     d = SMALL if args.small else FULL

@@ -214,13 +214,14 @@ def _signal_entry(ps: PairSignal, perm: PermutationResult | None, cand: str, nul
 def aggregate_roles(bases: tuple[str, ...], compared: dict[str, PairSignal]) -> tuple[list[str], list[str]]:
     """The compared labels an aggregate averages, and the ones it leaves out.
 
-    One block order must serve every role, and one bootstrap draw too, so the roles must share the candidate's
-    curve length and the aligned length; the commonest such shape is kept (in practice every role has it).
+    One block order must serve every role, and one bootstrap draw too, so the roles must share their curves'
+    lengths and the aligned length; the commonest such shape is kept (in practice every role has it).
     """
     found = [label for label in (slot(compared, base) for base in bases) if label is not None]
     if not found:
         return [], []
-    shape = {label: (len(compared[label].b.raw), compared[label].aligner.n_aligned) for label in found}
+    shape = {label: (len(compared[label].a.raw), len(compared[label].b.raw), compared[label].aligner.n_aligned)
+             for label in found}
     common = Counter(shape[label] for label in found).most_common(1)[0][0]
     roles = [label for label in found if shape[label] == common]
     return roles, [label for label in found if label not in roles]
@@ -228,17 +229,25 @@ def aggregate_roles(bases: tuple[str, ...], compared: dict[str, PairSignal]) -> 
 
 def _permutations(cand: str, compared: dict[str, PairSignal], aggregates: dict[str, list[str]],
                   s: Settings) -> dict[str, PermutationResult]:
-    """Every permutation test of one candidate: one set of null draws per candidate curve length."""
-    groups: dict[int, list[str]] = {}
+    """Every permutation test of one candidate: one set of null draws per permuted curve length.
+
+    The longer of the two curves is the one permuted (more orders to draw; a 6-layer curve has none), the
+    candidate's when they are equal: a choice made on lengths alone. r is symmetric, so the alignment is just built
+    the other way round when the suspect's curve moves.
+    """
+    groups: dict[tuple[str, int], dict[str, tuple[Aligner, NullCurves]]] = {}
     for label, ps in compared.items():
-        groups.setdefault(len(ps.b.raw), []).append(label)
+        if len(ps.a.raw) > len(ps.b.raw):
+            side, moved, aligner = "suspect", ps.a, Aligner(ps.b, ps.a, s.alignment)
+        else:
+            side, moved, aligner = "candidate", ps.b, ps.aligner
+        groups.setdefault((side, len(moved.raw)), {})[label] = (aligner, NullCurves(moved, s.trend_degree))
     out = {}
-    for n, labels in sorted(groups.items()):
-        columns = {label: [label] for label in labels}
-        columns.update({agg: roles for agg, roles in aggregates.items() if roles[0] in labels})
-        pairs = {label: (compared[label].aligner, NullCurves(compared[label].b, s.trend_degree)) for label in labels}
+    for (side, n), pairs in sorted(groups.items()):
+        columns = {label: [label] for label in pairs}
+        columns.update({agg: roles for agg, roles in aggregates.items() if roles[0] in pairs})
         out.update(permutation_tests(pairs, columns, s.n_permutations,
-                                     rng_for(s.seed, cand, f"permutation/{n}")))
+                                     rng_for(s.seed, cand, f"permutation/{side}/{n}"), permuted=side))
     return out
 
 

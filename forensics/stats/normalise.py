@@ -17,7 +17,7 @@ import numpy as np
 from forensics.errors import ForensicsError
 
 # Coefficient of variation (std / mean across layers) below which a curve is "flat": 0.1 %. Three to ten times the
-# Gemma3-270m case above, and more than an order of magnitude below the depth variation of trained weights (3-51 % on
+# Gemma3-270m case above, and more than an order of magnitude below the depth variation of trained weights (3-54 % on
 # the calibration models; docs/statistics.md). Every CV is in the output, so an analyst sees how close a curve was.
 FLAT_CV = 1e-3
 

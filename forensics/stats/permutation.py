@@ -5,9 +5,9 @@ calls them related: on real weights MiniLM vs multilingual-e5-small reach r = 0.
 p = 0.0005. Besides the trend they share what the architecture does to the layers next to the embedding and next to
 the output head. What lineage adds on top is the layer-to-layer detail of the interior, so the null here is
 
-    candidate* = boundary layers as they are + interior trend + interior residuals moved in blocks.
+    curve* = boundary layers as they are + interior trend + interior residuals moved in blocks.
 
-Exactly what is permuted, on the candidate's own curve (native depth, present layers, n of them):
+Exactly what is permuted, on one model's own curve (native depth, present layers, n of them):
 
 * blocks of b = round(n^(1/3)) consecutive layers (the usual block-length rate; short-range autocorrelation along
   depth travels inside its block);
@@ -16,13 +16,14 @@ Exactly what is permuted, on the candidate's own curve (native depth, present la
   mid-depth bump and a late rise at once; at most half the interior's length minus one for short curves) and stays
   where it is; the interior residuals are cut into blocks of b layers and the blocks are put in a random order.
 
-The suspect's curve is not touched. Every null curve is aligned exactly like the observed one (for DTW the alignment
-is searched again) and its r computed. The observed order is one of the arrangements, so under "interior residual
-blocks exchangeable and independent of the suspect" the test is exact. scipy.stats.permutation_test draws the block
-orders ('pairings' over the interior block ids), enumerates them all when there are no more than n_resamples, and
-applies the +1 correction: the smallest p is 1/(T+1), or 1/k! for k interior blocks when enumerated. A curve with
-fewer than two interior blocks (n < 8) cannot be tested (p = 1). docs/calibration.md shows how this null behaves on
-independently trained models of one recipe.
+The other curve is not touched. Which one moves depends on the lengths only (the longer, which has more orders to
+draw; the candidate's when they are equal), so the choice does not look at the values. Every null curve is aligned
+exactly like the observed one (for DTW the alignment is searched again) and its r computed. The observed order is one
+of the arrangements, so under "interior residual blocks exchangeable and independent of the other curve" the test is
+exact. scipy.stats.permutation_test draws the block orders ('pairings' over the interior block ids), enumerates them
+all when there are no more than n_resamples, and applies the +1 correction: the smallest p is 1/(T+1), or 1/k! for k
+interior blocks when enumerated. A curve with fewer than two interior blocks (n < 8) cannot be tested (p = 1).
+docs/calibration.md shows how this null behaves on independently trained models of one recipe.
 """
 
 from __future__ import annotations
@@ -96,19 +97,21 @@ class PermutationResult:
     exact: bool
     block_length: int
     trend_degree: int
+    permuted: str  # whose curve the null moves: "candidate" or "suspect"
 
     def as_dict(self) -> dict:
         return {
             "statistic": self.statistic, "pvalue": self.pvalue, "n_resamples": self.n_resamples,
             "floor": self.floor, "exact": self.exact, "block_length": self.block_length,
-            "trend_degree": self.trend_degree, "alternative": "greater",
-            "null": "boundary blocks fixed, interior depth trend kept, interior residual blocks permuted; "
-                    "alignment redone per null curve",
+            "trend_degree": self.trend_degree, "permuted": self.permuted, "alternative": "greater",
+            "null": f"{self.permuted} curve: boundary blocks fixed, interior depth trend kept, interior residual "
+                    f"blocks permuted; alignment redone per null curve",
         }
 
 
 def permutation_tests(pairs: dict[str, tuple[Aligner, NullCurves]], columns: dict[str, list[str]],
-                      n_resamples: int, rng: np.random.Generator) -> dict[str, PermutationResult]:
+                      n_resamples: int, rng: np.random.Generator,
+                      permuted: str = "candidate") -> dict[str, PermutationResult]:
     """One test per column: the mean r over the column's pairs (one pair: a signal; several: an aggregate such as
     Q/K/V/O), all columns from the same null draws.
 
@@ -142,5 +145,6 @@ def permutation_tests(pairs: dict[str, tuple[Aligner, NullCurves]], columns: dic
         exact = math.factorial(first.n_blocks) <= n_resamples
     floor = 1 / t if exact else 1 / (t + 1)
     return {name: PermutationResult(statistic=float(observed[k]), pvalue=float(pvalues[k]), n_resamples=t,
-                                    floor=floor, exact=exact, block_length=first.block, trend_degree=first.degree)
+                                    floor=floor, exact=exact, block_length=first.block, trend_degree=first.degree,
+                                    permuted=permuted)
             for k, name in enumerate(columns)}

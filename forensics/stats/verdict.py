@@ -2,10 +2,10 @@
 
 The rule never reads a raw correlation. It reads one pre-specified primary signal per candidate (the Q/K/V/O
 aggregate, the original's number, else the first informative one in PRIMARY_ORDER) and two tests of it that fail in
-different ways: the block-permutation test (wrong if unrelated models share layer-specific structure beyond a smooth
-trend) and the empirical null from unrelated pairs (wrong if those pairs are not comparable with the case). DERIVED
-needs both: p = max(p_perm, p_emp) is a valid p for "both nulls are false" (intersection-union test), and it is then
-adjusted across the candidates (Holm by default). A false DERIVED thus needs both tests to fail at once.
+different ways: the block-permutation test (wrong if unrelated models share layer-specific structure beyond the depth
+trend and the boundary layers) and the empirical null from unrelated pairs (wrong if those pairs are not comparable
+with the case). DERIVED needs both: p = max(p_perm, p_emp) is a valid p for "both nulls are false" (intersection-union
+test), and it is then adjusted across the candidates (Holm by default). A false DERIVED needs both tests to fail.
 """
 
 from __future__ import annotations
