@@ -26,14 +26,7 @@ LAYER = {
     "fo.w": ("output.dense.weight", Q4), "fo.b": ("output.dense.bias", F32),
     "oln.w": ("output.LayerNorm.weight", F32), "oln.b": ("output.LayerNorm.bias", F32),
 }
-ROLES = {
-    "q": "attention.self.query.weight", "k": "attention.self.key.weight", "v": "attention.self.value.weight",
-    "o": "attention.output.dense.weight", "up": "intermediate.dense.weight", "down": "output.dense.weight",
-    "q_bias": "attention.self.query.bias", "k_bias": "attention.self.key.bias", "v_bias": "attention.self.value.bias",
-    "o_bias": "attention.output.dense.bias", "up_bias": "intermediate.dense.bias", "down_bias": "output.dense.bias",
-    "attn_norm": "attention.output.LayerNorm.weight", "attn_norm_bias": "attention.output.LayerNorm.bias",
-    "mlp_norm": "output.LayerNorm.weight", "mlp_norm_bias": "output.LayerNorm.bias",
-}
+ROLES = tiny.BERT_ROLES
 
 
 def q4_0(w: np.ndarray) -> tuple[bytes, np.ndarray]:

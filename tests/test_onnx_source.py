@@ -19,15 +19,7 @@ from forensics.fingerprint import fingerprint_model
 from forensics.sources import Reads, open_model
 from tests import tiny
 
-# signal -> parameter of encoder.layer.{i}
-BERT = {
-    "q": "attention.self.query.weight", "k": "attention.self.key.weight", "v": "attention.self.value.weight",
-    "o": "attention.output.dense.weight", "up": "intermediate.dense.weight", "down": "output.dense.weight",
-    "q_bias": "attention.self.query.bias", "k_bias": "attention.self.key.bias", "v_bias": "attention.self.value.bias",
-    "o_bias": "attention.output.dense.bias", "up_bias": "intermediate.dense.bias", "down_bias": "output.dense.bias",
-    "attn_norm": "attention.output.LayerNorm.weight", "attn_norm_bias": "attention.output.LayerNorm.bias",
-    "mlp_norm": "output.LayerNorm.weight", "mlp_norm_bias": "output.LayerNorm.bias",
-}
+BERT = tiny.BERT_ROLES
 MATRICES = ("q", "k", "v", "o", "up", "down")
 
 

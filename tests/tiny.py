@@ -110,6 +110,16 @@ def pangu_pro_moe(path: Path, layers: int = 3, experts: int = 4, seed: int = 0) 
               "num_experts": experts, "moe_intermediate_size": inter}
     return save_raw(t, config, path)
 
+# signal -> parameter of encoder.layer.{i} in a BERT checkpoint
+BERT_ROLES = {
+    "q": "attention.self.query.weight", "k": "attention.self.key.weight", "v": "attention.self.value.weight",
+    "o": "attention.output.dense.weight", "up": "intermediate.dense.weight", "down": "output.dense.weight",
+    "q_bias": "attention.self.query.bias", "k_bias": "attention.self.key.bias", "v_bias": "attention.self.value.bias",
+    "o_bias": "attention.output.dense.bias", "up_bias": "intermediate.dense.bias", "down_bias": "output.dense.bias",
+    "attn_norm": "attention.output.LayerNorm.weight", "attn_norm_bias": "attention.output.LayerNorm.bias",
+    "mlp_norm": "output.LayerNorm.weight", "mlp_norm_bias": "output.LayerNorm.bias",
+}
+
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
