@@ -95,6 +95,11 @@ def test_case_writes_signed_dossier_that_verifies(ran):
     if shutil.which("pdfsig"):
         sig = subprocess.run(["pdfsig", str(out / "dossier.pdf")], capture_output=True, text=True).stdout
         assert "Signature is Valid." in sig and "Total document signed" in sig
+    if shutil.which("pdftotext"):
+        text = subprocess.run(["pdftotext", str(out / "dossier.pdf"), "-"], capture_output=True, text=True).stdout
+        headings = [line for line in text.splitlines() if line.strip().endswith(". Null distribution")]
+        assert len(headings) == 1, headings  # each chapter once, its figure with it
+        assert "of unrelated pairs, and the observed values" in text
     if shutil.which("pdftoppm"):
         subprocess.run(["pdftoppm", "-r", "20", "-png", str(out / "dossier.pdf"), str(tmp / "page")], check=True)
         assert len(list(tmp.glob("page-*.png"))) >= 5

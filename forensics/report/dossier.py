@@ -376,6 +376,7 @@ class _Story:
             if paths:
                 self.p(self.text(w["text"], n=len(null.values), signal=null.label), hold=lead)
                 self.figure(paths[0], w["caption"], lead=lead, signal=null.label)
+                lead = []  # the figure keeps the heading and text with it
             else:
                 self.p(self.text(w["no_values"], n=null.n if null.n is not None else NA, signal=null.label,
                                  median=f_num(null.median), maximum=f_num(null.maximum)), hold=lead)
