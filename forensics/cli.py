@@ -37,8 +37,7 @@ def cmd_case_run(args: argparse.Namespace) -> int:
     summary = {"dossier": str(out / "dossier.pdf"), "manifest": str(out / "manifest.json"),
                "results": str(out / "results.json"), "dossier_id": manifest.get("dossier_id"),
                "signer_certificate_sha256": (manifest.get("signer") or {}).get("certificate_sha256"),
-               "verdicts": {name: c.get("verdict", {}).get("verdict") if isinstance(c.get("verdict"), dict)
-                            else c.get("verdict") for name, c in results.get("candidates", {}).items()}}
+               "verdicts": {name: c["verdict"]["verdict"] for name, c in results["candidates"].items()}}
     json.dump(summary, sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
     return 0

@@ -78,7 +78,7 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
         "tool": {"name": "llm-forensics", "version": __version__},
         "model": {
             "path": str(path),
-            "format": info.format or source.format,
+            "format": info.format,
             "architecture": info.architecture,
             "num_layers": num_layers,
             "hidden_size": info.hidden_size,

@@ -155,8 +155,6 @@ class ModelInfo:
 class Source:
     """A checkpoint on disk: a Hugging Face directory, or a single GGUF / ONNX / other file."""
 
-    format: str = ""
-
     def __init__(self, path: Path, reads: Reads):
         self.path = path
         self.reads = reads

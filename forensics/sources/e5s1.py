@@ -72,8 +72,6 @@ def dequantize_q4_0(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 class E5S1File(Source):
-    format = "e5s1"
-
     def __init__(self, path: Path, reads: Reads):
         super().__init__(path, reads)
         self.file = f = reads.open(path)

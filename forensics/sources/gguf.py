@@ -46,8 +46,6 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 class GGUFFile(Source):
-    format = "gguf"
-
     def __init__(self, path: Path, reads: Reads):
         super().__init__(path, reads)
         try:

@@ -95,8 +95,6 @@ def strip_suffix(name: str, suffixes: tuple[str, ...]) -> str:
 
 
 class ONNXFile(Source):
-    format = "onnx"
-
     def __init__(self, path: Path, reads: Reads):
         super().__init__(path, reads)
         self.file = reads.open(path)
