@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup test test-slow bench bench-ci bench-weights bench-stats calibrate fingerprint models lab panel panel-check case verify device-check
+.PHONY: setup test test-slow bench bench-ci bench-weights bench-neurons bench-stats calibrate fingerprint models lab panel panel-check case verify device-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,10 @@ bench-stats: $(STAMP)
 
 bench-weights: models
 	$(PY) bench/bench_weights.py
+
+# Neuron matching on a 7B-sized pair (Llama-2-7B shapes, 2 x 13.5 GB written once to out/bench-neurons): its cost.
+bench-neurons: $(STAMP)
+	$(PY) bench/bench_neurons.py
 
 # Derived checkpoints made from SmolLM2-135M (models/lab/*, each with its recipe.json): the lineage lab's standard set.
 lab: models

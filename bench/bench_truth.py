@@ -17,10 +17,12 @@ in out/.cache (forensics.casework.FingerprintCache), so a rerun costs only the s
 
 For every pair and signal the table gives r, the block-permutation p, the empirical-null p, the verdict the tool's
 rule gives on that signal alone, and whether that verdict is right; per signal it sums up TPR/FPR of the rule and of
-the permutation test alone, and how well r separates derived from unrelated pairs. Written to docs/bench.md with
-the commit and date it came from.
+the permutation test alone, and how well r separates derived from unrelated pairs. Each pair also gets the neuron-
+matching test (forensics/stats/neurons.py, case defaults) where the widths match, and the tamper flag; their TPR/FPR
+are summed up the same way. Written to docs/bench.md with the commit and date it came from.
 
-    .venv/bin/python bench/bench_truth.py [--subset tiny] [--no-activations] [--permutations N] [--out docs/bench.md]
+    .venv/bin/python bench/bench_truth.py [--subset tiny] [--no-activations] [--no-neurons] [--permutations N]
+                                          [--out docs/bench.md]
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from forensics.case import Statistics
+from forensics.case import Neurons, Statistics
 from forensics.models import MODELS
 from forensics.stats.compare import Settings, compare_case
 from forensics.stats.multitest import min_null_size
@@ -103,6 +105,7 @@ class BenchResult:
     pairs: list[Pair]
     rows: list[dict] = field(default_factory=list)  # one per pair x signal
     verdicts: list[dict] = field(default_factory=list)  # one per pair: the case's verdict (primary signal)
+    neurons: dict | None = None  # the neuron-matching settings, when run
     panel: list[dict] = field(default_factory=list)  # what the shipped panel held, and its freshness
     settings: dict = field(default_factory=dict)
     activations: dict | None = None
@@ -243,6 +246,15 @@ def settings_for(permutations: int | None) -> Settings:
                     multitest="bh" if st.multitest == "fdr_bh" else st.multitest, seed=st.seed)
 
 
+def neuron_settings():
+    """The case defaults (forensics.case.Neurons), as forensics.casework passes them to neuron_test."""
+    from forensics.stats.neurons import NeuronSettings
+
+    n = Neurons()
+    return NeuronSettings(permutations=n.permutations, neurons=n.neurons, dims=n.dims, tokens=n.tokens,
+                          seed=Statistics().seed)
+
+
 def outcome(truth: str, verdict: str | None) -> str:
     if truth == AMBIGUOUS_T or verdict is None:
         return "not scored"
@@ -262,10 +274,11 @@ def signal_verdict(entry: dict, label: str, s: Settings) -> str:
 
 
 def evaluate(pair: Pair, fps: dict[str, dict], families: dict[str, str], panel: list[tuple[str, dict]],
-             s: Settings) -> tuple[list[dict], dict]:
+             s: Settings, neuron: dict | None = None) -> tuple[list[dict], dict]:
     null = [fp for fam, fp in panel if not related(fam, families[pair.suspect])
             and not related(fam, families[pair.candidate])]
-    res = compare_case(fps[pair.suspect], {pair.candidate: fps[pair.candidate]}, None, null, s)
+    res = compare_case(fps[pair.suspect], {pair.candidate: fps[pair.candidate]}, None, null, s,
+                       None if neuron is None else {pair.candidate: neuron})
     cand = res["candidates"][pair.candidate]
     base = {"pair": pair.name, "suspect": pair.suspect, "candidate": pair.candidate, "truth": pair.truth,
             "group": pair.group, "null_members": len(res["null"]["members"])}
@@ -285,6 +298,14 @@ def evaluate(pair: Pair, fps: dict[str, dict], families: dict[str, str], panel: 
                "p_perm": v.get("pvalue_permutation"), "p_emp": v.get("pvalue_empirical"), "n_null": v.get("n_null"),
                "min_null_pairs": v.get("min_null_pairs"), "outcome": outcome(pair.truth, v["verdict"]),
                "reasons": v.get("reasons", [])}
+    if neuron is not None:
+        n, tamper = cand["neurons"], cand["tamper"]
+        verdict["neurons"] = {"conclusion": n["conclusion"], "reason": n.get("reason"), "p": n.get("pvalue"),
+                              "fisher_p": (n.get("fisher") or {}).get("pvalue"), "statistic": n.get("statistic"),
+                              "null_max": (n.get("null") or {}).get("max"),
+                              "layer_map": [sorted({u["matches"]["layer"] for u in layer["units"]})
+                                            for layer in n.get("layers") or []]}
+        verdict["tamper"] = {"raised": tamper["raised"], "roles": tamper["roles"]}
     return rows, verdict
 
 
@@ -302,7 +323,8 @@ def _why_not(entry: dict, fps: dict[str, dict], pair: Pair, label: str) -> str:
 
 
 def run_bench(models: Path, cache_dir: Path, subset: str = "all", activations: bool = True,
-              permutations: int | None = None, panel_dir: Path | None = None, log=None) -> BenchResult:
+              permutations: int | None = None, panel_dir: Path | None = None, log=None,
+              neurons: bool = True) -> BenchResult:
     from forensics.casework import FingerprintCache
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -333,9 +355,14 @@ def run_bench(models: Path, cache_dir: Path, subset: str = "all", activations: b
     result = BenchResult(subjects, make_pairs(subjects, fps), panel=panel_report, settings=s.as_dict(),
                          activations=act_record, notes=notes)
     families = {sid: subj.family for sid, subj in subjects.items()}
+    ns = neuron_settings()
+    if neurons:
+        result.neurons = asdict(ns)
     for pair in result.pairs:
         started = time.perf_counter()
-        rows, verdict = evaluate(pair, fps, families, panel, s)
+        neuron = cache.neurons(subjects[pair.suspect].path, subjects[pair.candidate].path,
+                               (fps[pair.suspect], fps[pair.candidate]), ns) if neurons else None
+        rows, verdict = evaluate(pair, fps, families, panel, s, neuron)
         result.rows += rows
         result.verdicts.append(verdict)
         log(f"{pair.name}: {verdict['verdict']} ({time.perf_counter() - started:.1f} s)")
@@ -387,6 +414,25 @@ def summarise(result: BenchResult) -> list[dict]:
             "overlap_derived": [r["pair"] for r in der if unrelated_max is not None and r["r"] <= unrelated_max],
         })
     return out
+
+
+def summarise_invariant(result: BenchResult) -> dict:
+    """Neuron matching (its own rule: exact joint p < alpha) and the tamper flag, over the scored pairs."""
+    alpha = result.settings["alpha"]
+    scored = [v for v in result.verdicts if v["truth"] != AMBIGUOUS_T and "neurons" in v]
+    ran = [v for v in scored if v["neurons"]["p"] is not None]
+    der = [v for v in ran if v["truth"] == DERIVED_T]
+    unr = [v for v in ran if v["truth"] == UNRELATED_T]
+    rescaled = [v for v in scored if v["truth"] == DERIVED_T and "rescale" in v["pair"]]
+    return {
+        "alpha": alpha, "ran": len(ran), "unavailable": len(scored) - len(ran),
+        "tp": sum(v["neurons"]["p"] < alpha for v in der), "derived": len(der),
+        "fp": sum(v["neurons"]["p"] < alpha for v in unr), "unrelated": len(unr),
+        "fisher_tp": sum(v["neurons"]["fisher_p"] < alpha for v in der),
+        "fisher_fp": sum(v["neurons"]["fisher_p"] < alpha for v in unr),
+        "tamper_on_rescaled": sum(v["tamper"]["raised"] for v in rescaled), "rescaled": len(rescaled),
+        "tamper_elsewhere": [v["pair"] for v in scored if v["tamper"]["raised"] and v not in rescaled],
+    }
 
 
 # ---- rendering ----------------------------------------------------------------------------------------------------
@@ -553,6 +599,8 @@ def render(result: BenchResult, meta: dict) -> str:
           f"| {_rate(x['perm_fp'], x['perm_testable_u'])} | {_f(x['auc'], 2)} | {_f(x['derived_min_r'])} "
           f"| {_f(x['unrelated_max_r'])} |")
     w("")
+    if result.neurons is not None:
+        render_invariant(result, w)
     w("## What fooled what")
     w("")
     w("Derived pairs the permutation test missed (p_perm >= alpha although it could reach alpha), unrelated pairs it "
@@ -652,11 +700,48 @@ def render(result: BenchResult, meta: dict) -> str:
     return "\n".join(L)
 
 
+def render_invariant(result: BenchResult, w) -> None:
+    x, ns = summarise_invariant(result), result.neurons
+    w("## Neuron matching and the tamper flag")
+    w("")
+    w(f"Neuron matching as a case runs it (case defaults: T = {ns['permutations']} signed permutations of the "
+      f"residual basis, {ns['neurons']} neurons per FFN unit, {ns['dims']} residual dimensions, up to {ns['tokens']} "
+      f"shared tokens for the alignment); its rule: exact joint p < alpha = {x['alpha']} (one candidate). It needs "
+      f"equal hidden widths and a shared vocabulary: it ran on {x['ran']} scored pairs and was not applicable to "
+      f"{x['unavailable']}. The attention-spectrum signals (qk_spectrum, ov_spectrum) are in the per-signal table "
+      f"above.")
+    w("")
+    w(f"* TPR (exact joint p): {_rate(x['tp'], x['derived'])}; FPR: {_rate(x['fp'], x['unrelated'])}. "
+      f"Fisher's combination of the layers: TPR {_rate(x['fisher_tp'], x['derived'])}, "
+      f"FPR {_rate(x['fisher_fp'], x['unrelated'])}.")
+    w(f"* Tamper flag on the lab's output-preserving rescalings: raised on {_rate(x['tamper_on_rescaled'], x['rescaled'])}"
+      f"; raised on any other pair: {', '.join(x['tamper_elsewhere']) or 'none'}.")
+    w("")
+    w("| pair | truth | neuron matching | joint p | Fisher p | matched / best null (sum over layers) "
+      "| suspect layer -> candidate layer | tamper flag |")
+    w("|---|---|---|---|---|---|---|---|")
+    for v in result.verdicts:
+        n = v.get("neurons")
+        if n is None:
+            continue
+        lmap = n["layer_map"]
+        moved = [f"{i}->{'/'.join(map(str, js))}" for i, js in enumerate(lmap) if js != [i]]
+        where = ("all same index" if lmap and not moved else ", ".join(moved[:8]) + (" …" if len(moved) > 8 else "")) \
+            if lmap else "–"
+        stat = f"{_f(n['statistic'], 2)} / {_f(n['null_max'], 2)}" if n["statistic"] is not None else "–"
+        tamper = ("raised: " + ", ".join(v["tamper"]["roles"])) if v["tamper"]["raised"] else "–"
+        label = n["conclusion"] if n["p"] is not None else f"n/a ({n['reason']})"
+        w(f"| {v['pair']} | {v['truth']} | {label} | {_p(n['p'])} | {_p(n['fisher_p'])} | {stat} | {where} "
+          f"| {tamper} |")
+    w("")
+
+
 def to_jsonable(result: BenchResult, meta: dict) -> dict:
     return {"meta": {**meta, "models": str(meta["models"])}, "settings": result.settings,
             "activations": result.activations, "panel": result.panel,
             "pairs": [p.__dict__ for p in result.pairs], "verdicts": result.verdicts, "rows": result.rows,
-            "summary": summarise(result)}
+            "summary": summarise(result), "neurons": result.neurons,
+            "invariant_summary": summarise_invariant(result) if result.neurons is not None else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -667,11 +752,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench" / "truth.json", help="every number, as JSON")
     p.add_argument("--subset", choices=sorted(SUBSETS), default="all")
     p.add_argument("--no-activations", dest="activations", action="store_false")
+    p.add_argument("--no-neurons", dest="neurons", action="store_false", help="skip neuron matching")
     p.add_argument("--permutations", type=int, default=None, help="default: the case default (9999)")
     args = p.parse_args(argv)
 
     started = time.perf_counter()
-    result = run_bench(args.models.resolve(), args.cache, args.subset, args.activations, args.permutations)
+    result = run_bench(args.models.resolve(), args.cache, args.subset, args.activations, args.permutations,
+                       neurons=args.neurons)
     meta = {"git": git_state(), "date": datetime.now(timezone.utc).date().isoformat(), "subset": args.subset,
             "models": args.models.resolve()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from forensics.errors import ForensicsError
+from forensics.signals.attention import SIGNALS as ATTENTION_SIGNALS
 
 WEIGHT_SIGNALS = (
     "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm",
@@ -22,7 +23,7 @@ WEIGHT_SIGNALS = (
     "shared_gate", "shared_up", "shared_down", "shared_router", "q_a", "q_b", "kv_a", "kv_b",
 )
 ACTIVATION_SIGNALS = ("act_norm", "act_norm_std")
-SIGNALS = WEIGHT_SIGNALS + ACTIVATION_SIGNALS
+SIGNALS = WEIGHT_SIGNALS + ATTENTION_SIGNALS + ACTIVATION_SIGNALS
 
 
 class Strict(BaseModel):
@@ -61,6 +62,16 @@ class Statistics(Strict):
     panel: Literal["default", "none"] | Path = "default"
 
 
+class Neurons(Strict):
+    """Neuron matching (forensics/stats/neurons.py): run for every candidate of the suspect's hidden width."""
+
+    enabled: bool = True
+    permutations: int = Field(199, ge=19, description="T of the exact test; its p cannot go below 1/(T+1)")
+    neurons: int = Field(16, ge=2, description="suspect neurons drawn per FFN unit")
+    dims: int = Field(64, ge=8, description="residual dimensions kept in the neuron sketches")
+    tokens: int = Field(8192, ge=16, description="shared tokens used to align the residual streams, at most")
+
+
 class Signing(Strict):
     pkcs12: Path | None = None
     key: Path | None = None
@@ -91,6 +102,7 @@ class Case(Strict):
     signals: Literal["all"] | list[str] = "all"
     activations: Activations = Activations()
     statistics: Statistics = Statistics()
+    neurons: Neurons = Neurons()
     signing: Signing = Signing()
 
     @field_validator("signals")

@@ -17,7 +17,7 @@ from pathlib import Path
 from forensics import __version__
 from forensics.case import Case, load_case
 from forensics.errors import ForensicsError
-from forensics.progress import byte_progress, err
+from forensics.progress import byte_progress, err, step_progress
 
 
 class FingerprintCache:
@@ -83,6 +83,31 @@ class FingerprintCache:
         return signals
 
 
+    def neurons(self, suspect: Path, candidate: Path, fps: tuple[dict, dict], settings) -> dict:
+        from dataclasses import asdict
+
+        from forensics.stats.neurons import neuron_test
+
+        key = _digest([[sorted((f["path"], f["sha256"]) for f in fp["model"]["files"]) for fp in fps],
+                       asdict(settings), __version__])
+        cached = self._get("neurons", key)
+        if cached is not None:
+            err.print(f"[dim]neuron matching against {candidate.name}: cached[/]")
+            return cached
+        widths = [(fp.get("model") or {}).get("hidden_size") for fp in fps]
+        with step_progress() as bar:
+            tasks = []  # the bar appears once matching starts (not for a pair the test does not apply to)
+
+            def advance(done: int) -> None:
+                if not tasks:
+                    tasks.append(bar.add_task(f"neuron matching vs {candidate.name}", total=settings.permutations))
+                bar.update(tasks[0], completed=done)
+
+            result = neuron_test(suspect, candidate, settings, *widths, progress=advance)
+        self._put("neurons", key, result)
+        return result
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -143,10 +168,22 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
                                     "signals": {**fingerprints[m.name]["signals"], **signals}}
             windows[m.name] = signals["act_norm"].get("windows") or {"unavailable": signals["act_norm"].get("reason")}
 
+    neurons = None
+    if case.neurons.enabled:
+        from forensics.stats.neurons import NeuronSettings
+
+        n = case.neurons
+        settings = NeuronSettings(permutations=n.permutations, neurons=n.neurons, dims=n.dims, tokens=n.tokens,
+                                  seed=case.statistics.seed)
+        suspect = case.suspect
+        neurons = {m.name: cache.neurons(suspect.path, m.path, (fingerprints[suspect.name], fingerprints[m.name]),
+                                         settings) for m in case.candidates}
+
     wanted = case.wanted_signals()
     fps = {name: _keep_signals(fp, wanted) for name, fp in fingerprints.items()}
     results = compare_case(fps[case.suspect.name], {m.name: fps[m.name] for m in case.candidates},
-                           {m.name: fps[m.name] for m in case.controls}, _panel(case), _statistics_settings(case))
+                           {m.name: fps[m.name] for m in case.controls}, _panel(case), _statistics_settings(case),
+                           neurons)
     raw_results = to_json(results).encode()
 
     staging = out_root / f".{case.id}.partial-{os.getpid()}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-import torch
+import numpy as np
 
 from forensics.errors import ForensicsError
 from forensics.sources.base import ModelInfo
@@ -36,7 +36,7 @@ class Part:
     layer: int
     role: str
     expert: int | None
-    tensor: torch.Tensor
+    tensor: np.ndarray
 
 
 # --- rows shared by many architectures (suffix after the layer prefix) -------------------------------------------
@@ -176,6 +176,23 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     _arch("gguf", r"blk\.{L}\.", _GGUF_IGNORE, _GGUF),
 )}
 
+# The token embedding of each table entry (neuron matching aligns residual streams through its rows).
+EMBEDDINGS = {
+    "gpt2": r"(transformer\.)?wte\.weight",
+    "gpt_neox": r"(gpt_neox\.)?embed_in\.weight",
+    "bert": r"(bert\.|roberta\.|model\.|0\.auto_model\.)?embeddings\.word_embeddings\.weight",
+    "gguf": r"token_embd\.weight",
+}
+DECODER_EMBEDDING = r"(model\.|model\.language_model\.|language_model\.model\.)?embed_tokens\.weight"
+# Which norm's gain scales the input of the FFN and of attention. Pre-norm blocks: their own attn_norm / mlp_norm.
+# Post-norm blocks (BERT): the FFN reads the attention's output LayerNorm ("attn_norm"), attention reads the previous
+# layer's output LayerNorm ("mlp_norm" of layer - 1).
+POST_NORM = {"bert"}
+# Tables whose FFN matrices are stored (in, out) (GPT-2's Conv1D) rather than torch's (out, in).
+IN_OUT_LAYOUT = {"gpt2"}
+# Gemma's RMSNorm multiplies by (1 + weight) in Hugging Face checkpoints; llama.cpp's converter stores 1 + weight.
+NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3", "gemma3_text"}
+
 # config.json's model_type (or GGUF's general.architecture) -> table entry.
 ALIASES = {
     "mistral": "llama", "qwen2": "llama", "gemma": "llama", "gemma3_text": "gemma3",
@@ -184,10 +201,10 @@ ALIASES = {
 }
 
 
-def _split_rows(t: torch.Tensor, sizes: list[int], roles: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
+def _split_rows(t: np.ndarray, sizes: list[int], roles: tuple[str, ...]) -> list[tuple[str, np.ndarray]]:
     if sum(sizes) != t.shape[0]:
         raise ValueError(f"fused tensor has {t.shape[0]} rows, config implies {sum(sizes)}")
-    return list(zip(roles, torch.split(t, sizes, dim=0)))
+    return list(zip(roles, np.split(t, np.cumsum(sizes)[:-1], axis=0)))
 
 
 def _qkv_sizes(info: ModelInfo) -> list[int]:
@@ -196,27 +213,27 @@ def _qkv_sizes(info: ModelInfo) -> list[int]:
     return [info.num_heads * hd, kv * hd, kv * hd]
 
 
-def _neox(t: torch.Tensor, info: ModelInfo, roles: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
+def _neox(t: np.ndarray, info: ModelInfo, roles: tuple[str, ...]) -> list[tuple[str, np.ndarray]]:
     # NeoX interleaves per head: rows are [head0: q k v][head1: q k v]...
     per_head = t.reshape(info.num_heads, 3, -1, *t.shape[1:])
     return [(r, per_head[:, i].reshape(-1, *t.shape[1:])) for i, r in enumerate(roles)]
 
 
-def _stacked(t: torch.Tensor, roles: tuple[str, ...]) -> list[tuple[str, int, torch.Tensor]]:
+def _stacked(t: np.ndarray, roles: tuple[str, ...]) -> list[tuple[str, int, np.ndarray]]:
     # (experts, rows, cols); gate_up stacks gate then up along the rows (transformers' chunk(2, dim=-1)).
     out = []
     for e in range(t.shape[0]):
-        for role, piece in zip(roles, torch.chunk(t[e], len(roles), dim=0)):
+        for role, piece in zip(roles, np.split(t[e], len(roles), axis=0)):
             out.append((role, e, piece))
     return out
 
 
-SPLITS: dict[str, Callable[[torch.Tensor, ModelInfo], list[tuple[str, torch.Tensor]]]] = {
+SPLITS: dict[str, Callable[[np.ndarray, ModelInfo], list[tuple[str, np.ndarray]]]] = {
     "split_qkv_rows": lambda t, i: _split_rows(t, _qkv_sizes(i), ("q", "k", "v")),
     "split_gate_up_rows": lambda t, i: _split_rows(t, [t.shape[0] // 2] * 2, ("gate", "up")),
     # GPT-2's Conv1D stores (in, out): q, k, v are column blocks.
-    "split_c_attn": lambda t, i: list(zip(("q", "k", "v"), torch.chunk(t, 3, dim=-1))),
-    "split_c_attn_bias": lambda t, i: list(zip(("q_bias", "k_bias", "v_bias"), torch.chunk(t, 3, dim=-1))),
+    "split_c_attn": lambda t, i: list(zip(("q", "k", "v"), np.split(t, 3, axis=-1))),
+    "split_c_attn_bias": lambda t, i: list(zip(("q_bias", "k_bias", "v_bias"), np.split(t, 3, axis=-1))),
     "split_neox_qkv": lambda t, i: _neox(t, i, ("q", "k", "v")),
     "split_neox_qkv_bias": lambda t, i: _neox(t, i, ("q_bias", "k_bias", "v_bias")),
 }
@@ -256,15 +273,14 @@ class RoleTable:
     def ignored(self, name: str) -> bool:
         return any(rx.fullmatch(name) for rx in self._ignore)
 
-    def parts(self, name: str, match: Match, tensor: torch.Tensor, info: ModelInfo) -> list[Part]:
-        if match.target in SPLITS:
-            try:
-                pieces = SPLITS[match.target](tensor, info)
-            except (ValueError, RuntimeError, TypeError) as e:
-                raise ForensicsError(None, f"cannot split fused tensor {name} {tuple(tensor.shape)}: {e}") from e
-            return [Part(match.layer, role, None, piece) for role, piece in pieces]
-        if match.target in STACKED:
-            return [Part(match.layer, role, e, piece) for role, e, piece in _stacked(tensor, STACKED[match.target])]
+    def parts(self, name: str, match: Match, tensor: np.ndarray, info: ModelInfo) -> list[Part]:
+        try:
+            if match.target in SPLITS:
+                return [Part(match.layer, role, None, piece) for role, piece in SPLITS[match.target](tensor, info)]
+            if match.target in STACKED:
+                return [Part(match.layer, role, e, piece) for role, e, piece in _stacked(tensor, STACKED[match.target])]
+        except (ValueError, TypeError) as e:  # numpy's word for a shape that does not divide as the config says
+            raise ForensicsError(None, f"cannot split fused tensor {name} {tuple(tensor.shape)}: {e}") from e
         return [Part(match.layer, match.target, match.expert, tensor)]
 
 

@@ -90,7 +90,8 @@ def test_summary_and_render_are_deterministic(bench):
 
 @pytest.mark.slow
 def test_reduced_bench_on_small_real_models(bench, tmp_path):
-    """The CI bench: five small real models, weight signals, fewer permutations; about 10 s with a cold cache."""
+    """The CI bench: five small real models, weight signals, fewer permutations, neuron matching at the case
+    defaults."""
     missing = [m for m in bench.SUBSETS["tiny"] if not (MODELS / bench.MODELS[bench.REAL[m][0]].folder).exists()]
     if missing:
         pytest.skip(f"models {missing} absent: run `make models` first")
@@ -111,5 +112,15 @@ def test_reduced_bench_on_small_real_models(bench, tmp_path):
     # the panel's MiniLM and e5 agree with fresh fingerprints; the decoders were not fingerprinted here
     fresh = {e["id"]: e["fresh"] for e in result.panel}
     assert fresh["A"] is True and fresh["D1"] is True and fresh["E"] is None
+    # neuron matching: copies and the vocabulary-cut child hold the parent's neurons, unrelated pairs do not; the
+    # ONNX copy ships no vocabulary, so its residual stream cannot be aligned
+    neurons = {v["pair"]: v["neurons"] for v in result.verdicts}
+    floor = 1 / (result.neurons["permutations"] + 1)
+    assert neurons["A' vs A"]["p"] == neurons["D2 vs D1"]["p"] == pytest.approx(floor)
+    assert neurons["D2 vs D1"]["layer_map"] == [[i] for i in range(12)]
+    assert neurons["B vs A"]["p"] is None and "vocabulary" in neurons["B vs A"]["reason"]
+    assert neurons["A vs D1"]["p"] > 0.01 and neurons["A vs D2"]["p"] > 0.01
+    assert not any(v["tamper"]["raised"] for v in result.verdicts)
     meta = {"git": {"commit": "x", "dirty": 0}, "date": "d", "subset": "tiny", "models": MODELS}
     assert bench.render(result, meta) == bench.render(result, meta)
+    assert "## Neuron matching and the tamper flag" in bench.render(result, meta)

@@ -99,14 +99,14 @@ def test_reads_what_was_written(written, bert):
     cfg = bert.config
     assert (fp["model"]["format"], fp["model"]["architecture"]) == ("e5s1", "bert")
     assert (fp["model"]["num_layers"], fp["model"]["hidden_size"]) == (cfg.num_hidden_layers, cfg.hidden_size)
-    assert set(fp["signals"]) == set(ROLES)
+    assert set(fp["signals"]) == set(ROLES) | {"qk_spectrum", "ov_spectrum"}
     for role, param in ROLES.items():
         for i in range(cfg.num_hidden_layers):
             want = float(np.std(values[f"encoder.layer.{i}.{param}"].astype(np.float64)))
             assert fp["signals"][role]["values"][i] == pytest.approx(want, rel=1e-6), (role, i)
     src = open_model(path, Reads())
     assert src.info().num_heads == cfg.num_attention_heads
-    got = {t.name: t.load().numpy() for t in src.tensors()}
+    got = {t.name: t.load() for t in src.tensors()}
     assert set(got) == set(values)
     for name, want in values.items():
         np.testing.assert_array_equal(got[name], want, err_msg=name)
@@ -116,7 +116,7 @@ def test_quantised_close_to_the_float_weights(written, bert):
     """The 4-bit values are the model's weights, not a permutation of them: each within one step of its block
     (a step is |d| = max|w| / 8; the value opposite the extreme may clip to nibble 15, a whole step off)."""
     path, _ = written
-    got = {t.name: t.load().numpy() for t in open_model(path, Reads()).tensors()}
+    got = {t.name: t.load() for t in open_model(path, Reads()).tensors()}
     for name, t in bert.state_dict().items():
         if name in got and t.ndim == 2:
             w = t.numpy()
@@ -181,7 +181,7 @@ real = tiny.real_model
 def test_real_d1_every_role_every_layer():
     fp = fingerprint_model(real("D1-e5-small/e5-small-q4.bin"), device="cpu")
     assert (fp["model"]["num_layers"], fp["model"]["hidden_size"]) == (12, 384)
-    assert set(fp["signals"]) == set(ROLES)
+    assert set(fp["signals"]) == set(ROLES) | {"qk_spectrum", "ov_spectrum"}
     for role, s in fp["signals"].items():
         assert all(v is not None and v > 0 for v in s["values"]), role
 

@@ -167,10 +167,11 @@ def real(model_id: str) -> Path:
     return path
 
 
-LLAMA = {"q", "k", "v", "o", "attn_norm", "mlp_norm", "gate", "up", "down"}
+SPECTRA = {"qk_spectrum", "ov_spectrum"}  # forensics/signals/attention.py, for every model here
+LLAMA = {"q", "k", "v", "o", "attn_norm", "mlp_norm", "gate", "up", "down"} | SPECTRA
 EXPECTED = {  # model -> (layers, signals in every layer)
     "A": (6, {"q", "k", "v", "o", "up", "down", "q_bias", "k_bias", "v_bias", "o_bias", "up_bias", "down_bias",
-              "attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias"}),
+              "attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias"} | SPECTRA),
     "E": (30, LLAMA),
     "F": (18, LLAMA | {"q_norm", "k_norm", "post_attn_norm", "post_mlp_norm"}),
 }
@@ -202,7 +203,7 @@ def test_real_int8_copy_is_close():
     assert set(a["signals"]) == set(b["signals"])
     for role, s in a["signals"].items():
         x, y = np.array(s["values"]), np.array(b["signals"][role]["values"])
-        tol = 2e-3 if role in {"q", "k", "v", "o", "up", "down"} else 1e-12
+        tol = 2e-3 if role in {"q", "k", "v", "o", "up", "down"} | SPECTRA else 1e-12
         assert np.all(np.abs(y / x - 1) <= tol), (role, np.abs(y / x - 1).max())
 
 

@@ -284,6 +284,12 @@ class _Story:
             if c.reasons:
                 block.append(Paragraph(escape(w["reasons_heading"]) + " " + escape("; ".join(c.reasons)) + ".",
                                        self.s["small"]))
+            if c.neurons:
+                block.append(Paragraph(self.text(w["neuron_line"], conclusion=c.neurons.get("conclusion", NA),
+                                                 reason=c.neurons.get("reason", "")), self.s["body"]))
+            for statement in (c.tamper.get("statement"), c.agreement):
+                if statement:
+                    block.append(Paragraph(escape(statement), self.s["notice"]))
             self.flow.append(KeepTogether(block))
         rules = {(c.rule, c.fpr) for c in v.candidates}
         for rule, fpr in sorted(rules, key=lambda x: str(x)):
@@ -352,6 +358,48 @@ class _Story:
             self.flow.append(self.table(columns, rows, widths))
             if muted:
                 self.p(escape(w["status_note"]), "small")
+        self.flow.append(PageBreak())
+
+    def invariant(self) -> None:
+        w, v = self.w["invariant"], self.view
+        tested = [c for c in v.candidates if c.neurons]
+        if not tested:
+            return
+        self.chapter(w["heading"])
+        for para in w["paragraphs"]:
+            self.p(para)
+        if v.neuron_rule:
+            self.p(self.text(w["rule_line"], rule=v.neuron_rule), "notice")
+        for c in tested:
+            n = c.neurons
+            self.p(escape(f"{c.name}: {n.get('conclusion', NA)}"), "h2")
+            if n.get("status") != "compared":
+                self.p(self.text(w["unavailable"], reason=n.get("reason", NA)))
+                continue
+            a, fisher, settings = n.get("alignment") or {}, n.get("fisher") or {}, n.get("settings") or {}
+            self.p(self.text(
+                w["result_line"], statistic=f_num(n.get("statistic")), null_mean=f_num((n.get("null") or {}).get("mean")),
+                null_max=f_num((n.get("null") or {}).get("max")), T=n.get("n_permutations", NA),
+                p=f_p(n.get("pvalue"), n.get("floor")), p_adj=f_p(n.get("pvalue_adjusted")),
+                fisher=f_p(fisher.get("pvalue")), df=fisher.get("df", NA), parts=", ".join(n.get("parts") or []),
+                neurons=settings.get("neurons", NA), dims=settings.get("dims", NA),
+                shared=a.get("shared_tokens", NA), used=a.get("tokens_used", NA),
+                corr=f_num(a.get("matched_abs_correlation_median")), strong=a.get("dims_above_0.5", NA),
+                width=a.get("dims", NA)))
+            for statement in (c.tamper.get("statement"), c.agreement):
+                if statement:
+                    self.p(escape(statement), "notice")
+            rows = []
+            for layer in n.get("layers") or []:
+                units = layer.get("units") or []
+                targets = sorted({u["matches"]["label"] for u in units})
+                same = [u.get("same_index_fraction") for u in units if u.get("same_index_fraction") is not None]
+                rows.append([self.cell(str(layer["layer"])), self.cell(str(len(units))),
+                             self.cell("; ".join(targets)), self.cell(f_num(layer.get("statistic"))),
+                             self.cell(f_p(layer.get("pvalue"), n.get("floor"))),
+                             self.cell(f_pct(100 * sum(same) / len(same)) if same else NA)])
+            self.flow.append(self.table(w["columns"], rows, [1.3, 1.3, 6.0, 1.9, 1.9, 2.4]))
+            self.p(escape(w["columns_note"]), "small")
         self.flow.append(PageBreak())
 
     def heatmap(self) -> None:
@@ -454,7 +502,8 @@ class _Story:
             self.flow.append(KeepTogether(block))
 
     def build(self) -> list:
-        for chapter in (self.cover, self.summary, self.models, self.method, self.signals, self.heatmap, self.null,
+        for chapter in (self.cover, self.summary, self.models, self.method, self.signals, self.invariant,
+                        self.heatmap, self.null,
                         self.limitations, self.custody, self.verification):
             chapter()
         return self.flow

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from forensics.evidence.atomic import atomic_write_bytes
-from forensics.report.view import AGGREGATE, DossierView, Null, z_score
+from forensics.report.view import AGGREGATE, DossierView, Null, kind_of, z_score
 
 DPI = 200
 WIDTH_IN = 6.6  # the dossier's text column is 17 cm (6.7 in); figures are placed at their natural size
@@ -25,6 +25,9 @@ CANDIDATE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c5
 # Software would record the matplotlib version; leaving every text chunk out keeps the bytes reproducible.
 PNG_METADATA = {"Software": None}
 PANELS_PER_FIGURE = 9  # 3 x 3 panels keep one figure within a page
+# What a curve panel's values are, by signal kind (forensics/report/view.py kind_of).
+Y_LABELS = {"weight_std": "std", "attention_spectrum": "effective rank", "act_norm": "norm",
+            "act_norm_std": "norm spread"}
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -75,7 +78,7 @@ def curves_figure(view: DossierView, labels: list[str]) -> Figure:
                 handles.setdefault(name, line)
             ax.set_title(label + (" (flat)" if flat else ""), fontsize=8)
             ax.set_xlabel("relative depth" if relative else "layer", fontsize=7)
-            ax.set_ylabel("std (z-score)", fontsize=7)
+            ax.set_ylabel(f"{Y_LABELS.get(kind_of(label), 'value')} (z-score)", fontsize=7)
             ax.tick_params(labelsize=6)
             ax.grid(alpha=0.3, linewidth=0.5)
             if len(flat) == len(curves):

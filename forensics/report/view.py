@@ -21,14 +21,17 @@ from forensics.errors import ForensicsError
 STATS_SCHEMA = "llm-forensics.stats/1"
 ROLES = ("suspect", "candidate", "control", "panel")
 ACTIVATION_KINDS = ("act_norm", "act_norm_std")
+# Per-layer summaries of the attention heads' QK and OV spectra (forensics/signals/attention.py), one kind together.
+SPECTRUM = "attention_spectrum"
+SPECTRUM_SIGNALS = ("qk_spectrum", "ov_spectrum")
 AGGREGATE = "aggregate"
 # Reading order of signals in tables and figures: attention, norms, FFN, MoE, MLA, activations, then aggregates
 # (docs/fingerprint-format.md); anything else follows alphabetically.
 SIGNAL_ORDER = (
     "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm", "attn_norm", "post_attn_norm",
     "mlp_norm", "post_mlp_norm", "gate", "up", "down", "router", "expert_gate", "expert_up", "expert_down",
-    "shared_gate", "shared_up", "shared_down", "shared_router", "q_a", "q_b", "kv_a", "kv_b", "act_norm",
-    "act_norm_std", "qkvo", "ffn",
+    "shared_gate", "shared_up", "shared_down", "shared_router", "q_a", "q_b", "kv_a", "kv_b", *SPECTRUM_SIGNALS,
+    "act_norm", "act_norm_std", "qkvo", "ffn",
 )
 
 
@@ -74,14 +77,17 @@ def _interval(x) -> tuple[float, float] | None:
 
 
 def kind_of(signal: str) -> str:
-    """Activation signals are named for their kind; every other fingerprint signal is a weight std."""
+    """Activation signals are named for their kind, the attention spectra share one; every other fingerprint signal
+    is a weight std."""
+    if signal in SPECTRUM_SIGNALS:
+        return SPECTRUM
     return signal if signal in ACTIVATION_KINDS else "weight_std"
 
 
 @dataclass(frozen=True)
 class SignalResult:
     label: str
-    kind: str  # weight_std | act_norm | act_norm_std | aggregate
+    kind: str  # weight_std | attention_spectrum | act_norm | act_norm_std | aggregate
     names: tuple[str, str]  # signal in the suspect's and in the candidate's fingerprint (differ for dense vs MoE)
     status: str  # compared | flat | too_short
     r: float | None = None
@@ -127,6 +133,9 @@ class Candidate:
     p_adjusted: float | None = None
     reasons: tuple[str, ...] = ()
     signals: dict[str, SignalResult] = field(default_factory=dict)
+    neurons: Mapping = field(default_factory=dict)  # the neuron-matching test and its conclusion (stats/neurons.py)
+    tamper: Mapping = field(default_factory=dict)  # the tamper flag (stats/lineage.py)
+    agreement: str | None = None  # set when the std-curve verdict and neuron matching disagree
 
 
 @dataclass(frozen=True)
@@ -183,6 +192,7 @@ class DossierView:
     multitest: str | None = None
     null_members: tuple[str, ...] = ()  # the unrelated models (or pairs) the null distributions come from
     null_excluded: tuple[tuple[str, str], ...] = ()  # (model, why it was left out of the null)
+    neuron_rule: str | None = None
 
     @classmethod
     def from_results(cls, results: Mapping, case: Mapping | None = None, case_id: str | None = None
@@ -209,7 +219,7 @@ class DossierView:
             for s in c.signals.values():
                 if s.label not in kinds.setdefault(s.kind, []):
                     kinds[s.kind].append(s.label)
-        order = ["weight_std", *ACTIVATION_KINDS, AGGREGATE]
+        order = ["weight_std", SPECTRUM, *ACTIVATION_KINDS, AGGREGATE]
         kinds = {k: sorted(kinds[k], key=signal_sort_key)
                  for k in sorted(kinds, key=lambda k: order.index(k) if k in order else len(order))}
         return cls(case=_case(case, case_id), models=models, suspect=suspect, candidates=candidates, nulls=nulls,
@@ -253,6 +263,7 @@ def _from_stats1(results: Mapping, case: Mapping):
         raise ForensicsError(None, f"results must hold exactly one model of kind 'suspect', found {suspects}")
 
     rule, fpr = results.get("verdict_rule"), results.get("measured_false_positive_rate")
+    neuron_rule = results.get("neuron_rule")
     candidates, null_by_label = [], {}
     for name, res in (results.get("candidates") or {}).items():
         signals = {label: _stats1_signal(label, e) for label, e in (res.get("signals") or {}).items()}
@@ -269,7 +280,8 @@ def _from_stats1(results: Mapping, case: Mapping):
             p_permutation_floor=_floor(p_entry.get("permutation")),
             p_empirical=_num(v.get("pvalue_empirical")), n_null=_int(_first(v, "n_null", default=emp.get("n_null"))),
             null_percentile=_num(emp.get("percentile")), p_adjusted=_num(v.get("pvalue_adjusted")),
-            reasons=tuple(str(r) for r in v.get("reasons") or ()), signals=signals))
+            reasons=tuple(str(r) for r in v.get("reasons") or ()), signals=signals,
+            neurons=res.get("neurons") or {}, tamper=res.get("tamper") or {}, agreement=res.get("agreement")))
         if primary and primary not in null_by_label:
             null_by_label[primary] = emp
     nulls = []
@@ -280,7 +292,7 @@ def _from_stats1(results: Mapping, case: Mapping):
         nulls.append(Null(label=label, values=values, observed=observed, n=_int(emp.get("n_null")),
                           median=_num(emp.get("null_median")), maximum=_num(emp.get("null_max"))))
     null = results.get("null") or {}
-    extra = {"multitest": (results.get("multitest") or {}).get("method"),
+    extra = {"multitest": (results.get("multitest") or {}).get("method"), "neuron_rule": neuron_rule,
              "null_members": tuple(str(m).removeprefix("control:") for m in null.get("members") or ()),
              "null_excluded": tuple((str(e.get("name")), str(e.get("reason"))) for e in null.get("excluded") or ()
                                     if isinstance(e, Mapping))}

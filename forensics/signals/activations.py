@@ -65,7 +65,7 @@ class Runnable:
 
 
 def default_settings(device: str | torch.device | None = None) -> dict:
-    return dict(GPU_DEFAULTS if pick_device(None if device is None else str(device)).type == "cuda" else CPU_DEFAULTS)
+    return dict(GPU_DEFAULTS if pick_device(None if device is None else str(device)) == "cuda" else CPU_DEFAULTS)
 
 
 def activation_signals(model_path: str | Path, corpus: Corpus | str | Path | None = None, *,
@@ -124,7 +124,7 @@ def load_runnable(model_path: str | Path, device: str | None = "auto") -> Runnab
         root = path
         if not (path / "config.json").is_file():
             raise Unavailable("no config.json: transformers needs the model's configuration to run it")
-    dev = pick_device(device)
+    dev = torch.device(pick_device(device))
     with _quiet_transformers():
         try:
             config = transformers.AutoConfig.from_pretrained(root, **kw)

@@ -3,14 +3,21 @@
 The std is the population std (ddof = 0) over all elements of a matrix, accumulated in float64 chunk by chunk and
 merged with Chan's parallel formula, so memory stays at one tensor plus one float64 chunk whatever the model's size,
 and the result matches numpy's float64 `std` to rounding.
+
+On the CPU this is numpy alone: torch is imported only for a CUDA device, where its import (over a second and 250 MB
+of resident memory) buys a GPU. For the 100-300 MB models `make bench-weights` measures, that import alone took
+longer than reading and hashing the file.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import shutil
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 # 4 Mi elements: a 32 MiB float64 chunk keeps the working set small next to the tensor itself.
 CHUNK_ELEMENTS = 1 << 22
@@ -38,15 +45,49 @@ class Moments:
         return math.sqrt(self.m2 / self.n) if self.n else float("nan")
 
 
-def moments(t: torch.Tensor, device: torch.device) -> Moments:
-    """Float64 moments of every element of `t`; NaN and Inf are counted and left out."""
-    flat = t.reshape(-1)
+def moments(a: np.ndarray, device: str = "cpu") -> Moments:
+    """Float64 moments of every element of `a`; NaN and Inf are counted and left out."""
+    if device != "cpu":
+        return _moments_torch(a, device)
+    flat = a.reshape(-1)
+    out = Moments()
+    # One float64 buffer per tensor, refilled per chunk: a fresh array per chunk cost as much in page faults as
+    # the arithmetic.
+    buf = np.empty(min(flat.size, CHUNK_ELEMENTS), np.float64)
+    for start in range(0, flat.size, CHUNK_ELEMENTS):
+        src = flat[start:start + CHUNK_ELEMENTS]
+        c = buf[:src.size]
+        c[...] = src
+        n = c.size
+        mean = c.sum() / n
+        # NaN/Inf anywhere make the sum non-finite: only then pay for counting and dropping them.
+        if not math.isfinite(mean):
+            out.nan += int(np.isnan(c).sum())
+            out.inf += int(np.isinf(c).sum())
+            c = c[np.isfinite(c)]
+            n = c.size
+            if not n:
+                continue
+            mean = c.sum() / n
+        c -= mean
+        # Squared in place and summed pairwise, not np.dot: BLAS's threads, competing with the hashing thread for
+        # two cores, made the dot product several times slower than this.
+        np.square(c, out=c)
+        out.merge(n, float(mean), float(c.sum()))
+    return out
+
+
+def _moments_torch(a: np.ndarray, device: str) -> Moments:
+    """The same on a torch device, chunk by chunk from host memory."""
+    import torch
+
+    # torch.from_numpy wants writable memory; only a read-only array (an ONNX initializer's view) pays for a copy.
+    flat = torch.from_numpy(a.reshape(-1) if a.flags.writeable else a.reshape(-1).copy())
     out = Moments()
     for start in range(0, flat.numel(), CHUNK_ELEMENTS):
         c = flat[start:start + CHUNK_ELEMENTS].to(device=device).to(torch.float64)
         n = c.numel()
         mean = c.sum() / n
-        # NaN/Inf anywhere make the sum non-finite: only then pay for counting and dropping them.
         if not bool(torch.isfinite(mean)):
             out.nan += int(torch.isnan(c).sum())
             out.inf += int(torch.isinf(c).sum())
@@ -55,15 +96,29 @@ def moments(t: torch.Tensor, device: torch.device) -> Moments:
             if not n:
                 continue
             mean = c.sum() / n
-        # In place only on our own float64 copy, never on the caller's tensor.
-        d = c - mean if t.dtype == torch.float64 and c.device == t.device else c.sub_(mean)
+        d = c - mean  # not in place: on the CPU (tests), a float64 chunk is the caller's own memory
         out.merge(n, float(mean), float(torch.dot(d, d)))
     return out
 
 
-def pick_device(requested: str | None) -> torch.device:
+def pick_device(requested: str | None) -> str:
+    """Where the statistics run: "cpu", "cuda", or another torch device named on purpose.
+
+    "auto" asks torch only where a GPU driver is present (an NVIDIA driver's /proc/driver/nvidia or nvidia-smi, or
+    ROCm's /dev/kfd): on a CPU-only machine, importing torch just to hear "no CUDA" would cost more than
+    fingerprinting a small model.
+    """
     if requested in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
+        driver = os.path.exists("/proc/driver/nvidia") or shutil.which("nvidia-smi") or os.path.exists("/dev/kfd")
+        return "cuda" if driver and _torch_cuda() else "cpu"
+    if requested == "cuda" and not _torch_cuda():
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(requested)
+    return requested
+
+
+def _torch_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()

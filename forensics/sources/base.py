@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
+import numpy as np
 
 from forensics.errors import ForensicsError
 
@@ -91,6 +91,11 @@ class HashedFile:
     def read_all(self) -> bytearray:
         return self.read_at(self._pos, self.size - self._pos)
 
+    def close(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+        self._f.close()
+
     def finish(self) -> FileRecord:
         if self.record is None:
             self.skip_to(self.size)
@@ -125,15 +130,26 @@ class Reads:
         self._hasher.shutdown()
         return sorted(records, key=lambda r: r["path"])
 
+    def close(self) -> None:
+        """Stop without hashing the rest: for a pass that needs some tensors, not the files' SHA-256."""
+        for f in self._files.values():
+            f.close()
+        self._hasher.shutdown()
+
 
 @dataclass
 class TensorRef:
-    """One tensor as listed in a checkpoint; `load()` reads (and hashes) its bytes only when called."""
+    """One tensor as listed in a checkpoint; `load()` reads (and hashes) its bytes only when called.
+
+    `load()` gives a C-contiguous numpy array of `shape`: float16, float32 and float64 as stored; bfloat16 and fp8
+    decoded exactly to float32; quantised formats dequantised to float32; integers as integers. numpy, not torch,
+    so that the CPU path never pays torch's import time and memory (forensics/signals/weights.py).
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: str
-    load: Callable[[], torch.Tensor] = field(repr=False)
+    load: Callable[[], np.ndarray] = field(repr=False)
     file: Path | None = None
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from forensics.errors import ForensicsError
 from forensics.sources.base import ModelInfo, Reads, Source, TensorRef
@@ -152,10 +151,8 @@ class E5S1File(Source):
                             lambda shape=shape, dtype=dtype, offset=offset, nbytes=nbytes:
                             self._load(shape, dtype, offset, nbytes), self.path)
 
-    def _load(self, shape: tuple[int, ...], dtype: int, offset: int, nbytes: int) -> torch.Tensor:
+    def _load(self, shape: tuple[int, ...], dtype: int, offset: int, nbytes: int) -> np.ndarray:
         raw = np.frombuffer(self.file.read_at(offset, nbytes), dtype=np.uint8)
         if dtype == F32:
-            values = raw.view("<f4").reshape(shape)
-        else:
-            values = dequantize_q4_0(raw, shape)
-        return torch.from_numpy(values)
+            return raw.view("<f4").reshape(shape)
+        return dequantize_q4_0(raw, shape)

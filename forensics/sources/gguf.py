@@ -1,21 +1,26 @@
 """GGUF files (llama.cpp) through the `gguf` package, dequantised one tensor at a time.
 
-`GGUFReader` parses the header (it maps the file but touches only the header pages); the tensor bytes themselves are
-read in file order through `HashedFile` and handed to `gguf.quants.dequantize`.
+Fingerprinting walks the header itself (`read_header`: a handful of metadata scalars and the tensor directory, with
+the gguf package's type tables); the tensor bytes are read in file order through `HashedFile` and dequantised with the
+gguf package's own block decoders. `open_reader` gives the package's full `GGUFReader`, for the metadata arrays
+(the vocabulary) that fingerprinting skips.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
-from gguf import GGUFReader, GGMLQuantizationType
-from gguf.quants import dequantize, quant_shape_to_byte_shape
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGMLQuantizationType, GGUFValueType, quants
 
 from forensics.errors import ForensicsError
 from forensics.sources.base import ModelInfo, Reads, Source, TensorRef
+from forensics.sources.dtypes import bf16_to_f32
 
 # llama.cpp's converter reorders the rows of Q and K inside each head (rotary halves interleaved) for these
 # architectures; undoing it restores the Hugging Face layout, which row-wise comparisons need. (A std over all
@@ -26,8 +31,8 @@ PERMUTED_QK = {"llama", "mistral"}
 class _Reader(GGUFReader):
     """GGUFReader over a plain ndarray view of its memory map.
 
-    Parsing a vocabulary slices the map ~10^6 times; numpy.memmap's per-slice bookkeeping made that the slowest part
-    of fingerprinting a small GGUF. The view shares the mapping (no copy).
+    Parsing a vocabulary slices the map ~10^6 times; numpy.memmap's per-slice bookkeeping made that several times
+    slower. The view shares the mapping (no copy).
     """
 
     @property
@@ -39,28 +44,185 @@ class _Reader(GGUFReader):
         self._data = mapped.view(np.ndarray)
 
 
-def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def open_reader(path: Path) -> GGUFReader:
+    try:
+        return _Reader(path, "r")
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors on a bad file
+        raise ForensicsError(path, f"not a readable GGUF file: {type(e).__name__}: {e}") from e
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's `permute(weights, n_head, n_head_kv)` in convert_hf_to_gguf.py."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# Fixed-size metadata value types and their struct formats.
+SCALARS = {
+    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
+    GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?",
+    GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
+}
+VERSIONS = (2, 3)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+# Tensor types stored as plain numbers; every other type is blocks for the gguf package's decoders.
+PLAIN = {
+    GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16, GGMLQuantizationType.F64: np.float64,
+    GGMLQuantizationType.I8: np.int8, GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
+    GGMLQuantizationType.I64: np.int64,
+}
+# Elements decoded per call of a block decoder: enough to amortise the call, few enough for its temporaries to stay
+# in cache. gguf.quants.dequantize calls it per 16 rows; this halved dequantisation on SmolLM2's and Gemma3's files.
+DEQUANT_ELEMENTS = 1 << 18
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # outermost dimension first, as numpy and torch order them (GGUF lists them reversed)
+    qtype: GGMLQuantizationType
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
+    """(metadata scalars and strings, tensor directory) of a GGUF file; metadata arrays are skipped.
+
+    GGUFReader makes a numpy view of every element of every metadata array: 0.9 s for SmolLM2's 49k-token vocabulary,
+    3.9 s for Gemma3's 262k, most of a fingerprint's time. A fingerprint needs a few scalars, and skipping a string
+    array costs one length read per string.
+    """
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return _walk(mm)
+    except struct.error as e:
+        raise ForensicsError(path, f"not a readable GGUF file: truncated or corrupt header ({e})") from e
+    except ValueError as e:  # our own checks, an unknown type code, a name that is not UTF-8, an empty file
+        raise ForensicsError(path, f"not a readable GGUF file: {e}") from e
+    except OSError as e:
+        raise ForensicsError(path, f"cannot open for reading: {e.strerror}") from e
+
+
+def _walk(mm: mmap.mmap) -> tuple[dict, list[TensorInfo]]:
+    if mm[:4] != b"GGUF":
+        raise ValueError(f"magic {mm[:4]!r}, expected b'GGUF'")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+    if version not in VERSIONS:
+        raise ValueError(f"version {version}; versions {VERSIONS} in little-endian byte order are read")
+    # Every entry takes at least 8 bytes: a corrupt count fails here, not after a long loop.
+    if (n_tensors + n_kv) * 8 > len(mm):
+        raise ValueError(f"header declares {n_tensors} tensors and {n_kv} metadata entries, more than a file of "
+                         f"{len(mm)} bytes holds")
+    pos, meta = 24, {}
+    for _ in range(n_kv):
+        key, pos = _string(mm, pos)
+        (vtype,) = struct.unpack_from("<I", mm, pos)
+        if vtype == GGUFValueType.ARRAY:
+            pos = _skip_array(mm, pos + 4)
+        else:
+            meta[key], pos = _value(mm, pos + 4, vtype)
+    entries = []
+    for _ in range(n_tensors):
+        name, pos = _string(mm, pos)
+        (n_dims,) = struct.unpack_from("<I", mm, pos)
+        if n_dims > MAX_DIMS:
+            raise ValueError(f"tensor {name}: {n_dims} dimensions (at most {MAX_DIMS})")
+        dims = struct.unpack_from(f"<{n_dims}Q", mm, pos + 4)
+        raw_type, offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        entries.append((name, dims, raw_type, offset))
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment {alignment!r} is not a power of two")
+    data_start = -(-pos // alignment) * alignment
+    tensors, seen = [], set()
+    for name, dims, raw_type, offset in entries:
+        if name in seen:
+            raise ValueError(f"tensor {name} listed twice")
+        seen.add(name)
+        try:
+            qtype = GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise ValueError(f"tensor {name}: unknown tensor type {raw_type}") from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if dims and dims[0] % block:
+            raise ValueError(f"tensor {name}: rows of {dims[0]} values do not fill {qtype.name} blocks of {block}")
+        tensors.append(TensorInfo(name, tuple(reversed(dims)), qtype, data_start + offset,
+                                  math.prod(dims) // block * type_size))
+    return meta, tensors
+
+
+def _string(mm: mmap.mmap, pos: int) -> tuple[str, int]:
+    (n,) = _U64.unpack_from(mm, pos)
+    end = pos + 8 + n
+    if end > len(mm):
+        raise ValueError(f"a string of {n} bytes at byte {pos} runs past the end of the file")
+    return mm[pos + 8:end].decode("utf-8"), end
+
+
+def _value(mm: mmap.mmap, pos: int, vtype: int):
+    if vtype == GGUFValueType.STRING:
+        return _string(mm, pos)
+    if vtype not in SCALARS:
+        raise ValueError(f"unknown metadata value type {vtype} at byte {pos}")
+    fmt = "<" + SCALARS[vtype]
+    return struct.unpack_from(fmt, mm, pos)[0], pos + struct.calcsize(fmt)
+
+
+def _skip_array(mm: mmap.mmap, pos: int) -> int:
+    itype, count = struct.unpack_from("<IQ", mm, pos)
+    pos += 12
+    if count > len(mm) - pos:  # every element takes a byte or more
+        raise ValueError(f"a metadata array of {count} elements at byte {pos} cannot fit in the file")
+    if itype == GGUFValueType.STRING:
+        unpack = _U64.unpack_from
+        for _ in range(count):
+            pos += 8 + unpack(mm, pos)[0]
+    elif itype == GGUFValueType.ARRAY:
+        for _ in range(count):
+            pos = _skip_array(mm, pos)
+    elif itype in SCALARS:
+        pos += count * struct.calcsize(SCALARS[itype])
+    else:
+        raise ValueError(f"unknown metadata array type {itype} at byte {pos}")
+    if pos > len(mm):
+        raise ValueError("a metadata array runs past the end of the file")
+    return pos
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """A tensor's bytes as numbers, flat: plain types as stored, BF16 and quantised blocks as float32."""
+    if qtype in PLAIN:
+        return raw.view(PLAIN[qtype])
+    if qtype == GGMLQuantizationType.BF16:
+        return bf16_to_f32(raw)
+    decoder = getattr(quants, qtype.name, None)  # gguf names each block decoder class after its type
+    if decoder is None:
+        raise NotImplementedError(qtype.name)
+    decoder.init_grid()  # the IQ types' lookup grids, built on first use
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = raw.reshape(-1, type_size)
+    out = np.empty((len(blocks), block), np.float32)
+    step = max(1, DEQUANT_ELEMENTS // block)
+    for start in range(0, len(blocks), step):
+        out[start:start + step] = decoder.dequantize_blocks(blocks[start:start + step])
+    return out.reshape(-1)
+
+
 class GGUFFile(Source):
     def __init__(self, path: Path, reads: Reads):
         super().__init__(path, reads)
-        try:
-            self.reader = _Reader(path, "r")
-        except Exception as e:  # the reader raises ValueError, IndexError, struct errors on a bad file
-            raise ForensicsError(path, f"not a readable GGUF file: {type(e).__name__}: {e}") from e
+        self.meta, self.directory = read_header(path)
         self.file = reads.open(path)
-        for t in self.reader.tensors:
-            if t.data_offset + t.n_bytes > self.file.size:
+        for t in self.directory:
+            if t.offset + t.nbytes > self.file.size:
                 raise ForensicsError(path, f"truncated: tensor {t.name} needs bytes up to "
-                                           f"{t.data_offset + t.n_bytes}, file has {self.file.size}")
-        arch = self._field("general.architecture") or ""
+                                           f"{t.offset + t.nbytes}, file has {self.file.size}")
+        arch = self.meta.get("general.architecture") or ""
 
         def meta(key):
-            v = self._field(f"{arch}.{key}")
+            v = self.meta.get(f"{arch}.{key}")
             return int(v) if v is not None else None
 
         heads = meta("attention.head_count")
@@ -69,35 +231,23 @@ class GGUFFile(Source):
             num_layers=meta("block_count"), hidden_size=meta("embedding_length"),
             num_heads=heads, num_kv_heads=meta("attention.head_count_kv") or heads,
             head_dim=meta("attention.key_length"),
-            config={"gguf_architecture": arch, "file_type": self._field("general.file_type")},
+            config={"gguf_architecture": arch, "file_type": self.meta.get("general.file_type")},
         )
-
-    def _field(self, key: str):
-        f = self.reader.get_field(key)
-        return None if f is None else f.contents()
 
     def info(self) -> ModelInfo:
         return self._info
 
     def tensors(self) -> Iterator[TensorRef]:
-        for t in sorted(self.reader.tensors, key=lambda t: t.data_offset):
-            qtype = GGMLQuantizationType(t.tensor_type)
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            yield TensorRef(t.name, shape, qtype.name,
-                            lambda t=t, qtype=qtype, shape=shape: self._load(t, qtype, shape), self.path)
+        for t in sorted(self.directory, key=lambda t: t.offset):
+            yield TensorRef(t.name, t.shape, t.qtype.name, lambda t=t: self._load(t), self.path)
 
-    def _load(self, t, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
-        raw = np.frombuffer(self.file.read_at(t.data_offset, t.n_bytes), dtype=np.uint8)
+    def _load(self, t: TensorInfo) -> np.ndarray:
+        raw = np.frombuffer(self.file.read_at(t.offset, t.nbytes), dtype=np.uint8)
         try:
-            if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
-                         GGMLQuantizationType.F64):
-                values = dequantize(raw, qtype) if qtype != GGMLQuantizationType.F64 else raw.view(np.float64)
-            else:
-                values = dequantize(raw.reshape(quant_shape_to_byte_shape(shape, qtype)), qtype)
+            w = dequantize(raw, t.qtype).reshape(t.shape)
         except NotImplementedError as e:
-            raise ForensicsError(self.path, f"tensor {t.name}: quantisation type {qtype.name} is not supported "
+            raise ForensicsError(self.path, f"tensor {t.name}: quantisation type {t.qtype.name} is not supported "
                                             f"by the gguf package") from e
-        w = torch.from_numpy(np.ascontiguousarray(values).reshape(shape))
         info = self._info
         if info.architecture in PERMUTED_QK and info.num_heads:
             if t.name.endswith("attn_q.weight"):

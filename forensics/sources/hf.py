@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import torch
+import numpy as np
 
 from forensics.errors import ForensicsError
 from forensics.sources import safetensors as st
@@ -115,15 +115,27 @@ class HFDirectory(Source):
                     self.reads.open(f)
                 state = self._state_dicts[f]
                 for name, t in sorted(state.items(), key=lambda kv: kv[1].untyped_storage().data_ptr()):
-                    yield TensorRef(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), lambda t=t: t, f)
+                    yield TensorRef(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), lambda t=t: _numpy(t), f)
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _numpy(t) -> np.ndarray:
+    """A tensor of a PyTorch checkpoint as the array every loader returns (torch is loaded by then)."""
+    import torch
+
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.float()  # bfloat16 and fp8, which numpy lacks, widen to float32 exactly
+    return np.ascontiguousarray(t.numpy())
+
+
+def load_state_dict(path: Path) -> dict:
     """PyTorch zip checkpoints through torch's safe loader, memory-mapped.
 
     weights_only=True refuses pickled code. torch maps the file itself, so its bytes are hashed by a separate
     sequential read (the one format here not read in a single pass; prefer safetensors evidence where it exists).
+    torch is imported here only: no other format needs it.
     """
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises many types for a bad archive; all mean the same to the analyst

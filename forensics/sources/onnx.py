@@ -23,7 +23,6 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-import torch
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
@@ -119,7 +118,7 @@ class ONNXFile(Source):
         self._check_graph()
         self.weights = self._weights()
         self._info = self._model_info()
-        self._last: tuple[int, torch.Tensor] | None = None
+        self._last: tuple[int, np.ndarray] | None = None
 
     # --- graph -----------------------------------------------------------------------------------------------------
 
@@ -406,7 +405,7 @@ class ONNXFile(Source):
                                 w.ranges[0].path if w.ranges else self.path)
             data.done(w.ranges)
 
-    def _load(self, i: int, w: Weight, data: ExternalData) -> torch.Tensor:
+    def _load(self, i: int, w: Weight, data: ExternalData) -> np.ndarray:
         if self._last is not None and self._last[0] == i:  # aliases of one initializer share its bytes
             return self._last[1]
         q = self._array(w.init, data)
@@ -419,9 +418,9 @@ class ONNXFile(Source):
                 raise ForensicsError(self.path, f"tensor {w.init.name}: a matrix product's weight with shape "
                                                 f"{list(a.shape)}, expected 2-D")
             a = a.T
-        t = torch.from_numpy(np.require(a, requirements=["C", "W"]))  # onnx hands out read-only views of its bytes
-        self._last = (i, t)
-        return t
+        a = np.ascontiguousarray(a)
+        self._last = (i, a)
+        return a
 
     def _dequantise(self, w: Weight, q: np.ndarray, data: ExternalData) -> np.ndarray:
         scale = self._array(w.scale, data).astype(np.float32)

@@ -12,20 +12,28 @@ import struct
 from pathlib import Path
 from typing import Iterator
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from forensics.errors import ForensicsError
 from forensics.sources.base import HashedFile, TensorRef
+from forensics.sources.dtypes import bf16_to_f32, fp8_to_f32
 
 # The safetensors library refuses headers above 100 MB; so do we, before allocating anything.
 MAX_HEADER = 100_000_000
 
+# Storage dtype of each safetensors dtype (little-endian, as the format specifies); `DECODE` widens the ones numpy
+# cannot compute with to float32, exactly.
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "F8_E4M3": np.dtype("u1"), "F8_E5M2": np.dtype("u1"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+DECODE = {
+    "BF16": bf16_to_f32,
+    "F8_E4M3": lambda raw: fp8_to_f32(raw, "e4m3fn"),
+    "F8_E5M2": lambda raw: fp8_to_f32(raw, "e5m2"),
 }
 
 
@@ -69,7 +77,7 @@ def read_header(f: HashedFile) -> tuple[int, dict]:
         if b1 < e0:
             raise ForensicsError(path, f"corrupt safetensors header: tensors {n0!r} and {n1!r} overlap")
     try:
-        with safe_open(path, framework="pt") as st:
+        with safe_open(path, framework="numpy") as st:
             if set(st.keys()) != set(header):
                 raise ForensicsError(path, "safetensors library lists different tensors than the header")
     except SafetensorError as e:
@@ -77,11 +85,9 @@ def read_header(f: HashedFile) -> tuple[int, dict]:
     return data_start, header
 
 
-def _decode(buf: bytearray, dtype: str, shape: list[int]) -> torch.Tensor:
-    t = DTYPES[dtype]
-    if not buf:
-        return torch.empty(shape, dtype=t)
-    return torch.frombuffer(buf, dtype=t).reshape(shape)
+def _decode(buf: bytearray, dtype: str, shape: list[int]) -> np.ndarray:
+    a = np.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
+    return DECODE[dtype](a) if dtype in DECODE else a
 
 
 def tensors(f: HashedFile, data_start: int, header: dict, only: set[str] | None = None) -> Iterator[TensorRef]:
@@ -91,7 +97,7 @@ def tensors(f: HashedFile, data_start: int, header: dict, only: set[str] | None 
             continue
         begin, end = e["data_offsets"]
 
-        def load(begin=begin, end=end, dtype=e["dtype"], shape=e["shape"]) -> torch.Tensor:
+        def load(begin=begin, end=end, dtype=e["dtype"], shape=e["shape"]) -> np.ndarray:
             return _decode(f.read_at(data_start + begin, end - begin), dtype, shape)
 
         yield TensorRef(name, tuple(e["shape"]), e["dtype"], load, f.path)

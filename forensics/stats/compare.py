@@ -22,7 +22,9 @@ from forensics.stats.bootstrap import block_bootstrap_ci
 from forensics.stats.calibration import empirical_null
 from forensics.stats.multitest import METHODS as MULTITEST_METHODS
 from forensics.stats.multitest import NAMES as MULTITEST_NAMES
+from forensics.stats.lineage import agreement, neuron_conclusions, neuron_rule, tamper_flag
 from forensics.stats.multitest import adjust
+from forensics.stats.neurons import unavailable
 from forensics.stats.normalise import FLAT_CV, Curve, VariationCheck, curve, model_label, signal_names, \
     variation_check, zscore
 from forensics.stats.permutation import TREND_DEGREE, NullCurves, PermutationResult, permutation_tests
@@ -292,12 +294,14 @@ def _check_fingerprint(fp: dict, what: str) -> None:
 
 
 def compare_case(suspect_fp: dict, candidates: dict[str, dict], controls: dict[str, dict] | None = None,
-                 panel: list[dict] | None = None, settings: Settings | None = None) -> dict:
+                 panel: list[dict] | None = None, settings: Settings | None = None,
+                 neurons: dict[str, dict] | None = None) -> dict:
     """Compare the suspect with every candidate; controls and the panel supply the empirical null.
 
     Controls are models the case declares unrelated to the suspect and to every candidate; panel fingerprints are
     reference models unrelated to each other. A panel entry with the same weights as a case model is left out (it
-    would put a related pair into the null), and the reason is recorded.
+    would put a related pair into the null), and the reason is recorded. `neurons` holds each candidate's neuron
+    test (stats/neurons.py), read beside the verdict with the tamper flag (stats/lineage.py).
     """
     s = settings or Settings()
     if not candidates:
@@ -384,10 +388,19 @@ def compare_case(suspect_fp: dict, candidates: dict[str, dict], controls: dict[s
     for c, verdict in decide(evidence, s.alpha, s.multitest).items():
         results[c]["verdict"] = {**verdict, "rule": rule, "measured_false_positive_rate": fpr}
 
+    if neurons is not None:
+        conclusions = neuron_conclusions({c: neurons.get(c, unavailable("not run")) for c in results}, s.alpha,
+                                         s.multitest)
+        for c, res in results.items():
+            res["neurons"] = {**neurons.get(c, unavailable("not run")), **conclusions[c]}
+            res["tamper"] = tamper_flag(res["signals"], res["neurons"], s.alpha)
+            res["agreement"] = agreement(res["verdict"]["verdict"], res["neurons"])
+
     return jsonable({
         "schema": SCHEMA,
         "settings": s.as_dict(),
         "verdict_rule": rule,
+        "neuron_rule": neuron_rule(s.alpha, s.multitest) if neurons is not None else None,
         "measured_false_positive_rate": fpr,
         "multitest": {"method": MULTITEST_NAMES[s.multitest], "family": "every compared candidate x signal "
                       "permutation p (aggregates included)", "m": len(family)},

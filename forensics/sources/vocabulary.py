@@ -1,0 +1,148 @@
+"""A model's token strings, in a spelling that different tokenizer families share.
+
+Neuron matching aligns two residual streams through the embedding rows of the tokens both vocabularies hold, so it
+needs each vocabulary as text. Tokenizers spell the same text differently: GPT-2 style byte-level BPE writes a leading
+space as "Ġ" (through its byte-to-unicode table), SentencePiece as "▁", WordPiece marks the *continuation* of a word
+with "##" instead. `vocabulary` undoes each spelling, so "Ġthe", "▁the" and WordPiece's "the" all read " the".
+
+These are small side files (or a file's header) read directly: their SHA-256 is already in the fingerprint, and
+nothing here feeds a statistic other than the choice of which embedding rows to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+from forensics.errors import ForensicsError
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: printable bytes stand for themselves, the rest are shifted past 255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + shift)] = b
+            shift += 1
+    return chars
+
+
+def canonical(token: str, spelling: str) -> str | None:
+    """The text a token stands for; None for tokens with no text of their own (byte fallbacks, undecodable bytes)."""
+    if spelling == "byte_level":
+        table = _byte_level_decoder()
+        try:
+            return bytes(table[c] for c in token).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            return None
+    if spelling == "sentencepiece":
+        if token.startswith("<0x") and token.endswith(">"):
+            return None
+        return token.replace("▁", " ")
+    if spelling == "wordpiece":
+        if token.startswith("##"):
+            return token[2:]
+        if token.startswith("[") and token.endswith("]"):
+            return token
+        return " " + token
+    return token
+
+
+def shared_tokens(a: list[str] | None, b: list[str] | None, spelling_a: str, spelling_b: str) -> list[tuple[int, int]]:
+    """(id in a, id in b) for every text both vocabularies spell exactly one way, sorted by the text."""
+    if not a or not b:
+        return []
+
+    def index(vocab: list[str], spelling: str) -> dict[str, int]:
+        seen: dict[str, int] = {}
+        twice = set()
+        for i, tok in enumerate(vocab):
+            text = canonical(tok, spelling)
+            if text is None or text == "":
+                continue
+            if text in seen:
+                twice.add(text)
+            seen[text] = i
+        return {t: i for t, i in seen.items() if t not in twice}
+
+    ia, ib = index(a, spelling_a), index(b, spelling_b)
+    return [(ia[t], ib[t]) for t in sorted(ia.keys() & ib.keys())]
+
+
+def vocabulary(path: Path) -> tuple[list[str] | None, str]:
+    """(token strings by id, spelling) of the model at `path`; (None, "") when the model ships no vocabulary."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return _tokenizer_json(path / "tokenizer.json")
+        if (path / "vocab.txt").is_file():
+            return (path / "vocab.txt").read_text(encoding="utf-8").splitlines(), "wordpiece"
+        return None, ""
+    if path.suffix.lower() == ".gguf":
+        return _gguf(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"E5S1":
+        return _e5s1(path)
+    return None, ""
+
+
+def _tokenizer_json(path: Path) -> tuple[list[str], str]:
+    try:
+        tok = json.loads(path.read_text(encoding="utf-8"))
+        model = tok["model"]
+        vocab = model["vocab"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ForensicsError(path, f"not a readable tokenizer.json: {e}") from e
+    if isinstance(vocab, dict):
+        tokens = [""] * (max(vocab.values(), default=-1) + 1)
+        for text, i in vocab.items():
+            tokens[i] = text
+    else:  # Unigram: [[piece, score], ...]
+        tokens = [entry[0] for entry in vocab]
+    for added in tok.get("added_tokens") or []:
+        i = added.get("id")
+        if isinstance(i, int) and 0 <= i < len(tokens):
+            tokens[i] = added.get("content", tokens[i])
+    if model.get("type") == "WordPiece":
+        return tokens, "wordpiece"
+    described = json.dumps([tok.get("pre_tokenizer"), tok.get("decoder")])
+    if "ByteLevel" in described:
+        return tokens, "byte_level"
+    return tokens, "sentencepiece"
+
+
+def _gguf(path: Path) -> tuple[list[str] | None, str]:
+    from forensics.sources.gguf import open_reader
+
+    reader = open_reader(path)
+    field = reader.get_field("tokenizer.ggml.tokens")
+    if field is None:
+        return None, ""
+    tokens = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+    model = reader.get_field("tokenizer.ggml.model")
+    kind = model.contents() if model is not None else ""
+    # llama.cpp writes WordPiece vocabularies with SentencePiece's "▁" for word starts, and GPT-2's as they are.
+    return tokens, "byte_level" if kind == "gpt2" else "sentencepiece"
+
+
+def _e5s1(path: Path) -> tuple[list[str], str]:
+    """The tokenizer block after E5S1's fixed header (layout in forensics/sources/e5s1.py)."""
+    from forensics.sources.e5s1 import HEADER, TOKENIZER
+
+    with open(path, "rb") as f:
+        f.seek(HEADER.size)
+        pieces, *_, blob = TOKENIZER.unpack(f.read(TOKENIZER.size))
+        offsets = struct.unpack(f"<{pieces + 1}I", f.read((pieces + 1) * 4))
+        f.seek(pieces * 4, 1)  # scores
+        data = f.read(blob)
+    if len(data) != blob or offsets[-1] > blob:
+        raise ForensicsError(path, "corrupt or truncated E5S1 tokenizer block")
+    return [data[offsets[i]:offsets[i + 1]].decode("utf-8", errors="replace") for i in range(pieces)], "sentencepiece"

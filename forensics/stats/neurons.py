@@ -1,0 +1,237 @@
+"""Neuron matching with an exact permutation test: does the suspect hold the candidate's FFN neurons?
+
+Procedure (docs/statistics.md, "Neuron matching"), for a suspect and a candidate of the same hidden width:
+
+1. Align the residual streams through the tokens both vocabularies share (`signals.neurons.align_residual`).
+2. Sketch both models' FFN neurons at `dims` residual dimensions (the candidate's through the alignment).
+3. For every suspect unit (dense FFN, expert or shared expert of a layer) draw `neurons` of its neurons, match them
+   one to one to the neurons of every candidate unit with `scipy.optimize.linear_sum_assignment` on their similarity
+   (the mean over gate, up and down of the cosine), and keep the best candidate unit: the unit statistic is that
+   matching's mean similarity, and the unit it came from says which candidate layer the suspect layer holds (this
+   localises pruned, duplicated and upcycled layers: each expert is matched against every dense FFN).
+4. A layer's statistic is the mean of its units'; the model's is the sum over layers.
+5. Null "trained from independent initialisations": such a model's residual dimensions are exchangeable (its
+   initialisation is, and training treats them alike), so under the null the alignment found in step 1 is no better
+   than a random signed permutation of the candidate's dimensions. Each of T draws applies one such permutation (the
+   same to every layer) and recomputes everything from step 3 on; p = (1 + #{null >= observed}) / (T + 1), per unit,
+   per layer and for the sum (exact, whatever the dependence between layers). Fisher's method
+   (`scipy.stats.combine_pvalues`) also combines the layers' p, as Zhu et al. do; it assumes independent layers and
+   is reported beside the exact joint p, which is the one the dossier's conclusions use.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from scipy import stats
+from scipy.optimize import linear_sum_assignment
+from threadpoolctl import threadpool_limits
+
+from forensics.errors import ForensicsError
+from forensics.signals.neurons import Sketch, UnitKey, align_residual, read_embedding_rows, read_sketch
+from forensics.sources.vocabulary import shared_tokens, vocabulary
+
+SCHEMA = "llm-forensics.neurons/1"
+
+
+@dataclass(frozen=True)
+class NeuronSettings:
+    permutations: int = 199  # T: p >= 1/(T+1)
+    neurons: int = 16  # suspect neurons drawn per unit
+    dims: int = 64  # residual dimensions the sketches keep
+    tokens: int = 8192  # shared tokens used for the alignment, at most
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.permutations < 1 or self.neurons < 2 or self.dims < 8 or self.tokens < 16:
+            raise ForensicsError(None, f"invalid neuron-matching settings {asdict(self)}: need permutations >= 1, "
+                                       f"neurons >= 2, dims >= 8, tokens >= 16")
+
+
+def _rng(seed: int, *labels: str) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32("\0".join(labels).encode())]))
+
+
+def unavailable(reason: str) -> dict:
+    return {"schema": SCHEMA, "status": "unavailable", "reason": reason}
+
+
+def neuron_test(suspect: Path, candidate: Path, settings: NeuronSettings | None = None,
+                suspect_width: int | None = None, candidate_width: int | None = None,
+                progress: Callable[[int], None] | None = None) -> dict:
+    """The whole test for one pair, reading each model twice (embedding rows, then FFN sketches), one tensor at a
+    time. Returns a JSON-ready dict; status "unavailable" with the reason when the test cannot apply."""
+    s = settings or NeuronSettings()
+    if suspect_width and candidate_width and suspect_width != candidate_width:
+        return unavailable(f"hidden widths differ ({suspect_width} vs {candidate_width}): neurons live in residual "
+                           f"streams of different sizes and cannot be matched one to one")
+    (va, sa), (vb, sb) = vocabulary(Path(suspect)), vocabulary(Path(candidate))
+    pairs = shared_tokens(va, vb, sa, sb)
+    how = "tokens spelled the same in both vocabularies"
+    if not pairs:
+        return unavailable("no shared vocabulary: at least one model ships no tokenizer, or the two share no "
+                           "token, so the residual streams cannot be aligned")
+    rng = _rng(s.seed, "tokens")
+    pairs = np.asarray(pairs)
+    n_shared = len(pairs)
+    if len(pairs) > s.tokens:
+        pairs = pairs[np.sort(rng.choice(len(pairs), s.tokens, replace=False))]
+    es = read_embedding_rows(Path(suspect), pairs[:, 0])
+    ec = read_embedding_rows(Path(candidate), pairs[:, 1])
+    if es.shape[1] != ec.shape[1]:
+        return unavailable(f"hidden widths differ ({es.shape[1]} vs {ec.shape[1]})")
+    d = es.shape[1]
+    alignment = align_residual(es, ec)
+    del es, ec
+    k = min(s.dims, d)
+    dims = np.sort(_rng(s.seed, "dims").choice(d, k, replace=False))
+    sus = read_sketch(Path(suspect), dims)
+    cand = read_sketch(Path(candidate), alignment.perm[dims], alignment.signs[dims])
+    result = match_test(sus, cand, s, progress)
+    result["alignment"] = {"how": how, "shared_tokens": n_shared, "tokens_used": int(len(pairs)),
+                           **alignment.as_dict()}
+    return result
+
+
+def _matrix(sketch: Sketch, unit: UnitKey, parts: list[str]) -> np.ndarray:
+    """A unit's neurons as rows of length len(parts) * dims; the dot product of two rows is their mean cosine."""
+    return np.concatenate([sketch.units[unit][p] for p in parts], axis=1) / math.sqrt(len(parts))
+
+
+def _lsa_mean(sim: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean similarity of the best one-to-one matching of rows to columns.
+
+    With m rows an optimal matching uses, for every row, one of its m best columns (a row sent elsewhere could move
+    to one of those left free without loss), so only their union goes to the solver.
+    """
+    m, n = sim.shape
+    cols = np.arange(n)
+    if n > m:
+        cols = np.unique(np.argpartition(-sim, m - 1, axis=1)[:, :m])
+    r, c = linear_sum_assignment(sim[:, cols], maximize=True)
+    return float(sim[r, cols[c]].mean()), r, cols[c]
+
+
+class _Matcher:
+    """Unit statistics for one signed permutation of the residual dimensions (identity = observed)."""
+
+    def __init__(self, sus: Sketch, cand: Sketch, s: NeuronSettings):
+        self.parts = [p for p in ("gate", "up", "down") if p in sus.parts() & cand.parts()]
+        if not self.parts:
+            raise ForensicsError(sus.path, "the two models share no FFN part (gate, up, down) to match neurons on")
+        self.sus_units = sorted(sus.units)
+        self.cand_units = sorted(cand.units)
+        self.picks = {}
+        rows = []
+        for u in self.sus_units:
+            full = _matrix(sus, u, self.parts)
+            n = full.shape[0]
+            pick = np.sort(_rng(s.seed, "neurons", u.label()).choice(n, min(s.neurons, n), replace=False))
+            self.picks[u] = pick
+            rows.append(full[pick])
+        self.m = [len(r) for r in rows]
+        self.sus = np.concatenate(rows)  # (sum of m, parts * dims)
+        self.offsets = np.cumsum([0] + self.m)
+        self.cand = [_matrix(cand, u, self.parts) for u in self.cand_units]
+        self.k = sus.units[self.sus_units[0]][self.parts[0]].shape[1]
+
+    def small(self) -> bool:
+        """Whether each product is too small for several BLAS threads to pay: they then mostly wait on each other
+        (measured: 20x slower than one thread on a busy 2-core machine)."""
+        largest = max(c.shape[0] for c in self.cand)
+        return 2 * self.sus.shape[0] * self.sus.shape[1] * largest < 5e8
+
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Column order and signs of one random signed permutation, the same in every part."""
+        perm, signs = rng.permutation(self.k), rng.choice([-1.0, 1.0], self.k)
+        index = np.concatenate([p * self.k + perm for p in range(len(self.parts))])
+        return index, np.tile(signs, len(self.parts)).astype(np.float32)
+
+    def unit_stats(self, index: np.ndarray | None = None, signs: np.ndarray | None = None, detail: bool = False):
+        # Permuting the suspect's columns by the inverse is the same as permuting the candidate's (cosines are
+        # invariant to one orthogonal map applied to both), and the suspect side is the small one.
+        sus = self.sus if index is None else self.sus[:, np.argsort(index)] * signs[np.argsort(index)]
+        bound = np.empty((len(self.sus_units), len(self.cand)))
+        for j, c in enumerate(self.cand):
+            best = (sus @ c.T).max(axis=1)
+            bound[:, j] = [best[a:b].mean() for a, b in zip(self.offsets, self.offsets[1:])]
+        stats_, where, details = np.empty(len(self.sus_units)), np.empty(len(self.sus_units), int), []
+        for i in range(len(self.sus_units)):
+            block = sus[self.offsets[i]:self.offsets[i + 1]]
+            best, best_j, best_match = -np.inf, -1, None
+            # The row-wise maximum bounds any one-to-one matching: stop once no unit left can beat the best.
+            for j in np.argsort(-bound[i], kind="stable"):
+                if bound[i, j] <= best:
+                    break
+                value, r, c = _lsa_mean(block @ self.cand[j].T)
+                if value > best:
+                    best, best_j, best_match = value, j, (r, c)
+            stats_[i], where[i] = best, best_j
+            if detail:
+                r, c = best_match
+                details.append(float(np.mean(self.picks[self.sus_units[i]][r] == c)))
+        return stats_, where, details
+
+
+def _null(mt: _Matcher, s: NeuronSettings, observed: np.ndarray, obs_layers: np.ndarray, per_layer,
+          progress: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray, int, list[float]]:
+    """How many of the T null draws reach the observed unit, layer and total statistics."""
+    rng = _rng(s.seed, "null")
+    ge_units = np.zeros(len(observed), int)
+    ge_layers = np.zeros(len(obs_layers), int)
+    ge_total = 0
+    null_totals = []
+    for t in range(s.permutations):
+        null, _, _ = mt.unit_stats(*mt.draw(rng))
+        null_layers = per_layer(null)
+        ge_units += null >= observed
+        ge_layers += null_layers >= obs_layers
+        ge_total += int(null_layers.sum() >= obs_layers.sum())
+        null_totals.append(float(null_layers.sum()))
+        if progress:
+            progress(t + 1)
+    return ge_units, ge_layers, ge_total, null_totals
+
+
+def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[[int], None] | None = None) -> dict:
+    """Steps 3–5 of the module's procedure on two sketches already in one residual basis."""
+    mt = _Matcher(sus, cand, s)
+    observed, where, same_index = mt.unit_stats(detail=True)
+    layers = sorted({u.layer for u in mt.sus_units})
+    of_layer = [np.array([u.layer == layer for u in mt.sus_units]) for layer in layers]
+
+    def per_layer(unit_values: np.ndarray) -> np.ndarray:
+        return np.array([unit_values[mask].mean() for mask in of_layer])
+
+    obs_layers = per_layer(observed)
+    with threadpool_limits(limits=1 if mt.small() else None, user_api="blas"):
+        ge_units, ge_layers, ge_total, null_totals = _null(mt, s, observed, obs_layers, per_layer, progress)
+    T = s.permutations
+    p_units = (1 + ge_units) / (T + 1)
+    p_layers = (1 + ge_layers) / (T + 1)
+    fisher = stats.combine_pvalues(p_layers, method="fisher")
+    unit_rows = []
+    for i, u in enumerate(mt.sus_units):
+        m = mt.cand_units[where[i]]
+        unit_rows.append({"unit": u.as_dict(), "label": u.label(), "statistic": float(observed[i]),
+                          "pvalue": float(p_units[i]), "matches": {**m.as_dict(), "label": m.label()},
+                          "same_index_fraction": same_index[i]})
+    null_totals = np.asarray(null_totals)
+    return {
+        "schema": SCHEMA, "status": "compared",
+        "settings": asdict(s), "parts": mt.parts,
+        "statistic": float(obs_layers.sum()),
+        "statistic_definition": "sum over suspect layers of the mean, over the layer's FFN units, of the best "
+                                "one-to-one neuron matching's mean cosine (gate, up, down)",
+        "pvalue": float((1 + ge_total) / (T + 1)), "n_permutations": T, "floor": 1 / (T + 1),
+        "null": {"mean": float(null_totals.mean()), "max": float(null_totals.max())},
+        "fisher": {"statistic": float(fisher.statistic), "pvalue": float(fisher.pvalue), "df": 2 * len(layers)},
+        "layers": [{"layer": layer, "statistic": float(obs_layers[k]), "pvalue": float(p_layers[k]),
+                    "units": [row for row, mask in zip(unit_rows, of_layer[k]) if mask]}
+                   for k, layer in enumerate(layers)],
+    }

@@ -1,0 +1,186 @@
+"""Neuron matching on tiny real checkpoints: derived children at the p floor whatever output-preserving edit they
+received, independently initialised pairs no more often significant than alpha, and the tamper flag."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from forensics.corpus import load_corpus
+from forensics.fingerprint import fingerprint_model
+from forensics.lab import transforms as T
+from forensics.signals.neurons import align_residual, read_sketch
+from forensics.sources.vocabulary import canonical, shared_tokens, vocabulary
+from forensics.stats.compare import Settings, compare_case
+from forensics.stats.lineage import EVIDENCE, agreement
+from forensics.stats.neurons import NeuronSettings, neuron_test
+from tests.test_case_run import family
+from tests.test_corpus import byte_bpe
+
+FAST = NeuronSettings(permutations=19, seed=3)
+FLOOR = 1 / 20
+
+
+def train(model, steps: int, seed: int, lr: float = 1e-3):
+    """A few AdamW steps on random token windows: a plain fine-tune, nothing output-preserving about it."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        x = torch.randint(0, model.config.vocab_size, (4, 17), generator=g)
+        model(input_ids=x[:, :-1], labels=x[:, 1:]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_bpe(load_corpus(show_progress=False).texts[:30])
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("lineage")
+    parent = family(root / "parent", tok, seed=1)
+    children = {
+        "permuted": T.permute_neurons(parent, seed=5)[0],
+        "updown": T.rescale_updown(parent, seed=5, layer_spread=3.0)[0],  # enough to redraw the std curves
+        "norm": T.rescale_norm(parent, seed=5)[0],
+        "qk": T.rescale_qk(parent, seed=5)[0],
+        "finetuned": train(T._clone(parent), steps=20, seed=5),
+        "pruned": T.prune_layers(parent, drop=[3, 10, 17])[0],
+        "upcycled": T.upcycle(parent, seed=5, experts=2, top_k=1)[0],
+    }
+    for name, child in children.items():
+        child.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    for i, seed in enumerate((21, 22, 23, 24, 25, 26)):
+        train(family(root / f"independent{i}", tok, seed=seed), steps=10, seed=seed).save_pretrained(
+            root / f"independent{i}")
+    return root
+
+
+def test_vocabulary_spellings_meet():
+    assert canonical("Ġthe", "byte_level") == canonical("▁the", "sentencepiece") == canonical("the", "wordpiece")
+    assert canonical("##ing", "wordpiece") == canonical("ing", "sentencepiece") == "ing"
+    assert canonical("<0x41>", "sentencepiece") is None
+    assert shared_tokens(["Ġa", "b", "Ġa"], ["▁a", "b"], "byte_level", "sentencepiece") == [(1, 1)]
+
+
+def test_alignment_recovers_a_signed_permutation():
+    rng = np.random.default_rng(0)
+    es = rng.standard_normal((500, 40))
+    perm, signs = rng.permutation(40), rng.choice([-1.0, 1.0], 40)
+    ec = np.empty_like(es)
+    ec[:, perm] = es * signs * rng.uniform(0.5, 2.0, 40)  # per-dimension scale: what a norm gain can absorb
+    a = align_residual(es, ec)
+    assert (a.perm == perm).all() and (a.signs == signs).all()
+    assert a.correlation.min() > 0.999
+
+
+@pytest.mark.parametrize("child", ["permuted", "updown", "norm", "qk", "finetuned"])
+def test_derived_children_reach_the_floor(lineage, child):
+    r = neuron_test(lineage / child, lineage / "parent", FAST)
+    assert r["status"] == "compared"
+    assert r["pvalue"] == pytest.approx(FLOOR)
+    assert all(layer["pvalue"] == pytest.approx(FLOOR) for layer in r["layers"])
+    # Every suspect layer finds the parent's layer of the same index, with near-identical neurons.
+    for layer in r["layers"]:
+        (unit,) = layer["units"]
+        assert unit["matches"]["layer"] == layer["layer"]
+        assert unit["statistic"] > (0.99 if child != "finetuned" else 0.9)
+        if child == "permuted":  # a random permutation leaves about one neuron in n where it was
+            assert unit["same_index_fraction"] < 0.25
+        else:
+            assert unit["same_index_fraction"] == 1.0
+    assert r["null"]["max"] < 0.5 * r["statistic"]
+
+
+def test_pruned_layers_are_localised(lineage):
+    r = neuron_test(lineage / "pruned", lineage / "parent", FAST)
+    kept = [i for i in range(24) if i not in (3, 10, 17)]
+    assert [layer["units"][0]["matches"]["layer"] for layer in r["layers"]] == kept
+    assert r["pvalue"] == pytest.approx(FLOOR)
+
+
+def test_upcycled_experts_match_the_dense_layer(lineage):
+    r = neuron_test(lineage / "upcycled", lineage / "parent", FAST)
+    assert r["pvalue"] == pytest.approx(FLOOR)
+    for layer in r["layers"]:
+        assert [u["unit"]["kind"] for u in layer["units"]] == ["expert", "expert"]
+        assert {u["matches"]["layer"] for u in layer["units"]} == {layer["layer"]}
+
+
+def test_sketch_is_invariant_to_output_preserving_edits(lineage):
+    dims = np.arange(0, 32, 2)
+    parent = read_sketch(lineage / "parent", dims)
+    for child in ("updown", "norm"):
+        other = read_sketch(lineage / child, dims)
+        for unit, parts in parent.units.items():
+            for part, rows in parts.items():
+                np.testing.assert_allclose(other.units[unit][part], rows, atol=1e-5)
+
+
+def test_independent_pairs_are_significant_no_more_often_than_alpha(lineage):
+    """A small calibration: 15 independently initialised (and briefly trained) pairs, 24 layers each."""
+    paths = [lineage / f"independent{i}" for i in range(6)]
+    joint, layers, fisher = [], [], []
+    for i, a in enumerate(paths):
+        for b in paths[i + 1:]:
+            r = neuron_test(a, b, FAST)
+            joint.append(r["pvalue"])
+            fisher.append(r["fisher"]["pvalue"])
+            layers += [layer["pvalue"] for layer in r["layers"]]
+    joint, layers = np.array(joint), np.array(layers)
+    # Under the null P(p <= 0.05) = 0.05 exactly (T = 19): 15 pairs expect 0.75 hits, 360 layers expect 18.
+    assert (joint <= 0.05).sum() <= 3
+    assert (layers <= 0.05).mean() <= 0.09
+    assert 0.35 < layers.mean() < 0.65  # roughly uniform, not piled at either end
+    assert (np.array(fisher) <= 0.05).sum() <= 3
+
+
+def test_no_shared_vocabulary_or_width_is_reported_not_guessed(lineage, tmp_path):
+    assert neuron_test(lineage / "parent", lineage / "parent", FAST, 32, 64)["status"] == "unavailable"
+    bare = tmp_path / "bare"
+    (bare).mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((lineage / "parent" / f).read_bytes())
+    r = neuron_test(bare, lineage / "parent", FAST)
+    assert r["status"] == "unavailable" and "vocabulary" in r["reason"]
+    assert vocabulary(bare) == (None, "")
+
+
+def _case(lineage, suspect: str):
+    fps = {name: fingerprint_model(lineage / name) for name in (suspect, "parent", "independent0",
+                                                                 "independent1", "independent2")}
+    test = neuron_test(lineage / suspect, lineage / "parent", NeuronSettings(permutations=39, seed=3))
+    return compare_case(fps[suspect], {"parent": fps["parent"]},
+                        {f"c{i}": fps[f"independent{i}"] for i in range(3)}, None,
+                        Settings(n_permutations=999, n_bootstrap=100, alpha=0.05, seed=1), {"parent": test})
+
+
+def test_tamper_flag_fires_on_a_rescaled_child(lineage):
+    res = _case(lineage, "updown")["candidates"]["parent"]
+    assert res["neurons"]["conclusion"] == EVIDENCE
+    assert res["tamper"]["raised"]
+    assert {"up", "down"} <= set(res["tamper"]["roles"])
+    assert not {"q", "k", "v", "o"} & set(res["tamper"]["roles"])
+    assert "output-preserving" in res["tamper"]["statement"]
+
+
+def test_tamper_flag_stays_down_on_a_plain_fine_tune(lineage):
+    res = _case(lineage, "finetuned")["candidates"]["parent"]
+    assert res["neurons"]["conclusion"] == EVIDENCE
+    assert not res["tamper"]["raised"] and res["tamper"]["roles"] == []
+    # with three controls the std rule cannot reach DERIVED (too small a null): the results say the two differ
+    assert res["verdict"]["verdict"] == "INCONCLUSIVE" and "no conclusion" in res["agreement"]
+
+
+def test_agreement_sentences():
+    evidence, none = {"conclusion": EVIDENCE}, {"conclusion": "NO EVIDENCE"}
+    assert "cannot be evaded" in agreement("NO EVIDENCE", evidence)
+    assert "treat DERIVED with caution" in agreement("DERIVED", none)
+    assert agreement("DERIVED", evidence) is None and agreement("NO EVIDENCE", none) is None
+    assert agreement("DERIVED", {"conclusion": "UNAVAILABLE"}) is None
