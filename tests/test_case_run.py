@@ -100,6 +100,7 @@ def test_case_writes_signed_dossier_that_verifies(ran):
         headings = [line for line in text.splitlines() if line.strip().endswith(". Null distribution")]
         assert len(headings) == 1, headings  # each chapter once, its figure with it
         assert "of unrelated pairs, and the observed values" in text
+        assert "Evidence that survives permutation and rescaling" in text and "parent: EVIDENCE OF DERIVATION" in text
     if shutil.which("pdftoppm"):
         subprocess.run(["pdftoppm", "-r", "20", "-png", str(out / "dossier.pdf"), str(tmp / "page")], check=True)
         assert len(list(tmp.glob("page-*.png"))) >= 5
@@ -114,6 +115,10 @@ def test_results_tell_parent_from_stranger(ran):
     assert stranger["signals"]["qkvo"]["statistic"] < parent["signals"]["qkvo"]["statistic"]
     assert parent["signals"]["act_norm"]["status"] == "compared"
     assert stranger["verdict"]["verdict"] != "DERIVED"
+    # neuron matching (case defaults, T = 199): the noised child holds the parent's neurons, not the stranger's
+    assert parent["neurons"]["conclusion"] == "EVIDENCE OF DERIVATION" and parent["neurons"]["pvalue"] == 1 / 200
+    assert stranger["neurons"]["conclusion"] == "NO EVIDENCE"
+    assert not parent["tamper"]["raised"] and not stranger["tamper"]["raised"]
 
 
 def test_same_inputs_give_byte_identical_results(ran, models, tmp_path, monkeypatch):

@@ -72,10 +72,6 @@ class Sketch:
         return set.intersection(*found) if found else set()
 
 
-def _array(x) -> np.ndarray:
-    return x if isinstance(x, np.ndarray) else x.float().numpy()
-
-
 class _Model:
     """One model's source and role table, for one pass over its tensors in file order."""
 
@@ -105,7 +101,7 @@ def read_embedding_rows(path: Path, ids: np.ndarray) -> np.ndarray:
     try:
         for ref in m.source.tensors():
             if m.embedding.fullmatch(ref.name):
-                w = _array(ref.load())
+                w = ref.load()
                 if w.ndim != 2 or w.shape[1] != m.info.hidden_size or (len(ids) and ids.max() >= w.shape[0]):
                     raise ForensicsError(ref.file or path, f"token embedding {ref.name} has shape {w.shape}, "
                                                            f"not (vocabulary, {m.info.hidden_size})")
@@ -128,7 +124,7 @@ def read_sketch(path: Path, dims: np.ndarray, signs: np.ndarray | None = None) -
             match = m.matches.get(ref.name)
             if match is None or match.target not in NEEDED:
                 continue
-            for part in m.table.parts(ref.name, match, _array(ref.load()), m.info):
+            for part in m.table.parts(ref.name, match, ref.load(), m.info):
                 if part.role in GAIN_ROLES:
                     g = np.asarray(part.tensor).reshape(-1)
                     if g.shape[0] == d:
