@@ -13,7 +13,7 @@ from forensics.lab import transforms as T
 from forensics.signals.neurons import align_residual, read_sketch
 from forensics.sources.vocabulary import canonical, shared_tokens, vocabulary
 from forensics.stats.compare import Settings, compare_case
-from forensics.stats.lineage import EVIDENCE, agreement
+from forensics.stats.lineage import EVIDENCE, agreement, tamper_flag
 from forensics.stats.neurons import NeuronSettings, neuron_test
 from tests.test_case_run import family
 from tests.test_corpus import byte_bpe
@@ -184,3 +184,14 @@ def test_agreement_sentences():
     assert "treat DERIVED with caution" in agreement("DERIVED", none)
     assert agreement("DERIVED", evidence) is None and agreement("NO EVIDENCE", none) is None
     assert agreement("DERIVED", {"conclusion": "UNAVAILABLE"}) is None
+
+
+def test_tamper_flag_ignores_curves_too_short_to_test():
+    """An exact copy of a 6-layer model: every std p is 1 because no permutation test is possible, not because the
+    curves differ; that is no sign of tampering."""
+    short = {"status": "compared", "pvalue_adjusted": 1.0, "permutation": {"floor": 1.0, "pvalue": 1.0}}
+    testable = {"status": "compared", "pvalue_adjusted": 0.3, "permutation": {"floor": 1e-4, "pvalue": 0.3}}
+    neuron = {"conclusion": EVIDENCE, "pvalue": 0.005}
+    assert not tamper_flag({"q": short, "k": short}, neuron, 0.01)["raised"]
+    flag = tamper_flag({"q": short, "k": testable}, neuron, 0.01)
+    assert flag["raised"] and flag["roles"] == ["k"] and flag["checked_roles"] == ["k"]

@@ -148,7 +148,7 @@ def read_sketch(path: Path, dims: np.ndarray, signs: np.ndarray | None = None) -
 
 
 def _restrict(w: np.ndarray, which: str, dims: np.ndarray, d: int, m: _Model, name: str) -> np.ndarray:
-    """(neurons, len(dims)) float32: gate/up rows or down columns at the chosen residual dimensions."""
+    """(neurons, len(dims)) float32 (cosines need no more): gate/up rows or down columns at the chosen dimensions."""
     if w.ndim != 2:
         raise ForensicsError(m.path, f"{name}: FFN matrix of shape {w.shape}")
     if m.key in roles.IN_OUT_LAYOUT:
@@ -158,7 +158,7 @@ def _restrict(w: np.ndarray, which: str, dims: np.ndarray, d: int, m: _Model, na
     if (w.shape[1] if which != "down" else w.shape[0]) != d:
         raise ForensicsError(m.path, f"{name}: FFN matrix of shape {w.shape} does not have the hidden size {d} "
                                      f"where a {which} projection should")
-    return np.ascontiguousarray(rows, dtype=np.float64)
+    return np.ascontiguousarray(rows, dtype=np.float32)
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

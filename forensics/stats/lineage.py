@@ -72,7 +72,9 @@ def tamper_flag(signals: dict, neuron: dict, alpha: float) -> dict:
     quiet, checked = [], []
     for role in STD_ROLES:
         label = _role_label(signals, role)
-        if label is None:
+        # A curve too short for its permutation test to reach alpha (6 layers: none; 12: p >= 0.042) shows nothing
+        # either way: only a test that could have found the parent counts as finding none.
+        if label is None or signals[label]["permutation"]["floor"] >= alpha:
             continue
         checked.append(role)
         if signals[label]["pvalue_adjusted"] >= alpha:
