@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -20,14 +19,15 @@ from forensics.stats.align import METHODS as ALIGN_METHODS
 from forensics.stats.align import Aligner
 from forensics.stats.bootstrap import block_bootstrap_ci
 from forensics.stats.calibration import empirical_null
+from forensics.stats.lineage import agreement, neuron_conclusions, neuron_rule, tamper_flag
 from forensics.stats.multitest import METHODS as MULTITEST_METHODS
 from forensics.stats.multitest import NAMES as MULTITEST_NAMES
-from forensics.stats.lineage import agreement, neuron_conclusions, neuron_rule, tamper_flag
 from forensics.stats.multitest import adjust
 from forensics.stats.neurons import unavailable
 from forensics.stats.normalise import FLAT_CV, Curve, VariationCheck, curve, model_label, signal_names, \
     variation_check, zscore
 from forensics.stats.permutation import TREND_DEGREE, NullCurves, PermutationResult, permutation_tests
+from forensics.stats.seeds import rng_for
 from forensics.stats.similarity import AGGREGATES, pearson, spearman
 from forensics.stats.verdict import PRIMARY_ORDER, PrimaryEvidence, decide, measured_fpr, rule_text
 
@@ -150,10 +150,6 @@ def pair_similarities(cache: Cache, ma: Model, mb: Model) -> dict[str, float]:
         if ps.status == "compared":
             out[label] = ps.r
     return out
-
-
-def rng_for(seed: int, *labels: str) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32("\0".join(labels).encode())]))
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".data")

@@ -22,7 +22,6 @@ Procedure (docs/statistics.md, "Neuron matching"), for a suspect and a candidate
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,6 +34,7 @@ from threadpoolctl import threadpool_limits
 from forensics.errors import ForensicsError
 from forensics.signals.neurons import Sketch, UnitKey, align_residual, read_embedding_rows, read_sketch
 from forensics.sources.vocabulary import shared_tokens, vocabulary
+from forensics.stats.seeds import rng_for
 
 SCHEMA = "llm-forensics.neurons/1"
 
@@ -51,10 +51,6 @@ class NeuronSettings:
         if self.permutations < 1 or self.neurons < 2 or self.dims < 8 or self.tokens < 16:
             raise ForensicsError(None, f"invalid neuron-matching settings {asdict(self)}: need permutations >= 1, "
                                        f"neurons >= 2, dims >= 8, tokens >= 16")
-
-
-def _rng(seed: int, *labels: str) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32("\0".join(labels).encode())]))
 
 
 def unavailable(reason: str) -> dict:
@@ -76,7 +72,7 @@ def neuron_test(suspect: Path, candidate: Path, settings: NeuronSettings | None 
     if not pairs:
         return unavailable("no shared vocabulary: at least one model ships no tokenizer, or the two share no "
                            "token, so the residual streams cannot be aligned")
-    rng = _rng(s.seed, "tokens")
+    rng = rng_for(s.seed, "tokens")
     pairs = np.asarray(pairs)
     n_shared = len(pairs)
     if len(pairs) > s.tokens:
@@ -89,7 +85,7 @@ def neuron_test(suspect: Path, candidate: Path, settings: NeuronSettings | None 
     alignment = align_residual(es, ec)
     del es, ec
     k = min(s.dims, d)
-    dims = np.sort(_rng(s.seed, "dims").choice(d, k, replace=False))
+    dims = np.sort(rng_for(s.seed, "dims").choice(d, k, replace=False))
     sus = read_sketch(Path(suspect), dims)
     cand = read_sketch(Path(candidate), alignment.perm[dims], alignment.signs[dims])
     result = match_test(sus, cand, s, progress)
@@ -131,7 +127,7 @@ class _Matcher:
         for u in self.sus_units:
             full = _matrix(sus, u, self.parts)
             n = full.shape[0]
-            pick = np.sort(_rng(s.seed, "neurons", u.label()).choice(n, min(s.neurons, n), replace=False))
+            pick = np.sort(rng_for(s.seed, "neurons", u.label()).choice(n, min(s.neurons, n), replace=False))
             self.picks[u] = pick
             rows.append(full[pick])
         self.m = [len(r) for r in rows]
@@ -181,7 +177,7 @@ class _Matcher:
 def _null(mt: _Matcher, s: NeuronSettings, observed: np.ndarray, obs_layers: np.ndarray, per_layer,
           progress: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray, int, list[float]]:
     """How many of the T null draws reach the observed unit, layer and total statistics."""
-    rng = _rng(s.seed, "null")
+    rng = rng_for(s.seed, "null")
     ge_units = np.zeros(len(observed), int)
     ge_layers = np.zeros(len(obs_layers), int)
     ge_total = 0
