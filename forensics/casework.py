@@ -93,6 +93,7 @@ class FingerprintCache:
         cached = self._get("neurons", key)
         if cached is not None:
             err.print(f"[dim]neuron matching against {candidate.name}: cached[/]")
+            same_inputs(cached, fps)
             return cached
         widths = [(fp.get("model") or {}).get("hidden_size") for fp in fps]
         with step_progress() as bar:
@@ -105,7 +106,20 @@ class FingerprintCache:
 
             result = neuron_test(suspect, candidate, settings, *widths, progress=advance)
         self._put("neurons", key, result)
+        same_inputs(result, fps)
         return result
+
+
+def same_inputs(result: dict, fps: tuple[dict, dict]) -> None:
+    """Neuron matching read the models again: every file it read must hash as it did in the fingerprint pass."""
+    for side, fp in zip(("suspect", "candidate"), fps):
+        recorded = {f["path"]: f["sha256"] for f in fp["model"]["files"]}
+        for f in (result.get("inputs") or {}).get(side, []):
+            if recorded.get(f["path"], f["sha256"]) != f["sha256"]:
+                root = Path(fp["model"]["path"])
+                raise ForensicsError(root / f["path"] if root.is_dir() else root,
+                                     f"changed during the analysis: SHA-256 {f['sha256']} when neuron matching read "
+                                     f"it, {recorded[f['path']]} in the fingerprint pass")
 
 
 def _digest(obj) -> str:

@@ -195,3 +195,20 @@ def test_tamper_flag_ignores_curves_too_short_to_test():
     assert not tamper_flag({"q": short, "k": short}, neuron, 0.01)["raised"]
     flag = tamper_flag({"q": short, "k": testable}, neuron, 0.01)
     assert flag["raised"] and flag["roles"] == ["k"] and flag["checked_roles"] == ["k"]
+
+
+def test_bytes_matched_are_the_fingerprinted_evidence(lineage):
+    """Neuron matching reads the models again; what it read must hash as in the fingerprint pass, or the run stops."""
+    from forensics.casework import same_inputs
+    from forensics.errors import ForensicsError
+
+    r = neuron_test(lineage / "qk", lineage / "parent", FAST)
+    fps = (fingerprint_model(lineage / "qk"), fingerprint_model(lineage / "parent"))
+    weights = {f["path"]: f["sha256"] for f in fps[1]["model"]["files"]}
+    assert {f["path"]: f["sha256"] for f in r["inputs"]["candidate"]}.items() <= weights.items()
+    assert "model.safetensors" in {f["path"] for f in r["inputs"]["candidate"]}
+    same_inputs(r, fps)
+    stale = {**fps[1], "model": {**fps[1]["model"], "files": [
+        {**f, "sha256": "0" * 64} if f["path"] == "model.safetensors" else f for f in fps[1]["model"]["files"]]}}
+    with pytest.raises(ForensicsError, match="changed during the analysis"):
+        same_inputs(r, (fps[0], stale))

@@ -65,6 +65,7 @@ class Sketch:
     architecture: str
     hidden_size: int
     units: dict[UnitKey, dict[str, np.ndarray]] = field(default_factory=dict)
+    files: list[dict] = field(default_factory=list)  # every file of the model read in full: path, size, SHA-256
 
     def parts(self) -> set[str]:
         """Parts every unit has (BERT-style FFNs have no gate)."""
@@ -134,11 +135,14 @@ def read_sketch(path: Path, dims: np.ndarray, signs: np.ndarray | None = None) -
                     unit = UnitKey(part.layer, kind, -1 if part.expert is None else part.expert)
                     raw.setdefault(unit, {})[which] = _restrict(np.asarray(part.tensor), which, dims, d, m,
                                                                 ref.name) * signs
-    finally:
+        # Read to the end and hashed, so the bytes matched can be checked against the fingerprinted evidence.
+        files = m.reads.finish(m.path)
+    except BaseException:
         m.close()
+        raise
     if not raw:
         raise ForensicsError(path, "no FFN matrices found for neuron matching")
-    sketch = Sketch(m.path, m.info.architecture, d)
+    sketch = Sketch(m.path, m.info.architecture, d, files=files)
     post_norm = m.key in roles.POST_NORM
     for unit in sorted(raw):
         gain = gains.get(("attn_norm" if post_norm else "mlp_norm", unit.layer))

@@ -91,6 +91,7 @@ def neuron_test(suspect: Path, candidate: Path, settings: NeuronSettings | None 
     result = match_test(sus, cand, s, progress)
     result["alignment"] = {"how": how, "shared_tokens": n_shared, "tokens_used": int(len(pairs)),
                            **alignment.as_dict()}
+    result["inputs"] = {"suspect": sus.files, "candidate": cand.files}
     return result
 
 
