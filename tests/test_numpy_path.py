@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFValueType
+from gguf import GGUFReader, GGUFValueType
 
 from forensics.errors import ForensicsError
 from forensics.signals import weights
 from forensics.sources import Reads, open_model
 from forensics.sources.dtypes import bf16_to_f32, fp8_to_f32
-from forensics.sources.gguf import open_reader, read_header
+from forensics.sources.gguf import read_header
 from tests import tiny
 from tests.test_e5s1_source import write_e5s1
 from tests.test_onnx_source import export
@@ -123,10 +123,13 @@ def test_gguf_header_walk_equals_gguf_reader(tmp_path):
     path = tmp_path / "m.gguf"
     tiny.write_llama_gguf(tiny.build_model("llama"), path, Q.Q4_1, vocab=vocab)
     meta, tensors = read_header(path)
-    reader = open_reader(path)
+    reader = GGUFReader(path)
     scalars = {k: f.contents() for k, f in reader.fields.items()
                if not k.startswith("GGUF.") and f.types[0] != GGUFValueType.ARRAY}
     assert meta == scalars and "tokenizer.ggml.tokens" not in meta
+    kept, _ = read_header(path, keep=frozenset({"tokenizer.ggml.tokens"}))
+    assert kept["tokenizer.ggml.tokens"] == reader.get_field("tokenizer.ggml.tokens").contents() == \
+        [f"tok{i}" for i in range(64)]
     assert [(t.name, t.shape, t.qtype, t.offset, t.nbytes) for t in tensors] == \
         [(t.name, tuple(reversed(t.shape.tolist())), t.tensor_type, t.data_offset, t.n_bytes) for t in reader.tensors]
 

@@ -1,9 +1,8 @@
 """GGUF files (llama.cpp) through the `gguf` package, dequantised one tensor at a time.
 
-Fingerprinting walks the header itself (`read_header`: a handful of metadata scalars and the tensor directory, with
-the gguf package's type tables); the tensor bytes are read in file order through `HashedFile` and dequantised with the
-gguf package's own block decoders. `open_reader` gives the package's full `GGUFReader`, for the metadata arrays
-(the vocabulary) that fingerprinting skips.
+Fingerprinting walks the header itself (`read_header`: the metadata scalars, any string array asked for by name such
+as the vocabulary, and the tensor directory, with the gguf package's type tables); the tensor bytes are read in file
+order through `HashedFile` and dequantised with the gguf package's own block decoders.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGMLQuantizationType, GGUFValueType, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, quants
 
 from forensics.errors import ForensicsError
 from forensics.sources.base import ModelInfo, Reads, Source, TensorRef
@@ -26,29 +25,6 @@ from forensics.sources.dtypes import bf16_to_f32
 # architectures; undoing it restores the Hugging Face layout, which row-wise comparisons need. (A std over all
 # elements is unchanged either way: it does not depend on row order.)
 PERMUTED_QK = {"llama", "mistral"}
-
-
-class _Reader(GGUFReader):
-    """GGUFReader over a plain ndarray view of its memory map.
-
-    Parsing a vocabulary slices the map ~10^6 times; numpy.memmap's per-slice bookkeeping made that several times
-    slower. The view shares the mapping (no copy).
-    """
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._data
-
-    @data.setter
-    def data(self, mapped: np.ndarray) -> None:
-        self._data = mapped.view(np.ndarray)
-
-
-def open_reader(path: Path) -> GGUFReader:
-    try:
-        return _Reader(path, "r")
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors on a bad file
-        raise ForensicsError(path, f"not a readable GGUF file: {type(e).__name__}: {e}") from e
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -86,8 +62,9 @@ class TensorInfo:
     nbytes: int
 
 
-def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
-    """(metadata scalars and strings, tensor directory) of a GGUF file; metadata arrays are skipped.
+def read_header(path: Path, keep: frozenset[str] = frozenset()) -> tuple[dict, list[TensorInfo]]:
+    """(metadata scalars and strings, tensor directory) of a GGUF file; metadata arrays are skipped, except the string
+    arrays named in `keep` (the vocabulary, for neuron matching), which come back as lists of str.
 
     GGUFReader makes a numpy view of every element of every metadata array: 0.9 s for SmolLM2's 49k-token vocabulary,
     3.9 s for Gemma3's 262k, most of a fingerprint's time. A fingerprint needs a few scalars, and skipping a string
@@ -95,7 +72,7 @@ def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
     """
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _walk(mm)
+            return _walk(mm, keep)
     except struct.error as e:
         raise ForensicsError(path, f"not a readable GGUF file: truncated or corrupt header ({e})") from e
     except ValueError as e:  # our own checks, an unknown type code, a name that is not UTF-8, an empty file
@@ -104,7 +81,7 @@ def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
         raise ForensicsError(path, f"cannot open for reading: {e.strerror}") from e
 
 
-def _walk(mm: mmap.mmap) -> tuple[dict, list[TensorInfo]]:
+def _walk(mm: mmap.mmap, keep: frozenset[str]) -> tuple[dict, list[TensorInfo]]:
     if mm[:4] != b"GGUF":
         raise ValueError(f"magic {mm[:4]!r}, expected b'GGUF'")
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
@@ -118,7 +95,9 @@ def _walk(mm: mmap.mmap) -> tuple[dict, list[TensorInfo]]:
     for _ in range(n_kv):
         key, pos = _string(mm, pos)
         (vtype,) = struct.unpack_from("<I", mm, pos)
-        if vtype == GGUFValueType.ARRAY:
+        if vtype == GGUFValueType.ARRAY and key in keep:
+            meta[key], pos = _string_array(mm, pos + 4)
+        elif vtype == GGUFValueType.ARRAY:
             pos = _skip_array(mm, pos + 4)
         else:
             meta[key], pos = _value(mm, pos + 4, vtype)
@@ -168,6 +147,24 @@ def _value(mm: mmap.mmap, pos: int, vtype: int):
         raise ValueError(f"unknown metadata value type {vtype} at byte {pos}")
     fmt = "<" + SCALARS[vtype]
     return struct.unpack_from(fmt, mm, pos)[0], pos + struct.calcsize(fmt)
+
+
+def _string_array(mm: mmap.mmap, pos: int) -> tuple[list[str], int]:
+    itype, count = struct.unpack_from("<IQ", mm, pos)
+    if itype != GGUFValueType.STRING:
+        raise ValueError(f"metadata array at byte {pos} holds type {itype}, not strings")
+    pos += 12
+    if count > len(mm) - pos:
+        raise ValueError(f"a metadata array of {count} elements at byte {pos} cannot fit in the file")
+    out = []
+    for _ in range(count):
+        (n,) = _U64.unpack_from(mm, pos)
+        if pos + 8 + n > len(mm):
+            raise ValueError(f"a string of {n} bytes at byte {pos} runs past the end of the file")
+        # A token may be a fragment of a UTF-8 sequence; replace what does not decode, as the gguf package does.
+        out.append(mm[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"))
+        pos += 8 + n
+    return out, pos
 
 
 def _skip_array(mm: mmap.mmap, pos: int) -> int:

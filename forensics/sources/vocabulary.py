@@ -120,17 +120,14 @@ def _tokenizer_json(path: Path) -> tuple[list[str], str]:
 
 
 def _gguf(path: Path) -> tuple[list[str] | None, str]:
-    from forensics.sources.gguf import open_reader
+    from forensics.sources.gguf import read_header
 
-    reader = open_reader(path)
-    field = reader.get_field("tokenizer.ggml.tokens")
-    if field is None:
+    meta, _ = read_header(path, keep=frozenset({"tokenizer.ggml.tokens"}))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None:
         return None, ""
-    tokens = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-    model = reader.get_field("tokenizer.ggml.model")
-    kind = model.contents() if model is not None else ""
     # llama.cpp writes WordPiece vocabularies with SentencePiece's "▁" for word starts, and GPT-2's as they are.
-    return tokens, "byte_level" if kind == "gpt2" else "sentencepiece"
+    return tokens, "byte_level" if meta.get("tokenizer.ggml.model") == "gpt2" else "sentencepiece"
 
 
 def _e5s1(path: Path) -> tuple[list[str], str]:
