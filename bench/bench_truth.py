@@ -248,11 +248,7 @@ def settings_for(permutations: int | None) -> Settings:
 
 def neuron_settings():
     """The case defaults (forensics.case.Neurons), as forensics.casework passes them to neuron_test."""
-    from forensics.stats.neurons import NeuronSettings
-
-    n = Neurons()
-    return NeuronSettings(permutations=n.permutations, neurons=n.neurons, dims=n.dims, tokens=n.tokens,
-                          seed=Statistics().seed)
+    return Neurons().settings(Statistics().seed)
 
 
 def outcome(truth: str, verdict: str | None) -> str:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from forensics.errors import ForensicsError
 from forensics.signals.attention import SIGNALS as ATTENTION_SIGNALS
+from forensics.stats.neurons import NeuronSettings
 
 WEIGHT_SIGNALS = (
     "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm",
@@ -66,10 +67,16 @@ class Neurons(Strict):
     """Neuron matching (forensics/stats/neurons.py): run for every candidate of the suspect's hidden width."""
 
     enabled: bool = True
-    permutations: int = Field(199, ge=19, description="T of the exact test; its p cannot go below 1/(T+1)")
-    neurons: int = Field(16, ge=2, description="suspect neurons drawn per FFN unit")
-    dims: int = Field(64, ge=8, description="residual dimensions kept in the neuron sketches")
-    tokens: int = Field(8192, ge=16, description="shared tokens used to align the residual streams, at most")
+    permutations: int = Field(NeuronSettings.permutations, ge=19,
+                              description="T of the exact test; its p cannot go below 1/(T+1)")
+    neurons: int = Field(NeuronSettings.neurons, ge=2, description="suspect neurons drawn per FFN unit")
+    dims: int = Field(NeuronSettings.dims, ge=8, description="residual dimensions kept in the neuron sketches")
+    tokens: int = Field(NeuronSettings.tokens, ge=16,
+                        description="shared tokens used to align the residual streams, at most")
+
+    def settings(self, seed: int) -> NeuronSettings:
+        return NeuronSettings(permutations=self.permutations, neurons=self.neurons, dims=self.dims,
+                              tokens=self.tokens, seed=seed)
 
 
 class Signing(Strict):

@@ -184,11 +184,7 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
 
     neurons = None
     if case.neurons.enabled:
-        from forensics.stats.neurons import NeuronSettings
-
-        n = case.neurons
-        settings = NeuronSettings(permutations=n.permutations, neurons=n.neurons, dims=n.dims, tokens=n.tokens,
-                                  seed=case.statistics.seed)
+        settings = case.neurons.settings(case.statistics.seed)
         suspect = case.suspect
         neurons = {m.name: cache.neurons(suspect.path, m.path, (fingerprints[suspect.name], fingerprints[m.name]),
                                          settings) for m in case.candidates}
