@@ -13,16 +13,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from forensics import roles
 from forensics.errors import ForensicsError
 from forensics.signals.attention import SIGNALS as ATTENTION_SIGNALS
 from forensics.stats.neurons import NeuronSettings
 
-WEIGHT_SIGNALS = (
-    "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm",
-    "attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm",
-    "gate", "up", "down", "router", "expert_gate", "expert_up", "expert_down",
-    "shared_gate", "shared_up", "shared_down", "shared_router", "q_a", "q_b", "kv_a", "kv_b",
-)
+WEIGHT_SIGNALS = roles.COMPARED
 ACTIVATION_SIGNALS = ("act_norm", "act_norm_std")
 SIGNALS = WEIGHT_SIGNALS + ATTENTION_SIGNALS + ACTIVATION_SIGNALS
 

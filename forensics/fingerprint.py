@@ -21,7 +21,6 @@ from forensics.signals.weights import Moments, moments, pick_device
 from forensics.sources import Reads, open_model
 
 SCHEMA = "llm-forensics.fingerprint/1"
-EXPERT_ROLES = {"expert_gate", "expert_up", "expert_down"}
 
 
 def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfinite: bool = False,
@@ -105,7 +104,7 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
 
 
 def _signal(role: str, entries: dict[tuple[int, int | None], Moments], num_layers: int) -> dict:
-    if role not in EXPERT_ROLES:
+    if role not in roles.EXPERT_ROLES:
         values = [None] * num_layers
         for (layer, _), m in entries.items():
             values[layer] = _num(m.std)

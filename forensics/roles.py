@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 from functools import lru_cache
 from typing import Callable
 
@@ -19,14 +20,82 @@ import numpy as np
 from forensics.errors import ForensicsError
 from forensics.sources.base import ModelInfo
 
-ROLES = (
-    "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm",
-    "attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias", "post_attn_norm", "post_mlp_norm",
-    "gate", "up", "down", "up_bias", "down_bias",
-    "router", "router_bias", "expert_gate", "expert_up", "expert_down",
-    "shared_gate", "shared_up", "shared_down", "shared_router",
-    "q_a", "q_b", "kv_a", "kv_b", "q_a_norm", "kv_a_norm",
-)
+# The one fingerprinted role kept out of the comparisons (docs/fingerprint-format.md repeats this).
+ROUTER_BIAS_WHY = ("DeepSeek's e_score_correction_bias is moved by the load-balancing rule during training, not by "
+                   "gradient descent, and Pangu's router_scale shares this row: the curve records how the experts "
+                   "were balanced, which any continued training rewrites, not where the weights came from")
+
+
+class Group(str, Enum):
+    ATTENTION = "attention"
+    BIAS = "bias"
+    NORM = "norm"
+    FFN = "ffn"
+    MOE = "moe"
+    MLA = "mla"
+
+
+class Role(str, Enum):
+    """Every canonical role a layer tensor can hold, in the reading order of the dossier's tables and figures.
+
+    Each row says the role's group, whether its std curve enters the comparisons (`compared`; when not, `why_not`
+    says why, and docs/fingerprint-format.md repeats it), whether output-preserving rescalings redraw it
+    (`rescalable`: the roles the tamper flag checks) and, for FFN matrices, the unit and part neuron matching reads.
+    """
+
+    def __new__(cls, value: str, group: Group, spec: dict | None = None):
+        spec = spec or {}
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.group = group
+        obj.compared = spec.get("compared", True)
+        obj.why_not = spec.get("why_not", "")
+        obj.rescalable = spec.get("rescalable", False)
+        obj.unit, obj.part = spec.get("unit"), spec.get("part")
+        return obj
+
+    Q = "q", Group.ATTENTION, {"rescalable": True}
+    K = "k", Group.ATTENTION, {"rescalable": True}
+    V = "v", Group.ATTENTION, {"rescalable": True}
+    O = "o", Group.ATTENTION, {"rescalable": True}
+    Q_BIAS = "q_bias", Group.BIAS
+    K_BIAS = "k_bias", Group.BIAS
+    V_BIAS = "v_bias", Group.BIAS
+    O_BIAS = "o_bias", Group.BIAS
+    Q_NORM = "q_norm", Group.NORM
+    K_NORM = "k_norm", Group.NORM
+    ATTN_NORM = "attn_norm", Group.NORM, {"rescalable": True}
+    ATTN_NORM_BIAS = "attn_norm_bias", Group.NORM
+    POST_ATTN_NORM = "post_attn_norm", Group.NORM
+    MLP_NORM = "mlp_norm", Group.NORM, {"rescalable": True}
+    MLP_NORM_BIAS = "mlp_norm_bias", Group.NORM
+    POST_MLP_NORM = "post_mlp_norm", Group.NORM
+    GATE = "gate", Group.FFN, {"rescalable": True, "unit": "dense", "part": "gate"}
+    UP = "up", Group.FFN, {"rescalable": True, "unit": "dense", "part": "up"}
+    DOWN = "down", Group.FFN, {"rescalable": True, "unit": "dense", "part": "down"}
+    UP_BIAS = "up_bias", Group.BIAS
+    DOWN_BIAS = "down_bias", Group.BIAS
+    ROUTER = "router", Group.MOE
+    ROUTER_BIAS = "router_bias", Group.MOE, {"compared": False, "why_not": ROUTER_BIAS_WHY}
+    EXPERT_GATE = "expert_gate", Group.MOE, {"unit": "expert", "part": "gate"}
+    EXPERT_UP = "expert_up", Group.MOE, {"unit": "expert", "part": "up"}
+    EXPERT_DOWN = "expert_down", Group.MOE, {"unit": "expert", "part": "down"}
+    SHARED_GATE = "shared_gate", Group.MOE, {"unit": "shared", "part": "gate"}
+    SHARED_UP = "shared_up", Group.MOE, {"unit": "shared", "part": "up"}
+    SHARED_DOWN = "shared_down", Group.MOE, {"unit": "shared", "part": "down"}
+    SHARED_ROUTER = "shared_router", Group.MOE
+    Q_A = "q_a", Group.MLA
+    Q_B = "q_b", Group.MLA
+    KV_A = "kv_a", Group.MLA
+    KV_B = "kv_b", Group.MLA
+    Q_A_NORM = "q_a_norm", Group.MLA
+    KV_A_NORM = "kv_a_norm", Group.MLA
+
+
+# Roles whose std curves enter the comparisons, and the experts' roles (fingerprinted per expert, then averaged).
+COMPARED = tuple(r.value for r in Role if r.compared)
+EXPERT_ROLES = frozenset(r.value for r in Role if r.unit == "expert")
+RESCALABLE = tuple(r.value for r in Role if r.rescalable)
 
 
 @dataclass(frozen=True)

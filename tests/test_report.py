@@ -44,25 +44,24 @@ def _base_curves(rng: np.random.Generator, layers: int) -> dict[str, np.ndarray]
     return out
 
 
-def _pearson(a, b) -> float:
-    n = max(len(a), len(b))
-    x = np.linspace(0, 1, n)
-    a = np.interp(x, np.linspace(0, 1, len(a)), a)
-    b = np.interp(x, np.linspace(0, 1, len(b)), b)
-    if a.std() == 0 or b.std() == 0:
-        return 0.0
-    return float(np.corrcoef(a, b)[0, 1])
+# A calibration table as forensics.stats.calibrate writes it: 1 false positive in 90 unrelated pairs at alpha 0.05.
+CALIBRATION = {"rule": {"0.05": {"rate": 1 / 90, "n": 90, "hits": 1, "ci95": [0.0003, 0.06]}},
+               "design": {"summary": "90 unrelated pairs (test table)"}}
 
 
-def synthetic_case(root: Path) -> dict:
-    """A suspect fine-tuned from 'base-7b' (same curves plus noise), an unrelated model of other depth, two
-    controls; input files with real bytes so hashes can be checked. Returns everything build_dossier needs."""
+def synthetic_case(root: Path, calibration: dict | None = CALIBRATION) -> dict:
+    """A suspect fine-tuned from 'base-7b' (same curves plus noise), an unrelated model of other depth, two named
+    controls and eight more unrelated fingerprints, run through the real statistics stage (compare_case, few
+    resamples for speed); input files with real bytes so hashes can be checked. ``results`` are the exact bytes of
+    results.json as the statistics stage writes them. Returns everything build_dossier needs."""
+    from forensics.stats.compare import Settings, compare_case, to_json
+
     rng = np.random.default_rng(20240611)
     evidence = root / "evidence"
     models = {"suspect-chat": ("suspect", 30), "base-7b": ("candidate", 30), "other-lab": ("candidate", 24),
               "control-a": ("control", 28), "control-b": ("control", 32)}
     base = _base_curves(rng, 30)
-    results_models, inputs = {}, []
+    fps, inputs = {}, []
     for name, (role, layers) in models.items():
         d = evidence / name
         d.mkdir(parents=True)
@@ -77,36 +76,15 @@ def synthetic_case(root: Path) -> dict:
         files = [{"path": f, "size": (d / f).stat().st_size,
                   "sha256": hashlib.sha256((d / f).read_bytes()).hexdigest()}
                  for f in ("config.json", "model.safetensors")]
-        results_models[name] = {"role": role, "fingerprint": _fingerprint(f"evidence/{name}", layers, curves, files)}
+        fps[name] = _fingerprint(f"evidence/{name}", layers, curves, files)
         inputs.append({"path": f"evidence/{name}", "model": name, "kind": "weights"})
-
-    null_values = np.clip(rng.normal(0.05, 0.18, 90), -0.6, 0.7)
-    comparisons = []
-    for cand, verdict in (("base-7b", "DERIVED"), ("other-lab", "NO EVIDENCE")):
-        signals = {}
-        for role in ROLES:
-            s = results_models["suspect-chat"]["fingerprint"]["signals"][role]["values"]
-            c = results_models[cand]["fingerprint"]["signals"][role]["values"]
-            flat = role == "attn_norm"
-            r = 0.0 if flat else _pearson(s, c)
-            signals[role] = {"r": r, "spearman": r * 0.97, "pvalue": 1 / 1001 if r > 0.9 else 0.41,
-                             "permutations": 1000, "ci": [r - 0.05, min(1.0, r + 0.03)],
-                             "null_percentile": 100.0 if r > 0.9 else 48.0, "null_p": 0.0 if r > 0.9 else 0.5,
-                             "p_adjusted": min(1.0, (1 / 1001 if r > 0.9 else 0.41) * 7), "flat": flat,
-                             "alignment": "layerwise" if cand == "base-7b" else "interpolated"}
-        stat = float(np.mean([v["r"] for k, v in signals.items() if not v["flat"]]))
-        comparisons.append({
-            "candidate": cand, "signals": signals,
-            "aggregate": {"signal": "mean of q, k, v, o, gate, up, down", "statistic": stat,
-                          "pvalue": 1 / 1001 if stat > 0.9 else 0.38, "ci": [stat - 0.04, min(1.0, stat + 0.02)],
-                          "null_p": (1 + int((null_values >= stat).sum())) / 91, "n_null": 90,
-                          "p_adjusted": min(1.0, 2 * max(1 / 1001 if stat > 0.9 else 0.38,
-                                                         (1 + int((null_values >= stat).sum())) / 91)),
-                          "null_percentile": float((null_values < stat).mean() * 100)},
-            "verdict": verdict,
-            "rule": "DERIVED when the aggregate similarity exceeds the 99th percentile of unrelated pairs and "
-                    "the adjusted p < 0.01 for at least 3 of the non-flat signals",
-            "fpr": {"rate": 1 / 90, "n": 90, "false_positives": 1, "ci": [0.0003, 0.06]}})
+    more = {f"ctl-{i}": _fingerprint(f"evidence/ctl-{i}", 26 + i, _base_curves(rng, 26 + i),
+                                     [{"path": "model.safetensors", "size": 1, "sha256": f"{i:064x}"}])
+            for i in range(8)}
+    controls = {"control-a": fps["control-a"], "control-b": fps["control-b"], **more}
+    results = compare_case(fps["suspect-chat"], {"base-7b": fps["base-7b"], "other-lab": fps["other-lab"]},
+                           controls, None, Settings(n_permutations=199, n_bootstrap=199, calibration=calibration))
+    raw = to_json(results).encode()
     case = {"id": "CASE-2025-017", "title": "Provenance of suspect-chat", "analyst": "A. Analyst",
             "organisation": "Forensic Lab", "date": "2025-06-11",
             "parties": [{"role": "Claimant", "name": "Base Lab GmbH & Co. KG"},
@@ -115,50 +93,26 @@ def synthetic_case(root: Path) -> dict:
                         "claimed_origin": "trained from scratch"},
             "candidates": [{"name": "base-7b", "path": "evidence/base-7b"},
                            {"name": "other-lab", "path": "evidence/other-lab"}],
-            "controls": [{"name": "control-a", "path": "evidence/control-a"},
-                         {"name": "control-b", "path": "evidence/control-b"}]}
-    results = {
-        "models": results_models, "comparisons": comparisons, "multitest": "Holm (family-wise error rate)",
-        "null": {"values": null_values.tolist(), "pairs": [f"ctl-{i} / ctl-{i + 1}" for i in range(90)]}}
+            "controls": [{"name": n, "path": f"evidence/{n}"} for n in controls]}
     case_yaml = yaml.safe_dump({"id": "CASE-2025-017", "suspect": "evidence/suspect-chat",
                                 "candidates": ["evidence/base-7b", "evidence/other-lab"]}).encode()
     (root / "case.yaml").write_bytes(case_yaml)
     manifest = build_manifest(
         case_id="CASE-2025-017", argv=["forensics", "case", "run", str(root / "case.yaml")],
-        case_yaml_bytes=case_yaml, case_yaml_path=root / "case.yaml", results=results, inputs=inputs,
+        case_yaml_bytes=case_yaml, case_yaml_path=root / "case.yaml", results=raw, inputs=inputs,
         corpus={"name": "forensics-en-1", "sha256": "ab" * 32}, token_windows={"sha256": "cd" * 32, "count": 64,
                                                                               "length": 512},
         environment={"python": {"version": "3.11.7"}, "torch": {"installed": False}}, inputs_base=root)
-    return {"results": results, "manifest": manifest, "case_yaml": case_yaml, "root": root, "case": case}
-
-
-def stats_case(root: Path) -> dict:
-    """The same kind of case run through the real statistics stage (compare_case, few resamples for speed): the
-    results are the exact bytes of results.json as the statistics stage writes them."""
-    from forensics.stats.compare import Settings, compare_case, to_json
-
-    case = synthetic_case(root)
-    fps = {name: m["fingerprint"] for name, m in case["results"]["models"].items()}
-    rng = np.random.default_rng(7)
-    controls = {f"ctl-{i}": _fingerprint(f"evidence/ctl-{i}", 26 + i, _base_curves(rng, 26 + i),
-                                         [{"path": "model.safetensors", "size": 1, "sha256": f"{i:064x}"}])
-                for i in range(8)}
-    results = compare_case(fps["suspect-chat"], {"base-7b": fps["base-7b"], "other-lab": fps["other-lab"]},
-                           controls, None, Settings(n_permutations=199, n_bootstrap=199))
-    raw = to_json(results).encode()
-    case["case"]["controls"] = [{"name": n, "path": f"evidence/{n}"} for n in controls]
-    manifest = build_manifest(
-        case_id="CASE-2025-017", argv=["forensics", "case", "run", "case.yaml"], case_yaml_bytes=case["case_yaml"],
-        case_yaml_path=root / "case.yaml", results=raw, inputs=[f"evidence/{n}" for n in ("suspect-chat", "base-7b")],
-        environment={"python": {"version": "3.11.7"}}, inputs_base=root)
-    return {**case, "results": raw, "manifest": manifest}
+    return {"results": raw, "fingerprints": fps, "manifest": manifest, "case_yaml": case_yaml, "root": root,
+            "case": case}
 
 
 def build_synthetic(root: Path) -> dict:
     """The synthetic case, built into a signed dossier under ``root/out`` with a local key under ``root/keys``."""
     case = synthetic_case(root)
     out = root / "out"
-    write_canonical_json(case["results"], out / "results.json")
+    out.mkdir()
+    (out / "results.json").write_bytes(case["results"])
     pdf = build_dossier(case["results"], case["manifest"], case["case_yaml"], out,
                         SigningConfig(key_dir=root / "keys"), case=case["case"])
     return {**case, "pdf": pdf, "out": out}
@@ -181,7 +135,7 @@ def test_build_writes_dossier_manifest_and_figures_and_no_temp_files(built):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["dossier.pdf", "figures", "manifest.json", "results.json"]
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["curves_weight_std_1.png", "heatmap.png",
-                                                                  "null_aggregate_similarity.png"]
+                                                                  "null_qkvo.png"]
     manifest = json.loads((out / "manifest.json").read_bytes())
     assert manifest["results_digest"]["sha256"] == results_digest(built["results"])
     assert manifest["signer"]["self_signed"] and manifest["signer"]["generated_locally"]
@@ -206,7 +160,7 @@ def test_dossier_text_cover_summary_custody_and_footer(built):
         assert f"Dossier {manifest['dossier_id']}" in page and f"Page {n} of {len(pages)}" in page
     assert "base-7b: DERIVED." in text and "other-lab: NO EVIDENCE." in text
     assert "1.1% (1 of 90 unrelated pairs; 95% CI 0.03%–6%)" in text
-    headings = ["1. Summary", "2. Models examined", "3. Method", "4. Results per signal", "5. Similarity of all",
+    headings = ["1. Summary", "2. Models examined", "3. Method", "4. Results per signal", "5. Similarity of the suspect",
                 "6. Null distribution", "7. Limitations", "8. Chain of custody", "9. How to verify this dossier"]
     assert [text.index(h) for h in headings] == sorted(text.index(h) for h in headings)
     for phrase in ("Distillation.", "Retraining at scale.", "Rescaling attacks.", "Flat curves.",
@@ -242,56 +196,49 @@ def test_figures_are_byte_reproducible(built, tmp_path):
 def test_curves_use_relative_depth_only_when_depths_differ(built):
     mixed = figures.curves_figure(DossierView.from_results(built["results"], case=built["case"]), ["q", "attn_norm"])
     assert mixed.axes[0].get_xlabel() == "relative depth"  # other-lab has 24 layers, the suspect 30
-    results = json.loads(canonical_json_bytes(built["results"]))
-    del results["comparisons"][1]
+    results = json.loads(built["results"])
+    for key in ("candidates", "models", "curves"):
+        del results[key]["other-lab"]
     same = figures.curves_figure(DossierView.from_results(results, case=built["case"]), ["q", "attn_norm"])
     assert same.axes[0].get_xlabel() == "layer"
     assert [len(line.get_xdata()) for line in same.axes[0].lines] == [30, 30]
     assert same.axes[1].get_title() == "attn_norm (flat)" and not same.axes[1].lines
 
 
-def test_view_tolerates_synonyms_and_missing_fields(built):
-    results = json.loads(canonical_json_bytes(built["results"]))
-    comp = results["comparisons"][0]
-    comp["signals"]["q"] = {"pearson": 0.9, "p": 0.02}
-    comp["fpr"] = {"false_positives": 2, "pairs": 50}
-    comp["aggregate"] = {"mean_r": 0.8, "p_value": 0.01}
-    comp["verdict"] = "no_evidence"
-    results["null"] = [0.1, 0.2, None]
-    view = DossierView.from_results(results, case={"id": "X"})
-    cand = view.candidates[0]
-    assert cand.signals["q"].r == 0.9 and cand.signals["q"].pvalue == 0.02 and cand.signals["q"].ci is None
-    assert cand.fpr.rate == pytest.approx(0.04) and cand.fpr.n == 50
-    assert (cand.statistic, cand.p_permutation, cand.verdict) == (0.8, 0.01, "NO EVIDENCE")
-    assert view.nulls[0].values == [0.1, 0.2] and view.nulls[0].observed["base-7b"] == 0.8
-    assert view.similarity.computed_here
-    assert list(view.models)[:3] == ["suspect-chat", "base-7b", "other-lab"]
+def test_view_refuses_results_that_drift_from_the_schema(built):
+    results = json.loads(built["results"])
+    results["candidates"]["base-7b"]["signals"]["q"]["pearson"] = 0.9  # a synonym the schema does not know
+    del results["candidates"]["other-lab"]["verdict"]["rule"]
+    with pytest.raises(ForensicsError, match=r"candidates\.base-7b\.signals\.q\.pearson: Extra inputs.*"
+                                             r"candidates\.other-lab\.verdict\.rule: Field required"):
+        DossierView.from_results(results, case={"id": "X"})
+    view = DossierView.from_results(built["results"], case={"id": "X"})
+    assert list(view.models)[:3] == ["suspect", "base-7b", "other-lab"]
+    assert view.heatmap.candidates == ["base-7b", "other-lab"] and "qkvo" in view.heatmap.signals
 
 
 @pytest.mark.parametrize("change, problem", [
-    (lambda r: r["models"]["base-7b"].update(role="suspect"), "exactly one model with role 'suspect'"),
-    (lambda r: r["models"]["base-7b"].update(role="parent"), "expected one of suspect, candidate, control"),
-    (lambda r: r["comparisons"][0].update(candidate="nobody"), "'nobody', which is not among the models"),
+    (lambda r: r["models"]["base-7b"].update(kind="suspect"), "exactly one model of kind 'suspect'"),
+    (lambda r: r["models"]["base-7b"].update(kind="parent"), "'suspect', 'candidate', 'control' or 'panel'"),
+    (lambda r: r["candidates"].update(nobody=r["candidates"]["base-7b"]), "'nobody', which is not among the models"),
 ])
 def test_view_rejects_inconsistent_results(built, change, problem):
-    results = json.loads(canonical_json_bytes(built["results"]))
+    results = json.loads(built["results"])
     change(results)
     with pytest.raises(ForensicsError, match=problem):
         DossierView.from_results(results, case={"id": "X"})
 
 
-@needs_poppler
-def test_sparse_results_still_give_a_dossier(built, tmp_path):
-    """Only the verdicts, no curves, no null, no per-signal numbers: every missing value reads n/a, nothing fails."""
-    results = {"models": {"s": {"role": "suspect"}, "c": {"role": "candidate"}},
-               "comparisons": [{"candidate": "c", "verdict": "INCONCLUSIVE"}]}
+def test_results_off_the_schema_write_nothing(built, tmp_path):
+    """A results file the schema does not describe (here: verdicts only, no curves, no tests) is refused with the
+    fields it lacks, before any figure or PDF is written."""
+    results = {"schema": "llm-forensics.stats/1", "candidates": {"c": {"verdict": {"verdict": "INCONCLUSIVE"}}}}
     case_yaml = b"id: SPARSE\n"
     manifest = build_manifest(case_id="SPARSE", argv=["forensics"], case_yaml_bytes=case_yaml,
                               case_yaml_path="case.yaml", results=results, inputs=[], environment={})
-    pdf = build_dossier(results, manifest, case_yaml, tmp_path, SigningConfig(key_dir=built["root"] / "keys"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dossier.pdf", "manifest.json"]  # no figure to draw
-    text = _pdftotext(pdf)
-    assert "c: INCONCLUSIVE." in text and "Fewer than two models have curves" in text
+    with pytest.raises(ForensicsError, match="results do not match the results schema.*settings: Field required"):
+        build_dossier(results, manifest, case_yaml, tmp_path / "out", SigningConfig(key_dir=built["root"] / "keys"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_pvalue_formatting_states_the_floor_as_a_bound():
@@ -303,8 +250,8 @@ def test_pvalue_formatting_states_the_floor_as_a_bound():
 
 
 def test_build_refuses_manifest_of_other_results_and_writes_nothing(built, tmp_path):
-    results = json.loads(canonical_json_bytes(built["results"]))
-    results["comparisons"][0]["verdict"] = "INCONCLUSIVE"
+    results = json.loads(built["results"])
+    results["candidates"]["base-7b"]["verdict"]["verdict"] = "INCONCLUSIVE"
     with pytest.raises(ForensicsError, match="different results"):
         build_dossier(results, built["manifest"], built["case_yaml"], tmp_path / "out",
                       SigningConfig(key_dir=built["root"] / "keys"))
@@ -352,8 +299,8 @@ def test_fingerprint_file_lists_become_input_records(built, monkeypatch):
     from forensics.evidence.manifest import fingerprint_inputs
 
     monkeypatch.chdir(built["root"])  # the fingerprints record model paths relative to the case directory
-    records = fingerprint_inputs({n: m["fingerprint"] for n, m in built["results"]["models"].items()})
-    assert len(records) == 10 and {r["model"] for r in records} == set(built["results"]["models"])
+    records = fingerprint_inputs(built["fingerprints"])
+    assert len(records) == 10 and {r["model"] for r in records} == set(built["fingerprints"])
     for r in records:
         assert hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest() == r["sha256"]
     kept = build_manifest(case_id="C", argv=[], case_yaml_bytes=b"", case_yaml_path="c.yaml", results={},
@@ -379,7 +326,7 @@ def test_environment_is_json_ready_and_hostname_optional():
 @pytest.fixture(scope="module")
 def built_stats(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("stats")
-    case = stats_case(root)
+    case = synthetic_case(root, calibration=None)
     pdf = build_dossier(case["results"], case["manifest"], case["case_yaml"], root / "out",
                         SigningConfig(key_dir=root / "keys"), case=case["case"])
     return {**case, "pdf": pdf, "out": root / "out"}

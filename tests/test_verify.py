@@ -128,7 +128,7 @@ def test_incremental_update_after_signing_fails_pdfsig_coverage(built, tmp_path)
 def test_manifest_naming_another_signer_is_caught(built, tmp_path):
     """Re-signing with another key, keeping the original manifest, breaks the recorded-signer check."""
     manifest = (built["out"] / "manifest.json").read_bytes()
-    results = canonical_json_bytes(built["results"])
+    results = built["results"]
     buf = io.BytesIO()
     c = canvas.Canvas(buf)
     c.drawString(72, 720, "forged dossier")
@@ -151,8 +151,8 @@ def test_swapped_results_attachment_is_caught(built, tmp_path):
     c = canvas.Canvas(buf)
     c.drawString(72, 720, "dossier with other results")
     c.save()
-    results = json.loads(canonical_json_bytes(built["results"]))
-    results["comparisons"][1]["verdict"] = "DERIVED"
+    results = json.loads(built["results"])
+    results["candidates"]["other-lab"]["verdict"]["verdict"] = "DERIVED"
     pdf = tmp_path / "swapped.pdf"
     pdf.write_bytes(sign_pdf(buf.getvalue(), signer, [
         Attachment("manifest.json", manifest, "application/json", ""),

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import shlex
 from collections.abc import Mapping
@@ -53,7 +52,7 @@ MONO_STYLES = ("mono", "covermono")
 def templates_dir() -> Path:
     if os.environ.get(TEMPLATES_ENV):
         return Path(os.environ[TEMPLATES_ENV])
-    return Path(__file__).resolve().parents[2] / "templates"
+    return Path(__file__).resolve().parent / "templates"
 
 
 def load_wording() -> tuple[dict, str]:
@@ -285,9 +284,9 @@ class _Story:
                 block.append(Paragraph(escape(w["reasons_heading"]) + " " + escape("; ".join(c.reasons)) + ".",
                                        self.s["small"]))
             if c.neurons:
-                block.append(Paragraph(self.text(w["neuron_line"], conclusion=c.neurons.get("conclusion", NA),
-                                                 reason=c.neurons.get("reason", "")), self.s["body"]))
-            for statement in (c.tamper.get("statement"), c.agreement):
+                block.append(Paragraph(self.text(w["neuron_line"], conclusion=c.neurons.conclusion or NA,
+                                                 reason=c.neurons.reason or ""), self.s["body"]))
+            for statement in (c.tamper.statement if c.tamper else None, c.agreement):
                 if statement:
                     block.append(Paragraph(escape(statement), self.s["notice"]))
             self.flow.append(KeepTogether(block))
@@ -372,31 +371,28 @@ class _Story:
             self.p(self.text(w["rule_line"], rule=v.neuron_rule), "notice")
         for c in tested:
             n = c.neurons
-            self.p(escape(f"{c.name}: {n.get('conclusion', NA)}"), "h2")
-            if n.get("status") != "compared":
-                self.p(self.text(w["unavailable"], reason=n.get("reason", NA)))
+            self.p(escape(f"{c.name}: {n.conclusion or NA}"), "h2")
+            if n.status != "compared":
+                self.p(self.text(w["unavailable"], reason=n.reason or NA))
                 continue
-            a, fisher, settings = n.get("alignment") or {}, n.get("fisher") or {}, n.get("settings") or {}
+            a, fisher, settings = n.alignment, n.fisher, n.settings
             self.p(self.text(
-                w["result_line"], statistic=f_num(n.get("statistic")), null_mean=f_num((n.get("null") or {}).get("mean")),
-                null_max=f_num((n.get("null") or {}).get("max")), T=n.get("n_permutations", NA),
-                p=f_p(n.get("pvalue"), n.get("floor")), p_adj=f_p(n.get("pvalue_adjusted")),
-                fisher=f_p(fisher.get("pvalue")), df=fisher.get("df", NA), parts=", ".join(n.get("parts") or []),
-                neurons=settings.get("neurons", NA), dims=settings.get("dims", NA),
-                shared=a.get("shared_tokens", NA), used=a.get("tokens_used", NA),
-                corr=f_num(a.get("matched_abs_correlation_median")), strong=a.get("dims_above_0.5", NA),
-                width=a.get("dims", NA)))
-            for statement in (c.tamper.get("statement"), c.agreement):
+                w["result_line"], statistic=f_num(n.statistic), null_mean=f_num(n.null.mean),
+                null_max=f_num(n.null.max), T=n.n_permutations, p=f_p(n.pvalue, n.floor),
+                p_adj=f_p(n.pvalue_adjusted), fisher=f_p(fisher.pvalue), df=fisher.df, parts=", ".join(n.parts),
+                neurons=settings.neurons, dims=settings.dims, shared=a.shared_tokens, used=a.tokens_used,
+                corr=f_num(a.matched_abs_correlation_median), strong=a.dims_above_half, width=a.dims))
+            for statement in (c.tamper.statement if c.tamper else None, c.agreement):
                 if statement:
                     self.p(escape(statement), "notice")
             rows = []
-            for layer in n.get("layers") or []:
-                units = layer.get("units") or []
-                targets = sorted({u["matches"]["label"] for u in units})
-                same = [u.get("same_index_fraction") for u in units if u.get("same_index_fraction") is not None]
-                rows.append([self.cell(str(layer["layer"])), self.cell(str(len(units))),
-                             self.cell("; ".join(targets)), self.cell(f_num(layer.get("statistic"))),
-                             self.cell(f_p(layer.get("pvalue"), n.get("floor"))),
+            for layer in n.layers:
+                units = layer.units
+                targets = sorted({u.matches.label for u in units})
+                same = [u.same_index_fraction for u in units]
+                rows.append([self.cell(str(layer.layer)), self.cell(str(len(units))),
+                             self.cell("; ".join(targets)), self.cell(f_num(layer.statistic)),
+                             self.cell(f_p(layer.pvalue, n.floor)),
                              self.cell(f_pct(100 * sum(same) / len(same)) if same else NA)])
             self.flow.append(self.table(w["columns"], rows, [1.3, 1.3, 6.0, 1.9, 1.9, 2.4]))
             self.p(escape(w["columns_note"]), "small")
@@ -410,8 +406,6 @@ class _Story:
             self.p(escape(w["missing"]), hold=lead)
             self.flow += lead
             return
-        if self.view.similarity.computed_here:
-            self.p(escape(w["computed_note"]), "small", hold=lead)
         self.figure(self.figures["heatmap"][0], w["caption"], lead=lead)
 
     def null(self) -> None:
@@ -564,8 +558,7 @@ def build_dossier(results: Mapping | bytes, manifest: Mapping, case_yaml_bytes: 
     """
     out_dir = Path(out_dir)
     raw_results = results_bytes(results)
-    parsed = json.loads(raw_results)
-    view = DossierView.from_results(parsed, case=case, case_id=manifest.get("case_id"))
+    view = DossierView.from_results(raw_results, case=case, case_id=manifest.get("case_id"))
     if (manifest.get("results_digest") or {}).get("sha256") != sha256_bytes(raw_results):
         raise ForensicsError(None, "the manifest was built over different results than the ones given")
     if (manifest.get("case_yaml") or {}).get("sha256") != sha256_bytes(case_yaml_bytes):

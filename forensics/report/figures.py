@@ -9,13 +9,12 @@ import re
 from pathlib import Path
 
 import matplotlib
-import matplotlib.patches
 import matplotlib.style
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from forensics.evidence.atomic import atomic_write_bytes
-from forensics.report.view import AGGREGATE, DossierView, Null, kind_of, z_score
+from forensics.report.view import AGGREGATE, DossierView, Null, kind_of
 
 DPI = 200
 WIDTH_IN = 6.6  # the dossier's text column is 17 cm (6.7 in); figures are placed at their natural size
@@ -60,12 +59,11 @@ def curves_figure(view: DossierView, labels: list[str]) -> Figure:
         axes = fig.subplots(nrows, ncols, squeeze=False)
         handles = {}
         for ax, label in zip(axes.flat, labels):
-            curves = {name: view.models[name].curves[sig] for name, sig in view.curve_pair(label).items()
-                      if sig in view.models[name].curves}
-            relative = len({len(c) for c in curves.values()}) > 1
+            curves = {name: view.models[name].z[sig] for name, sig in view.curve_pair(label).items()
+                      if sig in view.models[name].z}
+            relative = len({len(c) for c in curves.values() if c is not None}) > 1
             flat = []
-            for i, (name, values) in enumerate(curves.items()):
-                z = None if view.curve_pair(label)[name] in view.models[name].flat else z_score(values)
+            for i, (name, z) in enumerate(curves.items()):
                 if z is None:
                     flat.append(name)
                     continue
@@ -98,32 +96,23 @@ def curves_figure(view: DossierView, labels: list[str]) -> Figure:
 
 
 def similarity_heatmap(view: DossierView, path: Path) -> Path:
-    """Pairwise similarity of every model in the case; the suspect's row/column is outlined."""
-    sim = view.similarity
-    n = len(sim.names)
-    roles = {m.name: m.role for m in view.models.values()}
-    labels = [f"{name}\n({roles.get(name, '?')})" for name in sim.names]
-    values = [[math.nan if v is None else v for v in row] for row in sim.matrix]
-    side = min(WIDTH_IN, 2.2 + 0.55 * n)
+    """The statistics' r of the suspect against each candidate (rows) on each compared signal (columns)."""
+    hm = view.heatmap
+    rows, cols = len(hm.candidates), len(hm.signals)
+    values = [[math.nan if v is None else v for v in row] for row in hm.matrix]
     with matplotlib.style.context("default"):
-        fig = Figure(figsize=(min(WIDTH_IN, side + 1.0), side), layout="constrained")
+        fig = Figure(figsize=(WIDTH_IN, 1.4 + 0.45 * rows), layout="constrained")
         ax = fig.subplots()
         cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#dddddd")
-        im = ax.imshow(values, cmap=cmap, vmin=-1, vmax=1)
-        ax.set_xticks(range(n), labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
-        ax.set_yticks(range(n), labels, fontsize=7)
-        if n <= 14:
-            for i in range(n):
-                for j in range(n):
+        im = ax.imshow(values, cmap=cmap, vmin=-1, vmax=1, aspect="auto")
+        ax.set_xticks(range(cols), hm.signals, rotation=60, ha="right", rotation_mode="anchor", fontsize=6.5)
+        ax.set_yticks(range(rows), hm.candidates, fontsize=7)
+        if cols <= 24:
+            for i in range(rows):
+                for j in range(cols):
                     v = values[i][j]
-                    text = "n/a" if math.isnan(v) else f"{v:.2f}"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                    ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=5.5,
                             color="white" if not math.isnan(v) and abs(v) > 0.6 else "black")
-        if view.suspect in sim.names:
-            k = sim.names.index(view.suspect)
-            ax.add_patch(matplotlib.patches.Rectangle((-0.5, k - 0.5), n, 1, fill=False, lw=2.5, ec="black",
-                                                      clip_on=False))
-            ax.get_yticklabels()[k].set_fontweight("bold")
         bar = fig.colorbar(im, ax=ax, shrink=0.8)
         bar.set_label("similarity (Pearson r)", fontsize=7)
         bar.ax.tick_params(labelsize=7)
@@ -153,8 +142,8 @@ def _slug(text: str) -> str:
 
 
 def render_all(view: DossierView, fig_dir: Path) -> dict[str, list[Path]]:
-    """Every figure the dossier uses: ``curves:<kind>`` (one or more figures of panels), ``heatmap`` (when two or
-    more models have curves), and ``null:<signal>`` for each null distribution that has values."""
+    """Every figure the dossier uses: ``curves:<kind>`` (one or more figures of panels), ``heatmap`` (when any
+    signal was compared), and ``null:<signal>`` for each null distribution that has values."""
     out: dict[str, list[Path]] = {}
     for kind, labels in view.signal_kinds.items():
         if kind == AGGREGATE:
@@ -162,7 +151,7 @@ def render_all(view: DossierView, fig_dir: Path) -> dict[str, list[Path]]:
         chunks = [labels[i:i + PANELS_PER_FIGURE] for i in range(0, len(labels), PANELS_PER_FIGURE)]
         out[f"curves:{kind}"] = [signal_curves(view, chunk, fig_dir / f"curves_{_slug(kind)}_{k + 1}.png")
                                  for k, chunk in enumerate(chunks)]
-    if len(view.similarity.names) > 1:
+    if view.heatmap.signals:
         out["heatmap"] = [similarity_heatmap(view, fig_dir / "heatmap.png")]
     for null in view.nulls:
         if null.values:

@@ -32,11 +32,7 @@ from forensics.errors import ForensicsError
 from forensics.sources import Reads, open_model
 
 # role -> (unit kind, part)
-FFN_ROLES = {
-    "gate": ("dense", "gate"), "up": ("dense", "up"), "down": ("dense", "down"),
-    "expert_gate": ("expert", "gate"), "expert_up": ("expert", "up"), "expert_down": ("expert", "down"),
-    "shared_gate": ("shared", "gate"), "shared_up": ("shared", "up"), "shared_down": ("shared", "down"),
-}
+FFN_ROLES = {r.value: (r.unit, r.part) for r in roles.Role if r.unit}
 PARTS = ("gate", "up", "down")
 GAIN_ROLES = {"attn_norm", "mlp_norm"}
 # Role-table targets worth decoding: the FFN roles, the gains, and the fused tensors that split into them.

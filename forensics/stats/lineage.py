@@ -12,12 +12,13 @@ candidate therefore gets a second conclusion from neuron matching, with its own 
 
 from __future__ import annotations
 
+from forensics import roles
 from forensics.stats.multitest import NAMES, adjust, best_adjusted
 from forensics.stats.verdict import DERIVED, INCONCLUSIVE, NO_EVIDENCE
 
 EVIDENCE, UNAVAILABLE = "EVIDENCE OF DERIVATION", "UNAVAILABLE"
 # Std roles the flag checks: the matrices and the norms whose curves rescalings redraw.
-STD_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
+STD_ROLES = roles.RESCALABLE
 SPECTRA = ("qk_spectrum", "ov_spectrum")
 
 
