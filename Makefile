@@ -57,8 +57,8 @@ fingerprint: $(STAMP)
 # The verdict rule's error rates on 420 unrelated and 218 derived pairs of trained 24-layer models (about 15 min on
 # 2 idle cores the first time; trained families are cached in out/.cache/calibration).
 calibrate: $(STAMP)
-	$(PY) -m forensics.stats.calibrate --cache out/.cache/calibration --markdown docs/calibration.md \
-		--table forensics/stats/calibration_table.json
+	$(PY) -m forensics.lab.calibrate --cache out/.cache/calibration --markdown docs/calibration.md \
+		--table forensics/reference/calibration_table.json
 
 # Ground-truth table -> docs/bench.md: every real pair and every lab child vs SmolLM2, per signal, right or wrong.
 bench: lab
@@ -68,7 +68,7 @@ bench: lab
 bench-ci: models
 	$(PY) bench/bench_truth.py --subset tiny --no-activations --out out/bench/bench-tiny.md --json out/bench/truth-tiny.json
 
-# Rebuild (or check) the shipped reference panel forensics/panel/ from the published models.
+# Rebuild (or check) the shipped reference panel forensics/reference/panel/ from the published models.
 panel: models
 	$(PY) scripts/build_panel.py
 

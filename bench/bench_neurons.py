@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("out/bench-neurons"))
     args = ap.parse_args(argv)
 
-    from forensics.stats import neurons as N
+    from forensics import pipeline
     from forensics.signals import neurons as S
+    from forensics.stats.neurons import NeuronSettings
 
     a, b = args.cache / f"a-{args.layers}", args.cache / f"b-{args.layers}"
     t0 = time.perf_counter()
@@ -108,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             return out
         return run
 
-    N.read_embedding_rows, N.read_sketch = timed("read_embedding_rows"), timed("read_sketch")
-    settings = N.NeuronSettings(permutations=args.permutations)
+    S.read_embedding_rows, S.read_sketch = timed("read_embedding_rows"), timed("read_sketch")
+    settings = NeuronSettings(permutations=args.permutations)
     t = time.perf_counter()
-    r = N.neuron_test(a, b, settings)
+    r = pipeline.neuron_test(a, b, settings)
     total = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     read = stages["read_embedding_rows"] + stages["read_sketch"]

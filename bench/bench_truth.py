@@ -12,8 +12,8 @@ A' is byte-identical to A, so it appears only in A' vs A (as a member of any oth
 Each pair is one `compare_case` call, exactly as a case would make it (the case defaults: alpha, permutations,
 bootstrap, Holm, seed), with the shipped reference panel as the empirical null, minus the panel models that the
 ground truth relates to either model of the pair (compare_case itself only drops a byte-identical panel model; a
-relative such as B vs panel A would put a related pair into the null). Fingerprints and activation passes are cached
-in out/.cache (forensics.casework.FingerprintCache), so a rerun costs only the statistics.
+relative such as B vs panel A would put a related pair into the null). Fingerprints, activation passes and neuron
+tests come from forensics.pipeline and are cached in out/.cache (its Store), so a rerun costs only the statistics.
 
 For every pair and signal the table gives r, the block-permutation p, the empirical-null p, the verdict the tool's
 rule gives on that signal alone, and whether that verdict is right; per signal it sums up TPR/FPR of the rule and of
@@ -38,9 +38,11 @@ from pathlib import Path
 
 from forensics.case import Neurons, Statistics
 from forensics.models import MODELS
-from forensics.stats.compare import Settings, compare_case
+from forensics import pipeline
+from forensics.results import SignalTest
+from forensics.stats.compare import Settings
 from forensics.stats.multitest import min_null_size
-from forensics.stats.panel import load_panel
+from forensics.reference import load_panel
 from forensics.stats.verdict import DERIVED, INCONCLUSIVE, NO_EVIDENCE, PRIMARY_ORDER, PrimaryEvidence, decide
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,14 +242,14 @@ def _close(a: dict, b: dict, rel: float = 1e-9) -> bool:
 
 
 def settings_for(permutations: int | None) -> Settings:
-    """The case defaults (forensics.case.Statistics), as forensics.casework passes them to compare_case."""
+    """The case defaults (forensics.case.Statistics), as forensics.pipeline passes them to compare_case."""
     st = Statistics()
     return Settings(alpha=st.alpha, n_permutations=permutations or st.permutations, n_bootstrap=st.bootstrap,
                     multitest="bh" if st.multitest == "fdr_bh" else st.multitest, seed=st.seed)
 
 
 def neuron_settings():
-    """The case defaults (forensics.case.Neurons), as forensics.casework passes them to neuron_test."""
+    """The case defaults (forensics.case.Neurons), as forensics.pipeline passes them to neuron_test."""
     return Neurons().settings(Statistics().seed)
 
 
@@ -260,12 +262,11 @@ def outcome(truth: str, verdict: str | None) -> str:
     return "right" if right else "WRONG"
 
 
-def signal_verdict(entry: dict, label: str, s: Settings) -> str:
+def signal_verdict(entry: SignalTest, label: str, s: Settings) -> str:
     """The tool's verdict rule applied to this one signal as if it were the primary (one candidate: no
     adjustment)."""
-    ev = PrimaryEvidence(label, entry["statistic"], entry["permutation"]["pvalue"],
-                         entry["empirical_null"]["pvalue"], entry["empirical_null"]["n_null"],
-                         entry["permutation"]["floor"])
+    ev = PrimaryEvidence(label, entry.statistic, entry.permutation.pvalue, entry.empirical_null.pvalue,
+                         entry.empirical_null.n_null, entry.permutation.floor)
     return decide({"x": ev}, s.alpha, s.multitest)["x"]["verdict"]
 
 
@@ -273,62 +274,60 @@ def evaluate(pair: Pair, fps: dict[str, dict], families: dict[str, str], panel: 
              s: Settings, neuron: dict | None = None) -> tuple[list[dict], dict]:
     null = [fp for fam, fp in panel if not related(fam, families[pair.suspect])
             and not related(fam, families[pair.candidate])]
-    res = compare_case(fps[pair.suspect], {pair.candidate: fps[pair.candidate]}, None, null, s,
-                       None if neuron is None else {pair.candidate: neuron})
-    cand = res["candidates"][pair.candidate]
+    res, _ = pipeline.compare(fps[pair.suspect], {pair.candidate: fps[pair.candidate]}, {}, null, s,
+                              None if neuron is None else {pair.candidate: neuron})
+    cand = res.candidates[pair.candidate]
     base = {"pair": pair.name, "suspect": pair.suspect, "candidate": pair.candidate, "truth": pair.truth,
-            "group": pair.group, "null_members": len(res["null"]["members"])}
+            "group": pair.group, "null_members": len(res.null.members)}
     rows = []
-    for label, e in cand["signals"].items():
-        row = {**base, "signal": label, "status": e["status"]}
-        if e["status"] == "compared":
+    for label, e in cand.signals.items():
+        row = {**base, "signal": label, "status": e.status}
+        if e.compared:
             v = signal_verdict(e, label, s)
-            row.update({"r": e["statistic"], "p_perm": e["permutation"]["pvalue"],
-                        "perm_floor": e["permutation"]["floor"], "p_emp": e["empirical_null"]["pvalue"],
-                        "n_null": e["empirical_null"]["n_null"], "verdict": v, "outcome": outcome(pair.truth, v)})
+            row.update({"r": e.statistic, "p_perm": e.permutation.pvalue, "perm_floor": e.permutation.floor,
+                        "p_emp": e.empirical_null.pvalue, "n_null": e.empirical_null.n_null, "verdict": v,
+                        "outcome": outcome(pair.truth, v)})
         else:
             row["reason"] = _why_not(e, fps, pair, label)
         rows.append(row)
-    v = cand["verdict"]
-    verdict = {**base, "verdict": v["verdict"], "primary": v.get("primary_signal"), "r": v.get("statistic"),
-               "p_perm": v.get("pvalue_permutation"), "p_emp": v.get("pvalue_empirical"), "n_null": v.get("n_null"),
-               "min_null_pairs": v.get("min_null_pairs"), "outcome": outcome(pair.truth, v["verdict"]),
-               "reasons": v.get("reasons", [])}
+    v = cand.verdict
+    verdict = {**base, "verdict": v.verdict, "primary": v.primary_signal, "r": v.statistic,
+               "p_perm": v.pvalue_permutation, "p_emp": v.pvalue_empirical, "n_null": v.n_null,
+               "min_null_pairs": v.min_null_pairs, "outcome": outcome(pair.truth, v.verdict),
+               "reasons": list(v.reasons)}
     if neuron is not None:
-        n, tamper = cand["neurons"], cand["tamper"]
-        verdict["neurons"] = {"conclusion": n["conclusion"], "reason": n.get("reason"), "p": n.get("pvalue"),
-                              "fisher_p": (n.get("fisher") or {}).get("pvalue"), "statistic": n.get("statistic"),
-                              "null_max": (n.get("null") or {}).get("max"),
-                              "layer_map": [sorted({u["matches"]["layer"] for u in layer["units"]})
-                                            for layer in n.get("layers") or []]}
-        verdict["tamper"] = {"raised": tamper["raised"], "roles": tamper["roles"]}
+        n, tamper = cand.neurons, cand.tamper
+        verdict["neurons"] = {"conclusion": n.conclusion, "reason": n.reason, "p": n.pvalue,
+                              "fisher_p": n.fisher.pvalue if n.fisher else None, "statistic": n.statistic,
+                              "null_max": n.null.max if n.null else None,
+                              "layer_map": [sorted({u.matches.layer for u in layer.units})
+                                            for layer in n.layers or []]}
+        verdict["tamper"] = {"raised": tamper.raised, "roles": list(tamper.roles)}
     return rows, verdict
 
 
-def _why_not(entry: dict, fps: dict[str, dict], pair: Pair, label: str) -> str:
-    names = entry["signals"]
+def _why_not(entry: SignalTest, fps: dict[str, dict], pair: Pair, label: str) -> str:
+    names = entry.names(label)
     for who, name in ((pair.suspect, names[0]), (pair.candidate, names[1])):
         if fps[who]["signals"].get(name, {}).get("unavailable"):
             return f"unavailable for {who}"
-    if entry["status"] == "too_short":
-        n = entry["n_layers"]
-        return f"too short ({n['suspect']} vs {n['candidate']} layers)"
-    flat = [who for who, side in ((pair.suspect, "suspect"), (pair.candidate, "candidate"))
-            if entry["variation"][side]["flat"]]
-    return f"flat curve ({', '.join(flat)})" if flat else entry["status"]
+    if entry.status == "too_short":
+        n = entry.n_layers
+        return f"too short ({n.suspect} vs {n.candidate} layers)"
+    flat = [who for who, side in ((pair.suspect, entry.variation.suspect), (pair.candidate, entry.variation.candidate))
+            if side.flat]
+    return f"flat curve ({', '.join(flat)})" if flat else entry.status
 
 
 def run_bench(models: Path, cache_dir: Path, subset: str = "all", activations: bool = True,
               permutations: int | None = None, panel_dir: Path | None = None, log=None,
               neurons: bool = True) -> BenchResult:
-    from forensics.casework import FingerprintCache
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     subjects, missing = discover(models, subset)
     if missing:
         raise SystemExit("bench: missing model(s): " + ", ".join(missing) + "; run `make models` (and `make lab`)")
-    cache = FingerprintCache(cache_dir)
-    fps = {sid: cache.weights(s.path, "cpu", sid) for sid, s in subjects.items()}
+    store = pipeline.Store(cache_dir)
+    fps = {sid: pipeline.fingerprint(s.path, "cpu", sid, store) for sid, s in subjects.items()}
     subjects, notes = lab_families(subjects, fps)
     fps = {sid: fps[sid] for sid in subjects}
     act_record = None
@@ -339,8 +338,8 @@ def run_bench(models: Path, cache_dir: Path, subset: str = "all", activations: b
         settings = {**ACT_SETTINGS, "seed": Statistics().seed}
         for sid, s in subjects.items():
             started = time.perf_counter()
-            acts = cache.activations(s.path, fps[sid], corpus, settings, "cpu")
-            fps[sid] = {**fps[sid], "signals": {**fps[sid]["signals"], **acts}}
+            acts = pipeline.activations(s.path, fps[sid], corpus, settings, "cpu", store, show_progress=False)
+            fps[sid] = pipeline.with_signals(fps[sid], acts)
             log(f"activations {sid}: {time.perf_counter() - started:.1f} s")
         act_record = {"corpus": corpus.id, "settings": settings, "device": "cpu",
                       "runnable": sorted(sid for sid in subjects if fps[sid]["signals"]["act_norm"]["values"]),
@@ -356,8 +355,8 @@ def run_bench(models: Path, cache_dir: Path, subset: str = "all", activations: b
         result.neurons = asdict(ns)
     for pair in result.pairs:
         started = time.perf_counter()
-        neuron = cache.neurons(subjects[pair.suspect].path, subjects[pair.candidate].path,
-                               (fps[pair.suspect], fps[pair.candidate]), ns) if neurons else None
+        neuron = pipeline.neurons(subjects[pair.suspect].path, subjects[pair.candidate].path,
+                                  (fps[pair.suspect], fps[pair.candidate]), ns, store) if neurons else None
         rows, verdict = evaluate(pair, fps, families, panel, s, neuron)
         result.rows += rows
         result.verdicts.append(verdict)
@@ -666,7 +665,7 @@ def render(result: BenchResult, meta: dict) -> str:
         w(f"| {sid} | {subj.family} | {('made by the lab: ' if subj.made else '') + subj.description} "
           f"| models/{rel.as_posix()} |")
     w("")
-    w("Reference panel (forensics/panel/, the empirical null; per pair, the panel models the ground truth relates to "
+    w("Reference panel (forensics/reference/panel/, the empirical null; per pair, the panel models the ground truth relates to "
       "either model are left out):")
     w("")
     for e in result.panel:

@@ -6,7 +6,6 @@ passphrase comes from an environment variable or a file named here.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -130,12 +129,6 @@ class Case(Strict):
     def models(self) -> list[ModelRef]:
         return [self.suspect, *self.candidates, *self.controls]
 
-    def roles(self) -> dict[str, str]:
-        out = {self.suspect.name: "suspect"}
-        out.update({m.name: "candidate" for m in self.candidates})
-        out.update({m.name: "control" for m in self.controls})
-        return out
-
     def wanted_signals(self) -> tuple[str, ...]:
         return SIGNALS if self.signals == "all" else tuple(self.signals)
 
@@ -202,7 +195,3 @@ def _resolve(case: Case, base: Path) -> Case:
     if isinstance(case.statistics.panel, Path):
         update["statistics"] = case.statistics.model_copy(update={"panel": fix(case.statistics.panel)})
     return case.model_copy(update=update)
-
-
-def sha256_bytes(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()

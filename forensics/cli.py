@@ -13,14 +13,15 @@ from forensics.progress import byte_progress, err
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from forensics.fingerprint import fingerprint_model, write_json
+    from forensics.evidence.atomic import atomic_write_bytes
+    from forensics.fingerprint import fingerprint_model
 
     with byte_progress() as bar:
         task = bar.add_task(f"{Path(args.path).name}", total=None)
         fp = fingerprint_model(args.path, device=args.device, allow_nonfinite=args.allow_nonfinite,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
     if args.output:
-        write_json(fp, Path(args.output))
+        atomic_write_bytes(Path(args.output), (json.dumps(fp, indent=1, sort_keys=True) + "\n").encode())
         err.print(f"wrote {args.output}")
     else:
         json.dump(fp, sys.stdout, indent=1, sort_keys=True)
@@ -29,15 +30,17 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def cmd_case_run(args: argparse.Namespace) -> int:
-    from forensics.casework import run_case
+    from forensics.pipeline import run_case
+
+    from forensics.results import CaseResults
 
     out = run_case(args.case, out_root=args.out, device=args.device)
     manifest = json.loads((out / "manifest.json").read_text())
-    results = json.loads((out / "results.json").read_text())
+    results = CaseResults.from_json((out / "results.json").read_bytes())
     summary = {"dossier": str(out / "dossier.pdf"), "manifest": str(out / "manifest.json"),
                "results": str(out / "results.json"), "dossier_id": manifest.get("dossier_id"),
                "signer_certificate_sha256": (manifest.get("signer") or {}).get("certificate_sha256"),
-               "verdicts": {name: c["verdict"]["verdict"] for name, c in results["candidates"].items()}}
+               "verdicts": {name: c.verdict.verdict for name, c in results.candidates.items()}}
     json.dump(summary, sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
     return 0

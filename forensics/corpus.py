@@ -11,16 +11,13 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-# Before `datasets` is imported: it reads these once, and an evidence site has no network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from forensics import settings  # noqa: F401,I001  (first: the offline switches, before datasets is imported)
 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402

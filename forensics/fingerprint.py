@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import resource
 import time
 from collections import defaultdict
@@ -16,11 +14,12 @@ from threadpoolctl import threadpool_limits
 
 from forensics import __version__, roles
 from forensics.errors import ForensicsError
+from forensics.results import FINGERPRINT_SCHEMA
 from forensics.signals.attention import LayerCollector
 from forensics.signals.weights import Moments, moments, pick_device
 from forensics.sources import Reads, open_model
 
-SCHEMA = "llm-forensics.fingerprint/1"
+SCHEMA = FINGERPRINT_SCHEMA
 
 
 def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfinite: bool = False,
@@ -121,11 +120,3 @@ def _signal(role: str, entries: dict[tuple[int, int | None], Moments], num_layer
 
 def _num(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
-
-
-def write_json(obj: dict, out: Path) -> None:
-    """Atomic: a reader never sees half a fingerprint under the final name."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, out)

@@ -1,4 +1,4 @@
-"""Regenerate the shipped reference panel (forensics/panel/*.json) from the real models under models/.
+"""Regenerate the shipped reference panel (forensics/reference/panel/*.json) from the real models under models/.
 
 The panel is the empirical null's source: fingerprints of real published models that are unrelated to each other
 (docs/models.md, "Ground truth"). One model per family:
@@ -32,10 +32,11 @@ import sys
 import time
 from pathlib import Path
 
+from forensics import pipeline
 from forensics.case import Statistics
-from forensics.fingerprint import fingerprint_model
 from forensics.models import A_PKG, D_PKG, E_PKG, F_PKG, MODELS
-from forensics.stats.panel import SCHEMA
+from forensics.evidence.atomic import atomic_write_bytes
+from forensics.results import FINGERPRINT_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_DIGITS = 12
@@ -69,22 +70,22 @@ def _round(v, digits: int):
 def panel_entry(models: Path, mid: str, activations: bool, corpus=None) -> dict:
     name, family, package = PANEL[mid]
     path = model_path(models, mid)
-    fp = fingerprint_model(path, device="cpu")
+    fp = pipeline.fingerprint(path, "cpu", mid)
     signals = {}
     for key, sig in fp["signals"].items():
         signals[key] = {**sig, "values": _round(sig["values"], WEIGHT_DIGITS)}
         if "experts" in sig:
             signals[key]["experts"] = [_round(e, WEIGHT_DIGITS) for e in sig["experts"]]
     if activations:
-        from forensics.signals.activations import CPU_DEFAULTS, activation_signals
+        from forensics.signals.activations import CPU_DEFAULTS
 
-        acts = activation_signals(path, corpus, **CPU_DEFAULTS, seed=Statistics().seed, device="cpu",
-                                  show_progress=False)
+        acts = pipeline.activations(path, fp, corpus, {**CPU_DEFAULTS, "seed": Statistics().seed}, "cpu",
+                                    show_progress=False)
         for key, sig in acts.items():
             signals[key] = {**sig, "values": _round(sig["values"], ACTIVATION_DIGITS)}
     model = {**fp["model"], "path": name}
     return {
-        "schema": SCHEMA,
+        "schema": FINGERPRINT_SCHEMA,
         "tool": fp["tool"],
         "model": model,
         "signals": signals,
@@ -105,7 +106,7 @@ def render(entry: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=Path, default=ROOT / "models", help="where `make models` put the models")
-    p.add_argument("--out", type=Path, default=ROOT / "forensics" / "panel")
+    p.add_argument("--out", type=Path, default=ROOT / "forensics" / "reference" / "panel")
     p.add_argument("--no-activations", dest="activations", action="store_false",
                    help="weight signals only (the activation passes take a few minutes on a CPU)")
     p.add_argument("--check", action="store_true", help="compare with the shipped files instead of writing")
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if not target.is_file() or target.read_text() != text:
                 stale.append(str(target))
         else:
-            args.out.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+            atomic_write_bytes(target, text.encode())
         print(f"{mid}: {target} ({len(text) // 1024} KiB, {time.perf_counter() - started:.0f} s)", file=sys.stderr)
     if stale:
         print(f"stale panel file(s): {', '.join(stale)}", file=sys.stderr)

@@ -12,7 +12,7 @@ import torch
 import transformers
 import yaml
 
-from forensics.casework import run_case
+from forensics.pipeline import run_case
 from forensics.corpus import load_corpus
 from forensics.errors import ForensicsError
 from forensics.report.verify import verify_dossier
@@ -104,6 +104,14 @@ def test_case_writes_signed_dossier_that_verifies(ran):
     if shutil.which("pdftoppm"):
         subprocess.run(["pdftoppm", "-r", "20", "-png", str(out / "dossier.pdf"), str(tmp / "page")], check=True)
         assert len(list(tmp.glob("page-*.png"))) >= 5
+
+
+def test_results_json_is_what_the_typed_results_describe(ran):
+    from forensics.results import CaseResults
+    from forensics.stats.compare import to_json
+
+    raw = (ran[1] / "results.json").read_bytes()
+    assert to_json(CaseResults.from_json(raw).as_json()).encode() == raw
 
 
 def test_results_tell_parent_from_stranger(ran):

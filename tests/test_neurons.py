@@ -14,7 +14,8 @@ from forensics.signals.neurons import align_residual, read_sketch
 from forensics.sources.vocabulary import canonical, shared_tokens, vocabulary
 from forensics.stats.compare import Settings, compare_case
 from forensics.stats.lineage import EVIDENCE, agreement, tamper_flag
-from forensics.stats.neurons import NeuronSettings, neuron_test
+from forensics.pipeline import neuron_test
+from forensics.stats.neurons import NeuronSettings
 from tests.test_case_run import family
 from tests.test_corpus import byte_bpe
 
@@ -199,7 +200,7 @@ def test_tamper_flag_ignores_curves_too_short_to_test():
 
 def test_bytes_matched_are_the_fingerprinted_evidence(lineage):
     """Neuron matching reads the models again; what it read must hash as in the fingerprint pass, or the run stops."""
-    from forensics.casework import same_inputs
+    from forensics.pipeline import same_inputs
     from forensics.errors import ForensicsError
 
     r = neuron_test(lineage / "qk", lineage / "parent", FAST)

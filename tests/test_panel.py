@@ -1,4 +1,4 @@
-"""The shipped reference panel (forensics/panel/*.json, built by scripts/build_panel.py)."""
+"""The shipped reference panel (forensics/reference/panel/*.json, built by scripts/build_panel.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from forensics.stats.compare import compare_case, same_model
-from forensics.stats.panel import DEFAULT_DIR, load_panel
+from forensics.reference import PANEL_DIR as DEFAULT_DIR
+from forensics.reference import load_panel
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -44,7 +44,7 @@ def _base_curves(rng: np.random.Generator, layers: int) -> dict[str, np.ndarray]
     return out
 
 
-# A calibration table as forensics.stats.calibrate writes it: 1 false positive in 90 unrelated pairs at alpha 0.05.
+# A calibration table as forensics.lab.calibrate writes it: 1 false positive in 90 unrelated pairs at alpha 0.05.
 CALIBRATION = {"rule": {"0.05": {"rate": 1 / 90, "n": 90, "hits": 1, "ci95": [0.0003, 0.06]}},
                "design": {"summary": "90 unrelated pairs (test table)"}}
 

@@ -11,7 +11,9 @@ import pytest
 from scipy import stats
 
 from forensics.errors import ForensicsError
-from forensics.stats import Settings, compare_case, load_panel, load_table, to_json
+from forensics.reference import load_calibration_table as load_table
+from forensics.reference import load_panel
+from forensics.stats import Settings, compare_case, to_json
 from forensics.stats.align import Aligner, monotone_match
 from forensics.stats.bootstrap import block_bootstrap_ci
 from forensics.stats.calibration import empirical_null

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from scipy import stats
 
-from forensics.stats.calibrate import SMALL, UNTRAINED, markdown, run
+from forensics.lab.calibrate import SMALL, UNTRAINED, markdown, run
 
 
 @pytest.fixture(scope="module")

@@ -169,7 +169,3 @@ def build_manifest(
         "environment": _plain(environment, "environment") if environment is not None else capture_environment(),
         "results_digest": {"algorithm": "sha256", "of": "results.json", "sha256": digest},
     }
-
-
-def write_manifest(manifest: Mapping, path: str | Path) -> Path:
-    return write_canonical_json(manifest, path)

@@ -16,8 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# Before transformers is imported: the lab never reaches for a hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from forensics import settings  # noqa: F401,I001  (first: the offline switches, before transformers is imported)
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -26,6 +25,7 @@ from torch import nn  # noqa: E402
 from forensics import __version__  # noqa: E402
 from forensics.errors import ForensicsError  # noqa: E402
 from forensics.evidence.hashing import expand_input, file_record  # noqa: E402
+from forensics.sources import NotRunnable, transformers_location  # noqa: E402
 
 LABEL = "made by the llm-forensics lab"
 SCHEMA = "llm-forensics.lab-recipe/1"
@@ -55,21 +55,16 @@ def load_source(path: str | Path) -> Source:
     A GGUF file is dequantised by transformers, which also undoes llama.cpp's Q/K row permutation.
     """
     path = Path(path)
-    if not path.exists():
-        raise ForensicsError(path, "no such file or directory")
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ForensicsError(path, "a lab source is a model directory (config.json + weights) or a .gguf file")
-        where, kwargs, fmt = path.parent, {"gguf_file": path.name}, "gguf"
-        files = [file_record(path, path.name)]
-    else:
-        if not (path / "config.json").is_file():
-            raise ForensicsError(path, "no config.json: not a Hugging Face model directory")
-        where, kwargs, fmt = path, {}, "hf"
-        files = [file_record(f, str(f.relative_to(path))) for f in expand_input(path)]
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, local_files_only=True,
-                                                                  **kwargs)
+        where, kwargs = transformers_location(path)
+    except NotRunnable as e:
+        raise ForensicsError(path, f"a lab source is a model directory (config.json + weights) or a .gguf file: "
+                                   f"{e}") from e
+    fmt = "gguf" if "gguf_file" in kwargs else "hf"
+    files = [file_record(f, str(f.relative_to(path))) for f in expand_input(path)] if fmt == "hf" else \
+        [file_record(path, path.name)]
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
     except Exception as e:  # transformers, safetensors and gguf each raise their own types for an unreadable model
         raise ForensicsError(path, f"transformers cannot load it as a causal language model: "
                                    f"{type(e).__name__}: {e}") from e
@@ -80,7 +75,7 @@ def load_source(path: str | Path) -> Source:
         model.hf_quantizer = None
     model.name_or_path = str(path)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError, TypeError):
         tokenizer = None  # only continued pre-training needs one, and it says so
     recipe = None

@@ -1,4 +1,4 @@
-"""The dossier PDF: layout with reportlab platypus, fixed wording from templates/dossier.yaml, and
+"""The dossier PDF: layout with reportlab platypus, fixed wording from forensics/report/templates/dossier.yaml, and
 ``build_dossier``, which renders figures, lays out the PDF, attaches the evidence files and signs it."""
 
 from __future__ import annotations

@@ -23,11 +23,12 @@ from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from pyhanko.sign import fields, signers
 from pyhanko_certvalidator.registry import SimpleCertificateStore
 
+from forensics import settings
 from forensics.errors import ForensicsError
 from forensics.evidence.atomic import atomic_write_bytes, exclusive_write_bytes
 from forensics.evidence.hashing import sha256_bytes
 
-KEY_DIR_ENV = "FORENSICS_KEY_DIR"
+KEY_DIR_ENV = settings.KEY_DIR_ENV
 LOCAL_KEY_NAME = "analyst.p12"
 LOCAL_CERT_NAME = "analyst-cert.pem"
 LOCAL_CN = "llm-forensics local analyst key"
@@ -86,10 +87,7 @@ class Attachment:
 
 
 def default_key_dir() -> Path:
-    if os.environ.get(KEY_DIR_ENV):
-        return Path(os.environ[KEY_DIR_ENV]).expanduser()
-    config_home = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
-    return Path(config_home) / "llm-forensics"
+    return settings.key_dir()
 
 
 def _new_local_key() -> bytes:

@@ -16,13 +16,10 @@ architecture it does not know) gives both signals with empty `values` and the re
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# Before transformers is imported: it reads these once, and evidence sites have no network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from forensics import settings  # noqa: F401,I001  (first: the offline switches, before transformers is imported)
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -30,15 +27,12 @@ import transformers  # noqa: E402
 from forensics.corpus import Corpus, Windows, load_corpus, progress_bar  # noqa: E402
 from forensics.errors import ForensicsError  # noqa: E402
 from forensics.signals.weights import Moments, pick_device  # noqa: E402
+from forensics.sources import NotRunnable, transformers_location  # noqa: E402
 
 # The original's shapes on a GPU; on a CPU, a pass short enough for the demo case (about 10 s for a 135M model).
 GPU_DEFAULTS = {"batch_size": 8, "seq_len": 1024, "num_batches": 1000}
 CPU_DEFAULTS = {"batch_size": 4, "seq_len": 256, "num_batches": 8}
 POSITIONS = "embedding output, then the output of each block (before any final norm)"
-
-
-class Unavailable(Exception):
-    """The model cannot be run here; the reason goes into the fingerprint instead of values."""
 
 
 @dataclass
@@ -87,7 +81,7 @@ def activation_signals(model_path: str | Path, corpus: Corpus | str | Path | Non
     settings = {"batch_size": batch_size, "seq_len": seq_len, "num_batches": num_batches, "seed": seed}
     try:
         runnable = load_runnable(model_path, device)
-    except Unavailable as e:
+    except NotRunnable as e:
         return _unavailable(str(e), settings)
     if not isinstance(corpus, Corpus):
         corpus = load_corpus(corpus, show_progress=show_progress)
@@ -108,46 +102,32 @@ def activation_signals(model_path: str | Path, corpus: Corpus | str | Path | Non
 
 def load_runnable(model_path: str | Path, device: str | None = "auto") -> Runnable:
     """The model as transformers runs it: bf16 on a GPU (device_map="auto", so a model larger than one GPU spreads
-    over the others and the CPU), fp32 on a CPU. Raises Unavailable with the reason when it cannot be run."""
-    path = Path(model_path)
-    if not path.exists():
-        raise ForensicsError(path, "no such file or directory")
-    kw: dict = {"local_files_only": True, "trust_remote_code": False}
-    if path.is_file():
-        if path.suffix.lower() == ".gguf":
-            root, kw["gguf_file"] = path.parent, path.name
-        elif path.suffix.lower() == ".onnx":
-            raise Unavailable("an ONNX graph: transformers cannot run it")
-        else:
-            raise Unavailable(f"transformers cannot run a {path.suffix or 'suffix-less'} file")
-    else:
-        root = path
-        if not (path / "config.json").is_file():
-            raise Unavailable("no config.json: transformers needs the model's configuration to run it")
+    over the others and the CPU), fp32 on a CPU. Raises NotRunnable with the reason when it cannot be run."""
+    root, kw = transformers_location(model_path)
     dev = torch.device(pick_device(device))
     with _quiet_transformers():
         try:
             config = transformers.AutoConfig.from_pretrained(root, **kw)
         except (ValueError, KeyError, OSError) as e:
             # Never trust_remote_code: evidence may carry its own modeling code, and the tool does not run it.
-            raise Unavailable(f"transformers cannot build this architecture: {_first_line(e)}") from e
+            raise NotRunnable(f"transformers cannot build this architecture: {_first_line(e)}") from e
         if getattr(config, "is_encoder_decoder", False):
-            raise Unavailable(f"an encoder-decoder model ({config.model_type}): no single residual stream to measure")
+            raise NotRunnable(f"an encoder-decoder model ({config.model_type}): no single residual stream to measure")
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(root, **kw)
         except (ValueError, KeyError, OSError, TypeError) as e:
-            raise Unavailable(f"no usable tokenizer: {_first_line(e)}") from e
+            raise NotRunnable(f"no usable tokenizer: {_first_line(e)}") from e
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         try:
             model, info = transformers.AutoModel.from_pretrained(
                 root, config=config, dtype=dtype, device_map="auto" if dev.type == "cuda" else None,
                 output_loading_info=True, **kw)
         except (ValueError, KeyError, OSError, RuntimeError) as e:
-            raise Unavailable(f"transformers cannot load the weights: {_first_line(e)}") from e
+            raise NotRunnable(f"transformers cannot load the weights: {_first_line(e)}") from e
     # A weight the checkpoint lacks would be left at its random initialisation; only the pooler is never used.
     missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
     if missing:
-        raise Unavailable(f"{len(missing)} weight(s) missing from the checkpoint (first {missing[0]}); "
+        raise NotRunnable(f"{len(missing)} weight(s) missing from the checkpoint (first {missing[0]}); "
                           f"they would run with random values")
     if dev.type != "cuda":
         model.to(dev)
@@ -209,7 +189,7 @@ def find_blocks(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:
     candidates = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers
                   and len({type(c) for c in m}) == 1]
     if not candidates:
-        raise Unavailable(f"no stack of {num_layers} blocks found in {type(model).__name__}")
+        raise NotRunnable(f"no stack of {num_layers} blocks found in {type(model).__name__}")
     return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 

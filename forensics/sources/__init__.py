@@ -17,20 +17,52 @@ FILE_READERS: dict[str, str] = {".gguf": "gguf:GGUFFile", ".onnx": "onnx:ONNXFil
 MAGIC_READERS: dict[bytes, str] = {b"E5S1": "e5s1:E5S1File"}
 
 
-def open_model(path: str | Path, reads: Reads) -> Source:
+class NotRunnable(Exception):
+    """transformers cannot run this model; the reason is recorded instead of activation values."""
+
+
+def detect(path: str | Path) -> str:
+    """The model's format, the one place it is decided: "hf" (a directory), or the reader module of a single
+    file ("gguf", "onnx", "e5s1"), by its first bytes first and its suffix second."""
     path = Path(path)
     if not path.exists():
         raise ForensicsError(path, "no such file or directory")
     if path.is_dir():
-        return HFDirectory(path, reads)
+        return "hf"
     reader = next((r for magic, r in MAGIC_READERS.items() if _head(path, len(magic)) == magic), None)
     reader = reader or FILE_READERS.get(path.suffix.lower())
     if reader is None:
         raise ForensicsError(path, f"unsupported model file type {path.suffix!r}; give a model directory or one of "
                                    f"{', '.join(sorted(FILE_READERS))}, or a file starting with "
                                    f"{', '.join(m.decode() for m in MAGIC_READERS)}")
-    module, cls = reader.split(":")
+    return reader.split(":")[0]
+
+
+def open_model(path: str | Path, reads: Reads) -> Source:
+    path = Path(path)
+    fmt = detect(path)
+    if fmt == "hf":
+        return HFDirectory(path, reads)
+    module, cls = next(r for r in (*MAGIC_READERS.values(), *FILE_READERS.values()) if r.startswith(f"{fmt}:")
+                       ).split(":")
     return getattr(importlib.import_module(f"forensics.sources.{module}"), cls)(path, reads)
+
+
+def transformers_location(path: str | Path) -> tuple[Path, dict]:
+    """Where transformers finds the model: (directory, extra from_pretrained arguments), local files only and never
+    the model's own code. Raises NotRunnable with the reason for a format transformers cannot run."""
+    path = Path(path)
+    fmt = detect(path)
+    kw: dict = {"local_files_only": True, "trust_remote_code": False}
+    if fmt == "gguf":
+        return path.parent, {**kw, "gguf_file": path.name}
+    if fmt == "onnx":
+        raise NotRunnable("an ONNX graph: transformers cannot run it")
+    if fmt != "hf":
+        raise NotRunnable(f"transformers cannot run a {fmt} file")
+    if not (path / "config.json").is_file():
+        raise NotRunnable("no config.json: transformers needs the model's configuration to run it")
+    return path, kw
 
 
 def _head(path: Path, n: int) -> bytes:
@@ -42,4 +74,5 @@ def _head(path: Path, n: int) -> bytes:
         raise ForensicsError(path, f"cannot open for reading: {e.strerror}") from e
 
 
-__all__ = ["FILE_READERS", "MAGIC_READERS", "ModelInfo", "Reads", "Source", "TensorRef", "open_model"]
+__all__ = ["FILE_READERS", "MAGIC_READERS", "ModelInfo", "NotRunnable", "Reads", "Source", "TensorRef", "detect",
+           "open_model", "transformers_location"]

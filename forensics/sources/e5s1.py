@@ -58,10 +58,6 @@ LAYER = {
 DTYPES = {F32: "f32", Q4_0: "q4_0"}
 
 
-def is_e5s1(head: bytes) -> bool:
-    return head.startswith(MAGIC)
-
-
 def dequantize_q4_0(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     blocks = raw.reshape(-1, Q4_BLOCK_BYTES)
     d = blocks[:, :2].copy().view(np.float16).astype(np.float32)

@@ -78,20 +78,17 @@ def shared_tokens(a: list[str] | None, b: list[str] | None, spelling_a: str, spe
 
 def vocabulary(path: Path) -> tuple[list[str] | None, str]:
     """(token strings by id, spelling) of the model at `path`; (None, "") when the model ships no vocabulary."""
+    from forensics.sources import detect
+
     path = Path(path)
-    if path.is_dir():
+    fmt = detect(path)
+    if fmt == "hf":
         if (path / "tokenizer.json").is_file():
             return _tokenizer_json(path / "tokenizer.json")
         if (path / "vocab.txt").is_file():
             return (path / "vocab.txt").read_text(encoding="utf-8").splitlines(), "wordpiece"
         return None, ""
-    if path.suffix.lower() == ".gguf":
-        return _gguf(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"E5S1":
-        return _e5s1(path)
-    return None, ""
+    return {"gguf": _gguf, "e5s1": _e5s1}.get(fmt, lambda _: (None, ""))(path)
 
 
 def _tokenizer_json(path: Path) -> tuple[list[str], str]:

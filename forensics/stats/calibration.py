@@ -8,17 +8,10 @@ of the null (exchangeability), so p is valid at any n and never below 1/(n + 1).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import stats
-
-from forensics.errors import ForensicsError
-
-# The false-positive and true-positive rates measured by `make calibrate` (forensics.stats.calibrate).
-TABLE = Path(__file__).resolve().parent / "calibration_table.json"
 
 
 @dataclass(frozen=True)
@@ -52,17 +45,3 @@ def empirical_null(observed: float, null: list[float]) -> EmpiricalNullResult:
         null_max=float(values.max()) if have else None,
         values=tuple(float(v) for v in np.sort(values)),
     )
-
-
-def load_table(path: str | Path | None = None) -> dict | None:
-    """The calibration table to quote in verdicts: `path`, else the shipped one; None if none was shipped."""
-    target = Path(path) if path is not None else TABLE
-    if not target.is_file():
-        if path is None:
-            return None
-        raise ForensicsError(target, "calibration table not found")
-    try:
-        return json.loads(target.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ForensicsError(target, f"cannot read calibration table: {e}") from None
-

@@ -46,7 +46,7 @@ class Settings:
     min_layers: int = 4  # fewer aligned layers than this: not compared
     trend_degree: int = TREND_DEGREE
     seed: int = 0
-    calibration: dict | None = field(default=None, compare=False)  # table written by forensics.stats.calibrate
+    calibration: dict | None = field(default=None, compare=False)  # table written by forensics.lab.calibrate
 
     def __post_init__(self):
         problems = []

@@ -1,6 +1,7 @@
 """Neuron matching with an exact permutation test: does the suspect hold the candidate's FFN neurons?
 
-Procedure (docs/statistics.md, "Neuron matching"), for a suspect and a candidate of the same hidden width:
+Procedure (docs/statistics.md, "Neuron matching"), for a suspect and a candidate of the same hidden width; steps 1
+and 2 read the models and run in forensics.pipeline.neuron_test, steps 3-5 are `match_test` here:
 
 1. Align the residual streams through the tokens both vocabularies share (`signals.neurons.align_residual`).
 2. Sketch both models' FFN neurons at `dims` residual dimensions (the candidate's through the alignment).
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -32,8 +32,7 @@ from scipy.optimize import linear_sum_assignment
 from threadpoolctl import threadpool_limits
 
 from forensics.errors import ForensicsError
-from forensics.signals.neurons import Sketch, UnitKey, align_residual, read_embedding_rows, read_sketch
-from forensics.sources.vocabulary import shared_tokens, vocabulary
+from forensics.signals.neurons import Sketch, UnitKey
 from forensics.stats.seeds import rng_for
 
 SCHEMA = "llm-forensics.neurons/1"
@@ -55,44 +54,6 @@ class NeuronSettings:
 
 def unavailable(reason: str) -> dict:
     return {"schema": SCHEMA, "status": "unavailable", "reason": reason}
-
-
-def neuron_test(suspect: Path, candidate: Path, settings: NeuronSettings | None = None,
-                suspect_width: int | None = None, candidate_width: int | None = None,
-                progress: Callable[[int], None] | None = None) -> dict:
-    """The whole test for one pair, reading each model twice (embedding rows, then FFN sketches), one tensor at a
-    time. Returns a JSON-ready dict; status "unavailable" with the reason when the test cannot apply."""
-    s = settings or NeuronSettings()
-    if suspect_width and candidate_width and suspect_width != candidate_width:
-        return unavailable(f"hidden widths differ ({suspect_width} vs {candidate_width}): neurons live in residual "
-                           f"streams of different sizes and cannot be matched one to one")
-    (va, sa), (vb, sb) = vocabulary(Path(suspect)), vocabulary(Path(candidate))
-    pairs = shared_tokens(va, vb, sa, sb)
-    how = "tokens spelled the same in both vocabularies"
-    if not pairs:
-        return unavailable("no shared vocabulary: at least one model ships no tokenizer, or the two share no "
-                           "token, so the residual streams cannot be aligned")
-    rng = rng_for(s.seed, "tokens")
-    pairs = np.asarray(pairs)
-    n_shared = len(pairs)
-    if len(pairs) > s.tokens:
-        pairs = pairs[np.sort(rng.choice(len(pairs), s.tokens, replace=False))]
-    es = read_embedding_rows(Path(suspect), pairs[:, 0])
-    ec = read_embedding_rows(Path(candidate), pairs[:, 1])
-    if es.shape[1] != ec.shape[1]:
-        return unavailable(f"hidden widths differ ({es.shape[1]} vs {ec.shape[1]})")
-    d = es.shape[1]
-    alignment = align_residual(es, ec)
-    del es, ec
-    k = min(s.dims, d)
-    dims = np.sort(rng_for(s.seed, "dims").choice(d, k, replace=False))
-    sus = read_sketch(Path(suspect), dims)
-    cand = read_sketch(Path(candidate), alignment.perm[dims], alignment.signs[dims])
-    result = match_test(sus, cand, s, progress)
-    result["alignment"] = {"how": how, "shared_tokens": n_shared, "tokens_used": int(len(pairs)),
-                           **alignment.as_dict()}
-    result["inputs"] = {"suspect": sus.files, "candidate": cand.files}
-    return result
 
 
 def _matrix(sketch: Sketch, unit: UnitKey, parts: list[str]) -> np.ndarray:

@@ -95,7 +95,7 @@ def decide(evidence: dict[str, PrimaryEvidence | None], alpha: float, method: st
 
 
 def measured_fpr(table: dict | None, alpha: float, signal: str | None = None) -> dict | None:
-    """From a calibration table (forensics.stats.calibrate): the false-positive rate at `alpha` of the verdict
+    """From a calibration table (forensics.lab.calibrate): the false-positive rate at `alpha` of the verdict
     rule, or with `signal` of that signal's permutation test alone; None where the table does not have it."""
     if not table:
         return None

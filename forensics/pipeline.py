@@ -1,0 +1,363 @@
+"""The one orchestration of the stages: evidence for a set of models (fingerprints, activations, neuron tests), the
+statistics over it, and a case run into a signed dossier. The case, the bench, the panel build and the calibration
+all call these functions; none merges signals or reads a model by other means.
+
+    sources → roles → signals → stats → evidence → report          (docs/architecture.md)
+
+What is expensive is cached in a `Store`: fingerprints under a key of the files' identity (size, mtime, ctime,
+inode: any write changes ctime, which user space cannot set back), activation passes and neuron tests under the
+SHA-256 of the files they read, the settings and the tool version. Every entry carries an HMAC under a key of this
+installation, so an entry edited by hand is discarded and recomputed, and the run says so.
+
+A case's outputs are written into a staging folder beside the final one and moved into place only when the signed
+dossier exists, so `out/CASE/` never holds a partial or unsigned result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from forensics import __version__, settings
+from forensics.errors import ForensicsError
+from forensics.evidence.atomic import atomic_write_bytes, exclusive_write_bytes
+from forensics.progress import byte_progress, err, step_progress
+from forensics.results import CaseResults
+
+STORE_KEY_NAME = "cache-hmac.key"
+
+
+def digest(obj) -> str:
+    """A content key: SHA-256 of the canonical JSON of `obj`."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+class Store:
+    """A cache of JSON values under (kind, key), authenticated with an HMAC under this installation's key."""
+
+    def __init__(self, root: Path, key_dir: Path | None = None):
+        self.root = Path(root)
+        self._key_path = (key_dir or settings.key_dir()) / STORE_KEY_NAME
+        self._secret: bytes | None = None
+
+    def _key(self) -> bytes:
+        if self._secret is None:
+            if not self._key_path.exists():
+                self._key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                exclusive_write_bytes(self._key_path, secrets.token_bytes(32).hex().encode(), mode=0o600)
+            try:
+                self._secret = bytes.fromhex(self._key_path.read_text().strip())
+            except (OSError, ValueError) as e:
+                raise ForensicsError(self._key_path, f"cannot read the cache key: {e}") from e
+        return self._secret
+
+    def _mac(self, kind: str, key: str, body: bytes) -> str:
+        return hmac.new(self._key(), f"{kind}/{key}\n".encode() + body, hashlib.sha256).hexdigest()
+
+    def get(self, kind: str, key: str) -> dict | None:
+        path = self.root / kind / f"{key}.json"
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            return None
+        mac, _, body = raw.partition(b"\n")
+        if not hmac.compare_digest(mac.decode(errors="replace"), self._mac(kind, key, body)):
+            err.print(f"[yellow]cache entry {path} failed its authentication check (edited or written by another "
+                      f"installation): discarded, recomputing[/]", highlight=False)
+            path.unlink(missing_ok=True)
+            return None
+        return json.loads(body)
+
+    def put(self, kind: str, key: str, value: dict) -> None:
+        body = json.dumps(value, sort_keys=True).encode()
+        atomic_write_bytes(self.root / kind / f"{key}.json", self._mac(kind, key, body).encode() + b"\n" + body)
+
+
+# -- evidence of one model ------------------------------------------------------------------------------------------
+
+def file_key(fp: dict) -> list:
+    """The files a fingerprint read, by content: what activation and neuron caches are keyed by."""
+    return sorted((f["path"], f["sha256"]) for f in fp["model"]["files"])
+
+
+def _stat_key(path: Path, device: str) -> str:
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    identity = [[f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for f in files for st in [f.stat()]]
+    return digest([str(path.resolve()), identity, __version__, device])
+
+
+def fingerprint(path: Path, device: str, label: str, store: Store | None = None) -> dict:
+    """The model's weight fingerprint (forensics.fingerprint), with a byte progress bar; cached while no file of the
+    model changed."""
+    from forensics.fingerprint import fingerprint_model
+
+    key = _stat_key(Path(path), device) if store else None
+    if store and (cached := store.get("fingerprints", key)) is not None:
+        err.print(f"[dim]fingerprint of {label}: cached (no file changed)[/]")
+        return cached
+    with byte_progress() as bar:
+        task = bar.add_task(label, total=None)
+        fp = fingerprint_model(path, device=device,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if store:
+        store.put("fingerprints", key, fp)
+    return fp
+
+
+def activations(path: Path, fp: dict, corpus, plan: dict, device: str, store: Store | None = None,
+                show_progress: bool = True) -> dict:
+    """The activation signals of the model whose fingerprint is `fp`; the files transformers reads are first
+    checked against the fingerprint's SHA-256, so the activations describe the same bytes as the weights."""
+    from forensics.signals.activations import activation_signals
+
+    key = digest([file_key(fp), corpus.sha256, plan, device, __version__])
+    if store and (cached := store.get("activations", key)) is not None:
+        err.print(f"[dim]activations of {Path(path).name}: cached[/]")
+        return cached
+    same_bytes(fp, rehash(Path(path), fp), "the activation pass")
+    signals = activation_signals(path, corpus, device=device, show_progress=show_progress, **plan)
+    if store:
+        store.put("activations", key, signals)
+    return signals
+
+
+def rehash(path: Path, fp: dict) -> list[dict]:
+    """The SHA-256 of every file the fingerprint lists, read again now."""
+    from forensics.evidence.hashing import sha256_file
+
+    root = path if path.is_dir() else path.parent
+    return [{"path": f["path"], "sha256": sha256_file(root / f["path"])} for f in fp["model"]["files"]]
+
+
+def same_bytes(fp: dict, files: list[dict], what: str) -> None:
+    """Every file a later pass read must hash as it did in the fingerprint pass."""
+    recorded = {f["path"]: f["sha256"] for f in fp["model"]["files"]}
+    for f in files:
+        if recorded.get(f["path"], f["sha256"]) != f["sha256"]:
+            root = Path(fp["model"]["path"])
+            raise ForensicsError(root / f["path"] if root.is_dir() else root,
+                                 f"changed during the analysis: SHA-256 {f['sha256']} when {what} read it, "
+                                 f"{recorded[f['path']]} in the fingerprint pass")
+
+
+def with_signals(fp: dict, signals: dict) -> dict:
+    """The fingerprint with more signals (activations) beside its own."""
+    return {**fp, "signals": {**fp["signals"], **signals}}
+
+
+def keep_signals(fp: dict, wanted: tuple[str, ...]) -> dict:
+    return {**fp, "signals": {k: v for k, v in fp["signals"].items() if k in wanted}}
+
+
+# -- neuron matching --------------------------------------------------------------------------------------------------
+
+def neuron_test(suspect: Path, candidate: Path, neuron_settings=None, suspect_width: int | None = None,
+                candidate_width: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """Neuron matching of one pair (forensics/stats/neurons.py has the procedure): the vocabularies and embedding
+    rows align the residual streams, one pass per model reads its FFN sketches, the statistics match them."""
+    from forensics.signals.neurons import align_residual, read_embedding_rows, read_sketch
+    from forensics.sources.vocabulary import shared_tokens, vocabulary
+    from forensics.stats.neurons import NeuronSettings, match_test, unavailable
+    from forensics.stats.seeds import rng_for
+
+    s = neuron_settings or NeuronSettings()
+    if suspect_width and candidate_width and suspect_width != candidate_width:
+        return unavailable(f"hidden widths differ ({suspect_width} vs {candidate_width}): neurons live in residual "
+                           f"streams of different sizes and cannot be matched one to one")
+    (va, sa), (vb, sb) = vocabulary(Path(suspect)), vocabulary(Path(candidate))
+    pairs = shared_tokens(va, vb, sa, sb)
+    if not pairs:
+        return unavailable("no shared vocabulary: at least one model ships no tokenizer, or the two share no "
+                           "token, so the residual streams cannot be aligned")
+    rng = rng_for(s.seed, "tokens")
+    pairs = np.asarray(pairs)
+    n_shared = len(pairs)
+    if len(pairs) > s.tokens:
+        pairs = pairs[np.sort(rng.choice(len(pairs), s.tokens, replace=False))]
+    es = read_embedding_rows(Path(suspect), pairs[:, 0])
+    ec = read_embedding_rows(Path(candidate), pairs[:, 1])
+    if es.shape[1] != ec.shape[1]:
+        return unavailable(f"hidden widths differ ({es.shape[1]} vs {ec.shape[1]})")
+    d = es.shape[1]
+    alignment = align_residual(es, ec)
+    del es, ec
+    dims = np.sort(rng_for(s.seed, "dims").choice(d, min(s.dims, d), replace=False))
+    sus = read_sketch(Path(suspect), dims)
+    cand = read_sketch(Path(candidate), alignment.perm[dims], alignment.signs[dims])
+    result = match_test(sus, cand, s, progress)
+    result["alignment"] = {"how": "tokens spelled the same in both vocabularies", "shared_tokens": n_shared,
+                           "tokens_used": int(len(pairs)), **alignment.as_dict()}
+    result["inputs"] = {"suspect": sus.files, "candidate": cand.files}
+    return result
+
+
+def neurons(suspect: Path, candidate: Path, fps: tuple[dict, dict], neuron_settings,
+            store: Store | None = None) -> dict:
+    """`neuron_test` with a progress bar, cached by both models' file hashes; the bytes it read are checked against
+    the fingerprint pass."""
+    key = digest([[file_key(fp) for fp in fps], asdict(neuron_settings), __version__])
+    if store and (cached := store.get("neurons", key)) is not None:
+        err.print(f"[dim]neuron matching against {Path(candidate).name}: cached[/]")
+    else:
+        widths = [(fp.get("model") or {}).get("hidden_size") for fp in fps]
+        with step_progress() as bar:
+            tasks = []  # the bar appears once matching starts (not for a pair the test does not apply to)
+
+            def advance(done: int) -> None:
+                if not tasks:
+                    tasks.append(bar.add_task(f"neuron matching vs {Path(candidate).name}",
+                                              total=neuron_settings.permutations))
+                bar.update(tasks[0], completed=done)
+
+            cached = neuron_test(suspect, candidate, neuron_settings, *widths, progress=advance)
+        if store:
+            store.put("neurons", key, cached)
+    same_inputs(cached, fps)
+    return cached
+
+
+def same_inputs(result: dict, fps: tuple[dict, dict]) -> None:
+    """Neuron matching read both models again: what it read must be the fingerprinted evidence."""
+    for side, fp in zip(("suspect", "candidate"), fps):
+        same_bytes(fp, (result.get("inputs") or {}).get(side, []), "neuron matching")
+
+
+# -- a set of models ------------------------------------------------------------------------------------------------
+
+@dataclass
+class ActivationPlan:
+    corpus: object  # forensics.corpus.Corpus
+    settings: dict  # batch_size, seq_len, num_batches, seed
+    device: str
+
+
+@dataclass
+class Evidence:
+    """Everything read from a set of models: fingerprints (activation signals merged in) and neuron tests."""
+
+    fingerprints: dict[str, dict]
+    windows: dict[str, dict] = field(default_factory=dict)  # per model: the token windows its activations used
+    neurons: dict[str, dict] = field(default_factory=dict)  # per candidate: its neuron test against the suspect
+
+
+def gather(models: dict[str, Path], device: str, store: Store | None = None, plan: ActivationPlan | None = None,
+           neuron_pairs: list[tuple[str, str]] = (), neuron_settings=None, show_progress: bool = True) -> Evidence:
+    """Fingerprints of `models` (name -> path), their activation signals when `plan` says how, and the neuron test
+    of each (suspect, candidate) pair named."""
+    fps = {name: fingerprint(path, device, name, store) for name, path in models.items()}
+    windows = {}
+    if plan is not None:
+        for name, path in models.items():
+            acts = activations(path, fps[name], plan.corpus, plan.settings, plan.device, store, show_progress)
+            fps[name] = with_signals(fps[name], acts)
+            windows[name] = acts["act_norm"].get("windows") or {"unavailable": acts["act_norm"].get("reason")}
+    tests = {cand: neurons(models[sus], models[cand], (fps[sus], fps[cand]), neuron_settings, store)
+             for sus, cand in neuron_pairs}
+    return Evidence(fps, windows, tests)
+
+
+def compare(suspect: dict, candidates: dict[str, dict], controls: dict[str, dict], panel: list[dict], stats_settings,
+            neuron_tests: dict[str, dict] | None = None) -> tuple[CaseResults, bytes]:
+    """The statistics over gathered evidence: typed results and the exact bytes of results.json."""
+    from forensics.stats.compare import compare_case, to_json
+
+    raw = to_json(compare_case(suspect, candidates, controls, panel, stats_settings, neuron_tests)).encode()
+    return CaseResults.from_json(raw), raw
+
+
+# -- a case ---------------------------------------------------------------------------------------------------------
+
+def statistics_settings(case, calibration: dict | None):
+    from forensics.stats.compare import Settings
+
+    s = case.statistics
+    return Settings(alpha=s.alpha, n_permutations=s.permutations, n_bootstrap=s.bootstrap,
+                    multitest="bh" if s.multitest == "fdr_bh" else s.multitest, seed=s.seed,
+                    calibration=calibration)
+
+
+def case_panel(case) -> list[dict]:
+    from forensics.reference import load_panel
+
+    panel = case.statistics.panel
+    if panel == "none":
+        return []
+    return load_panel(None if panel == "default" else panel)
+
+
+def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = "auto",
+             argv: list[str] | None = None) -> Path:
+    """Run the case end to end; returns `out_root/CASE_ID`, which holds the signed dossier."""
+    from forensics.case import load_case
+    from forensics.corpus import load_corpus
+    from forensics.evidence.manifest import build_manifest, fingerprint_inputs
+    from forensics.reference import load_calibration_table
+    from forensics.report.dossier import build_dossier
+    from forensics.report.signing import SigningConfig
+
+    case_path = Path(case_path)
+    case, raw_yaml = load_case(case_path)
+    for m in case.models():
+        if not m.path.exists():
+            raise ForensicsError(m.path, f"model {m.name!r} of the case: no such file or directory")
+    out_root = Path(out_root)
+    store = Store(out_root / ".cache")
+    wanted = case.wanted_signals()
+
+    plan = corpus_record = None
+    if case.activations.enabled and any(s in wanted for s in ("act_norm", "act_norm_std")):
+        a = case.activations
+        corpus = load_corpus(a.corpus, text_field=a.text_field)
+        corpus_record = corpus.describe()
+        plan = ActivationPlan(corpus, {"batch_size": a.batch_size, "seq_len": a.seq_len,
+                                       "num_batches": a.num_batches, "seed": case.statistics.seed},
+                              a.device if a.device != "auto" else device)
+    pairs = [(case.suspect.name, m.name) for m in case.candidates] if case.neurons.enabled else []
+    evidence = gather({m.name: m.path for m in case.models()}, device, store, plan, pairs,
+                      case.neurons.settings(case.statistics.seed))
+
+    fps = {name: keep_signals(fp, wanted) for name, fp in evidence.fingerprints.items()}
+    _, raw_results = compare(fps[case.suspect.name], {m.name: fps[m.name] for m in case.candidates},
+                             {m.name: fps[m.name] for m in case.controls}, case_panel(case),
+                             statistics_settings(case, load_calibration_table()),
+                             evidence.neurons if case.neurons.enabled else None)
+
+    staging = out_root / f".{case.id}.partial-{os.getpid()}"
+    final = out_root / case.id
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        (staging / "fingerprints").mkdir(parents=True)
+        (staging / "results.json").write_bytes(raw_results)
+        for name, fp in fps.items():
+            (staging / "fingerprints" / f"{_safe(name)}.json").write_text(json.dumps(fp, indent=1, sort_keys=True))
+        inputs = fingerprint_inputs(fps)
+        if corpus_record:
+            inputs += [{**f, "kind": "corpus"} for f in corpus_record["files"] if Path(f["path"]).is_absolute()]
+        manifest = build_manifest(case_id=case.id, argv=argv or sys.argv, case_yaml_bytes=raw_yaml,
+                                  case_yaml_path=case_path, results=raw_results, inputs=inputs,
+                                  corpus=corpus_record, token_windows=evidence.windows or None,
+                                  inputs_base=Path.cwd())
+        build_dossier(raw_results, manifest, raw_yaml, staging, SigningConfig(**case.signing.model_dump()),
+                      case=case.model_dump(mode="json"))
+        old = out_root / f".{case.id}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
