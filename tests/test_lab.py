@@ -260,13 +260,16 @@ TEXT = ("the cat sat on the mat . the dog ate the bone . a bird sang in the tree
 @pytest.mark.parametrize("family", ["llama-tied", "qwen2-biased"])
 def test_new_vocabulary_gets_fresh_embeddings_and_keeps_the_layers_close(family):
     model = decoder(family)
+    model.config.unk_token_id = 3  # as a GGUF source's config has: an id in the old vocabulary
     tokenizer = T.new_tokenizer([TEXT], vocab_size=300)
     assert len(tokenizer) == 300 and tokenizer.eos_token == "<|endoftext|>"
     stream = np.asarray(tokenizer(TEXT)["input_ids"])
     windows = stream[:4 * 16].reshape(4, 16)
     child, details = T.replace_vocabulary(model, tokenizer, windows, seed=0, batch_size=2)
     assert details["vocab_size"] == 300 and details["steps"] == 2 and all(np.isfinite(details["losses"]))
-    assert child.config.vocab_size == 300 and child.config.eos_token_id == tokenizer.eos_token_id
+    assert child.config.vocab_size == 300
+    assert (child.config.bos_token_id, child.config.eos_token_id, child.config.pad_token_id,
+            child.config.unk_token_id) == (0, 0, None, None)  # "<|endoftext|>" is both; the new vocabulary has no unk
     assert (child.lm_head.weight is child.model.embed_tokens.weight) == (family == "llama-tied")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         old, new = model.get_parameter(name).detach(), child.get_parameter(name).detach()

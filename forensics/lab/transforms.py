@@ -613,8 +613,9 @@ def replace_vocabulary(model: nn.Module, tokenizer, windows: np.ndarray, *, seed
     state["lm_head.weight"] = state["model.embed_tokens.weight"] if tied else fresh(state["lm_head.weight"])
     config = copy.deepcopy(model.config)
     config.vocab_size = vocab
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = (tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                                                     tokenizer.pad_token_id)
+    # Every special-token id the config names (bos, eos, pad; unk from a GGUF) was an id in the old vocabulary.
+    for name in [k for k in config.to_dict() if k.endswith("_token_id")]:
+        setattr(config, name, getattr(tokenizer, name, None))
     child, details = continue_pretraining(_build(model, config, state), windows, seed=seed, batch_size=batch_size,
                                           lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                                           progress=progress)
