@@ -123,8 +123,9 @@ SUBCOMMANDS = {
     "rescale-norm": ("RMSNorm gain·c, next projections' input columns /c; outputs unchanged", _spreads, True),
     "rotate-residual": ("rotate the residual stream by a random orthogonal matrix (norm gains folded into the "
                         "projections, lm_head untied); outputs unchanged", lambda p: [], True),
-    "prune-width": ("drop residual dimensions, and optionally FFN neurons and kv heads (not healed)", _prune_width,
-                    True),
+    "prune-width": ("keep a fraction of the residual dimensions, and optionally of the FFN neurons and kv heads "
+                    "(rounded, at least 1; the kept indices go into recipe.json); outputs change, not healed",
+                    _prune_width, True),
     "replace-vocabulary": ("new byte-level BPE tokenizer trained on a corpus, token embeddings re-initialised, then "
                            "brief continued pre-training with it", _replace_vocabulary, True),
 }

@@ -275,32 +275,30 @@ def rotate_residual(model: nn.Module, *, seed: int) -> tuple[nn.Module, dict]:
     q = _orthogonal(g, model.config.hidden_size)
     state = dict(model.state_dict())
 
-    def read(name: str, gain: torch.Tensor) -> None:
-        w = state[name]
-        state[name] = ((w.double() * gain[None, :]) @ q).to(w.dtype)
-
-    def fold(norm: str, readers: Sequence[str]) -> None:
+    def fold_and_rotate(norm: str, readers: Sequence[str]) -> None:
         gain = state[norm].double()
         for name in readers:
-            read(name, gain)
+            w = state[name]
+            state[name] = ((w.double() * gain[None, :]) @ q).to(w.dtype)
         state[norm] = torch.ones_like(state[norm])
 
     for i in range(len(layers)):
         p = f"model.layers.{i}."
         for norm, readers in READERS.items():
-            fold(p + norm + ".weight", [p + r + ".weight" for r in readers])
+            fold_and_rotate(p + norm + ".weight", [p + r + ".weight" for r in readers])
         for name in WRITERS:
             for part in (".weight", ".bias"):
                 if p + name + part in state:
                     t = state[p + name + part]
                     state[p + name + part] = (q.T @ t.double()).to(t.dtype)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    fold("model.norm.weight", ["lm_head.weight"])  # from the state's own copy of lm_head, tied or not
+    fold_and_rotate("model.norm.weight", ["lm_head.weight"])  # the state names lm_head even when it is tied
     embed = state["model.embed_tokens.weight"]
     state["model.embed_tokens.weight"] = (embed.double() @ q).to(embed.dtype)
     config = copy.deepcopy(model.config)
     config.tie_word_embeddings = False
     return _build(model, config, state), {"lm_head": "untied from the input embeddings" if tied else "was untied"}
+
 
 # ---- non-preserving transforms -------------------------------------------------------------------------------------
 
@@ -422,10 +420,11 @@ def prune_width(model: nn.Module, *, seed: int, hidden_keep: float = 0.75, ffn_k
     kept_ffn, kept_kv = [], []
     for i in range(len(layers)):
         p = f"model.layers.{i}."
-        w = {name: state[p + name + ".weight"] for name in (*READERS["input_layernorm"],
-                                                            *READERS["post_attention_layernorm"], *WRITERS)}
+        w = {name: state[f"{p}{name}.weight"] for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                                                             "self_attn.v_proj", "self_attn.o_proj")}
         ffn = _top(score(w["mlp.gate_proj"].norm(dim=1), w["mlp.up_proj"].norm(dim=1), w["mlp.down_proj"].norm(dim=0)),
                    n_ffn, g)
+        # a kv head's v rows, and the o columns of its query heads (consecutive: head h reads kv head h // group)
         v_norm = w["self_attn.v_proj"].reshape(n_kv, d, -1).norm(dim=(1, 2))
         o_norm = w["self_attn.o_proj"].reshape(-1, n_kv, group * d).norm(dim=(0, 2))
         kv = _top(score(v_norm, o_norm), n_heads, g)
