@@ -56,6 +56,7 @@ PRESERVING = {
     "rescale_vo": lambda m, s: T.rescale_vo(m, seed=s),
     "rescale_updown": lambda m, s: T.rescale_updown(m, seed=s),
     "rescale_norm": lambda m, s: T.rescale_norm(m, seed=s),
+    "rotate_residual": lambda m, s: T.rotate_residual(m, seed=s),
 }
 
 
@@ -147,6 +148,151 @@ def test_final_norm_is_rescaled_only_when_lm_head_is_untied():
     assert not torch.equal(child.model.norm.weight, untied.model.norm.weight)
     assert not torch.equal(child.lm_head.weight, untied.lm_head.weight)
     assert torch.equal(child.model.embed_tokens.weight, untied.model.embed_tokens.weight)
+
+
+READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2-biased"])
+def test_rotation_folds_the_gains_and_turns_every_residual_matrix_by_one_random_orthogonal_q(family):
+    model = decoder(family)
+    child, details = T.rotate_residual(model, seed=2)
+    assert ("untied" in details["lm_head"]) and not child.config.tie_word_embeddings
+    assert child.lm_head.weight is not child.model.embed_tokens.weight
+    e, e_new = model.model.embed_tokens.weight.detach().double(), child.model.embed_tokens.weight.detach().double()
+    q = torch.linalg.lstsq(e, e_new).solution  # E·Q = E_child: the vocabulary outnumbers the dimensions
+    torch.testing.assert_close(q.T @ q, torch.eye(SIZES["hidden_size"], dtype=torch.float64), atol=1e-5, rtol=0)
+    assert float(q.abs().max()) < 0.8, "Q is near a signed permutation: the embedding columns were not mixed"
+
+    def close(got, want):
+        torch.testing.assert_close(got.detach().double(), want, atol=1e-5, rtol=0)
+
+    def assert_uncorrelated(a, b, what):
+        r = float(torch.corrcoef(torch.stack([a.detach().reshape(-1), b.detach().reshape(-1)]))[0, 1])
+        assert abs(r) < 0.3, f"{what}: child still correlates with the parent (r = {r:.2f})"
+
+    for i in range(SIZES["num_hidden_layers"]):
+        old, new = layer(model, i), layer(child, i)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            assert torch.equal(getattr(new, norm).weight, torch.ones(SIZES["hidden_size"]))
+        for path in READERS:
+            gain = (old.input_layernorm if path.startswith("self_attn") else old.post_attention_layernorm).weight
+            w = old.get_submodule(path).weight.detach().double() * gain.detach().double()[None, :]
+            close(new.get_submodule(path).weight, w @ q)
+            assert_uncorrelated(new.get_submodule(path).weight, old.get_submodule(path).weight, f"layer {i} {path}")
+            if old.get_submodule(path).bias is not None:  # on the output side: untouched
+                assert torch.equal(new.get_submodule(path).bias, old.get_submodule(path).bias)
+        for path in WRITERS:
+            close(new.get_submodule(path).weight, q.T @ old.get_submodule(path).weight.detach().double())
+            assert_uncorrelated(new.get_submodule(path).weight, old.get_submodule(path).weight, f"layer {i} {path}")
+    assert torch.equal(child.model.norm.weight, torch.ones(SIZES["hidden_size"]))
+    head = model.lm_head.weight.detach().double() * model.model.norm.weight.detach().double()[None, :]
+    close(child.lm_head.weight, head @ q)
+    again, _ = T.rotate_residual(model, seed=2)
+    other, _ = T.rotate_residual(model, seed=3)
+    assert torch.equal(again.model.embed_tokens.weight, child.model.embed_tokens.weight)
+    assert not torch.equal(other.model.embed_tokens.weight, child.model.embed_tokens.weight)
+
+
+def test_width_pruning_keeps_exactly_the_recorded_slices():
+    model = decoder("qwen2-biased")
+    child, kept = T.prune_width(model, seed=0, hidden_keep=0.5, ffn_keep=0.75, heads_keep=0.5)
+    h = torch.tensor(kept["kept_hidden"])
+    assert len(h) == 32 and h.equal(h.sort().values)
+    config = child.config
+    assert (config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads,
+            config.head_dim) == (32, 96, 2, 1, 16)
+    d, group = 16, 2
+    for i in range(SIZES["num_hidden_layers"]):
+        old, new = layer(model, i), layer(child, i)
+        f, kv = torch.tensor(kept["kept_ffn"][i]), torch.tensor(kept["kept_kv_heads"][i])
+        assert len(f) == 96 and len(kv) == 1
+        heads = (kv[:, None] * group + torch.arange(group)).reshape(-1)  # the kv head's own query heads
+        q_rows = (heads[:, None] * d + torch.arange(d)).reshape(-1)
+        kv_rows = (kv[:, None] * d + torch.arange(d)).reshape(-1)
+        for path, rows, cols in (("self_attn.q_proj", q_rows, h), ("self_attn.k_proj", kv_rows, h),
+                                 ("self_attn.v_proj", kv_rows, h), ("self_attn.o_proj", h, q_rows),
+                                 ("mlp.gate_proj", f, h), ("mlp.up_proj", f, h), ("mlp.down_proj", h, f)):
+            want = old.get_submodule(path)
+            got = new.get_submodule(path)
+            assert torch.equal(got.weight, want.weight[rows][:, cols]), f"layer {i} {path}"
+            if want.bias is not None:
+                assert torch.equal(got.bias, want.bias[rows]), f"layer {i} {path} bias"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            assert torch.equal(getattr(new, norm).weight, getattr(old, norm).weight[h])
+    assert torch.equal(child.model.embed_tokens.weight, model.model.embed_tokens.weight[:, h])
+    assert torch.equal(child.lm_head.weight, model.lm_head.weight[:, h])
+    assert torch.equal(child.model.norm.weight, model.model.norm.weight[h])
+    out = logits(child, batch())
+    assert out.shape == (3, 16, SIZES["vocab_size"]) and torch.isfinite(out).all()
+    assert not torch.allclose(out, logits(model, batch()), atol=1e-2), "width pruning is not output-preserving"
+
+
+def test_width_pruning_by_norm_keeps_the_largest_and_random_follows_the_seed():
+    model = decoder("llama-tied")
+    child, kept = T.prune_width(model, seed=0, hidden_keep=0.75, ffn_keep=0.5)
+    assert child.lm_head.weight is child.model.embed_tokens.weight and kept["kept_kv_heads"] is None
+    norms = model.model.embed_tokens.weight.detach().norm(dim=0)
+    assert kept["kept_hidden"] == sorted(norms.argsort(descending=True)[:48].tolist())
+    mlp = layer(model, 0).mlp
+    score = mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
+    assert kept["kept_ffn"][0] == sorted(score.argsort(descending=True)[:64].tolist())
+    assert T.prune_width(model, seed=5, hidden_keep=0.75, ffn_keep=0.5)[1] == kept  # no ties: the seed is idle
+    a = T.prune_width(model, seed=1, hidden_keep=0.75, rule="random")[1]
+    b = T.prune_width(model, seed=2, hidden_keep=0.75, rule="random")[1]
+    assert a["kept_hidden"] != b["kept_hidden"] and a["kept_ffn"] is None
+    assert a == T.prune_width(model, seed=1, hidden_keep=0.75, rule="random")[1]
+
+
+@pytest.mark.parametrize("params,problem", [({"hidden_keep": 0}, r"\(0, 1\]"), ({"ffn_keep": 1.5}, r"\(0, 1\]"),
+                                            ({"hidden_keep": 1.0}, "nothing to prune"),
+                                            ({"rule": "magnitude"}, "rule")])
+def test_width_pruning_rejects_impossible_fractions(params, problem):
+    with pytest.raises(ForensicsError, match=problem):
+        T.prune_width(decoder(), seed=0, **params)
+
+
+TEXT = ("the cat sat on the mat . the dog ate the bone . a bird sang in the tree and the cat watched it . "
+        "rain fell on the town , and the river rose over the old stone bridge . ") * 4
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2-biased"])
+def test_new_vocabulary_gets_fresh_embeddings_and_keeps_the_layers_close(family):
+    model = decoder(family)
+    model.config.unk_token_id = 3  # as a GGUF source's config has: an id in the old vocabulary
+    tokenizer = T.new_tokenizer([TEXT], vocab_size=300)
+    assert len(tokenizer) == 300 and tokenizer.eos_token == "<|endoftext|>"
+    stream = np.asarray(tokenizer(TEXT)["input_ids"])
+    windows = stream[:4 * 16].reshape(4, 16)
+    child, details = T.replace_vocabulary(model, tokenizer, windows, seed=0, batch_size=2)
+    assert details["vocab_size"] == 300 and details["steps"] == 2 and all(np.isfinite(details["losses"]))
+    assert child.config.vocab_size == 300
+    assert (child.config.bos_token_id, child.config.eos_token_id, child.config.pad_token_id,
+            child.config.unk_token_id) == (0, 0, None, None)  # "<|endoftext|>" is both; the new vocabulary has no unk
+    assert (child.lm_head.weight is child.model.embed_tokens.weight) == (family == "llama-tied")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        old, new = model.get_parameter(name).detach(), child.get_parameter(name).detach()
+        assert new.shape == (300, SIZES["hidden_size"])
+        assert float(new.std() / old.std()) == pytest.approx(1, abs=0.05)
+        r = float(torch.corrcoef(torch.stack([new[:128].reshape(-1), old.reshape(-1)]))[0, 1])
+        assert abs(r) < 0.1, f"{name}: the new rows correlate with the old (r = {r:.2f})"
+    for (name, old), new in zip(model.model.layers.named_parameters(), child.model.layers.parameters(), strict=True):
+        drift = float((new - old).detach().norm() / old.detach().norm())
+        assert 0 < drift < 0.05, f"{name}: relative change {drift:.4f}"
+    assert logits(child, torch.as_tensor(windows)).shape == (4, 16, 300)
+    again, _ = T.replace_vocabulary(model, tokenizer, windows, seed=0, batch_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(child.parameters(), again.parameters(), strict=True))
+
+
+def test_new_tokenizer_keeps_the_special_tokens_of_the_one_it_replaces():
+    old = T.new_tokenizer([TEXT], vocab_size=280)
+    new = T.new_tokenizer([TEXT.upper()], vocab_size=300, like=old)
+    assert new.eos_token == old.eos_token and new.bos_token == old.bos_token
+    assert new.convert_ids_to_tokens(new(TEXT.upper()[:20])["input_ids"]) != \
+        old.convert_ids_to_tokens(old(TEXT.upper()[:20])["input_ids"])
+    with pytest.raises(ForensicsError, match="256 bytes"):
+        T.new_tokenizer([TEXT], vocab_size=200)
 
 
 def test_noise_is_relative_to_each_tensors_std_and_seeded():
@@ -275,7 +421,7 @@ def test_training_rejects_tokens_outside_the_vocabulary():
 def test_transforms_refuse_architectures_whose_symmetries_differ():
     gemma = transformers.AutoModelForCausalLM.from_config(transformers.GemmaConfig(**SIZES, head_dim=16))
     for fn in (T.permute_heads, T.permute_neurons, T.rescale_qk, T.rescale_vo, T.rescale_updown, T.rescale_norm,
-               T.upcycle):
+               T.upcycle, T.rotate_residual, T.prune_width):
         with pytest.raises(ForensicsError, match="gemma"):
             fn(gemma, seed=0)
     with pytest.raises(ForensicsError, match="gemma"):

@@ -83,7 +83,8 @@ def test_child_is_a_loadable_checkpoint_with_the_source_tokenizer_and_a_recipe(s
 
 
 @pytest.mark.parametrize("argv", [["noise", "--scale", "0.02"], ["upcycle", "--experts", "3"], ["rescale-norm"],
-                                  ["requantise", "--bits", "8"]])
+                                  ["requantise", "--bits", "8"], ["rotate-residual"],
+                                  ["prune-width", "--ffn-keep", "0.5", "--rule", "random"]])
 def test_same_arguments_give_byte_identical_files_and_another_seed_does_not(source, tmp_path, argv):
     lab(*argv, "--source", source, "--out", tmp_path / "a", *(["--seed", 1] if argv[0] != "requantise" else []))
     lab(*argv, "--source", source, "--out", tmp_path / "b", *(["--seed", 1] if argv[0] != "requantise" else []))
@@ -120,6 +121,58 @@ def test_noiseless_upcycled_checkpoint_reloads_as_moe_and_computes_the_source(so
     original = transformers.AutoModelForCausalLM.from_pretrained(source)
     assert child.config.model_type == arch and child.config.tie_word_embeddings
     torch.testing.assert_close(logits(child, batch()), logits(original, batch()), atol=1e-4, rtol=0)
+
+
+def test_rotated_and_width_pruned_checkpoints_reload_with_their_new_configs(source, tmp_path):
+    original = transformers.AutoModelForCausalLM.from_pretrained(source)
+    lab("rotate-residual", "--source", source, "--out", tmp_path / "rotated")
+    rotated = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "rotated")
+    assert not rotated.config.tie_word_embeddings and rotated.lm_head.weight is not rotated.model.embed_tokens.weight
+    torch.testing.assert_close(logits(rotated, batch()), logits(original, batch()), atol=1e-4, rtol=0)
+    lab("prune-width", "--source", source, "--out", tmp_path / "narrow", "--hidden-keep", 0.5, "--ffn-keep", 0.25,
+        "--heads-keep", 0.5)
+    narrow = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "narrow")
+    assert (narrow.config.hidden_size, narrow.config.intermediate_size, narrow.config.num_attention_heads,
+            narrow.config.num_key_value_heads, narrow.config.head_dim) == (32, 32, 2, 1, 16)
+    assert torch.isfinite(logits(narrow, batch())).all()
+    (entry,) = json.loads((tmp_path / "narrow" / "recipe.json").read_text())["steps"]
+    assert entry["params"] == {"hidden_keep": 0.5, "ffn_keep": 0.25, "heads_keep": 0.5, "rule": "norm"}
+    kept = entry["details"]["kept_hidden"]
+    assert torch.equal(narrow.model.embed_tokens.weight, original.model.embed_tokens.weight[:, kept])
+    assert len(entry["details"]["kept_ffn"]) == len(entry["details"]["kept_kv_heads"]) == SIZES["num_hidden_layers"]
+
+
+def test_vocab_replaced_child_has_its_own_tokenizer_fresh_embeddings_and_near_source_layers(source, corpus, tmp_path):
+    argv = ["--source", source, "--corpus", corpus, "--vocab-size", 300, "--steps", 2, "--seq-len", 16]
+    lab("replace-vocabulary", *argv, "--out", tmp_path / "child")
+    lab("replace-vocabulary", *argv, "--out", tmp_path / "again")
+    out = tmp_path / "child"
+    assert files(out) == files(tmp_path / "again")
+    assert (out / "tokenizer.json").read_bytes() != (source / "tokenizer.json").read_bytes()
+    new, old = transformers.AutoTokenizer.from_pretrained(out), transformers.AutoTokenizer.from_pretrained(source)
+    child = transformers.AutoModelForCausalLM.from_pretrained(out)
+    original = transformers.AutoModelForCausalLM.from_pretrained(source)
+    assert len(new) == child.config.vocab_size == 300
+    for role in ("bos", "eos", "pad", "unk"):  # the same special tokens, by spelling and role, at their new ids
+        assert getattr(new, f"{role}_token") == getattr(old, f"{role}_token")
+    config = child.config
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (new.bos_token_id, new.eos_token_id,
+                                                                               new.pad_token_id)
+    text = "the river rose over the old stone bridge"
+    assert new(text).input_ids != old(text).input_ids
+    (entry,) = json.loads((out / "recipe.json").read_text())["steps"]
+    assert entry["params"] == {"vocab_size": 300, "corpus": str(corpus), "steps": 2, "batch_size": 2, "seq_len": 16,
+                               "lr": 1e-4, "weight_decay": 0.01, "max_grad_norm": 1.0}
+    shared = sorted(new.get_vocab().keys() & old.get_vocab().keys())
+    assert entry["details"]["tokenizer"]["shared_spellings"] == len(shared) and "cat" in shared
+    assert entry["details"]["tokenizer"]["size"] == entry["details"]["vocab_size"] == 300
+    # tokens spelled alike in both vocabularies have unrelated embeddings
+    a = child.model.embed_tokens.weight[new.convert_tokens_to_ids(shared)].detach()
+    b = original.model.embed_tokens.weight[old.convert_tokens_to_ids(shared)].detach()
+    assert abs(float(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1])) < 0.2
+    for (name, p), q in zip(original.model.layers.named_parameters(), child.model.layers.parameters(), strict=True):
+        assert float((q - p).detach().norm() / p.detach().norm()) < 0.05, name
+    assert torch.isfinite(logits(child, torch.as_tensor([new(text).input_ids]))).all()
 
 
 def test_a_child_of_a_child_carries_its_parents_recipe(source, tmp_path):
@@ -208,7 +261,7 @@ def test_make_set_writes_every_child_and_keeps_those_up_to_date(source, corpus, 
     out = tmp_path / "set"
     lab("make-set", "--source", source, "--out", out, "--train-steps", 2, "--corpus", corpus)
     names = {"trained", "upcycled", "pruned", "int4", "noised", "head-permuted", "neuron-permuted", "qk-rescaled",
-             "vo-rescaled", "updown-rescaled", "norm-rescaled"}
+             "vo-rescaled", "updown-rescaled", "norm-rescaled", "rotated", "width-pruned", "vocab-replaced"}
     assert {p.name for p in out.iterdir()} == names
     ids = batch()
     original = transformers.AutoModelForCausalLM.from_pretrained(source)
@@ -217,13 +270,17 @@ def test_make_set_writes_every_child_and_keeps_those_up_to_date(source, corpus, 
         assert recipe["label"] == LABEL and recipe["source"]["path"] == str(source)
         child = transformers.AutoModelForCausalLM.from_pretrained(out / name)
         assert torch.isfinite(logits(child, ids)).all()
-        if name.endswith(("permuted", "rescaled")):
+        if name.endswith(("permuted", "rescaled")) or name == "rotated":
             torch.testing.assert_close(logits(child, ids), logits(original, ids), atol=1e-4, rtol=0)
     assert transformers.AutoConfig.from_pretrained(out / "upcycled").model_type == "mixtral"
     assert transformers.AutoConfig.from_pretrained(out / "pruned").num_hidden_layers == 3
+    narrow = transformers.AutoConfig.from_pretrained(out / "width-pruned")
+    assert (narrow.hidden_size, narrow.intermediate_size) == (48, 96)
+    vocab = json.loads((out / "vocab-replaced" / "recipe.json").read_text())["steps"][0]["details"]["vocab_size"]
+    assert len(transformers.AutoTokenizer.from_pretrained(out / "vocab-replaced")) == vocab
     stamps = {name: (out / name / "model.safetensors").stat().st_mtime_ns for name in names}
     lab("make-set", "--source", source, "--out", out, "--train-steps", 2, "--corpus", corpus, "--only", "noised",
-        "trained")
+        "trained", "vocab-replaced")
     assert {name: (out / name / "model.safetensors").stat().st_mtime_ns for name in names} == stamps
     lab("make-set", "--source", source, "--out", out, "--only", "noised", "--seed", 3)
     assert (out / "noised" / "model.safetensors").stat().st_mtime_ns != stamps["noised"]

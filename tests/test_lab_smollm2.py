@@ -36,9 +36,9 @@ def reference(source):
     lambda m: T.permute_heads(m, seed=0), lambda m: T.permute_neurons(m, seed=0),
     lambda m: T.rescale_qk(m, seed=0, granularity="pair"), lambda m: T.rescale_vo(m, seed=0),
     lambda m: T.rescale_updown(m, seed=0), lambda m: T.rescale_norm(m, seed=0),
-    lambda m: T.upcycle(m, seed=0, noise=0.0),
+    lambda m: T.upcycle(m, seed=0, noise=0.0), lambda m: T.rotate_residual(m, seed=0),
 ], ids=["permute-heads", "permute-neurons", "rescale-qk-pair", "rescale-vo", "rescale-updown", "rescale-norm",
-        "upcycle-noiseless"])
+        "upcycle-noiseless", "rotate-residual"])
 def test_output_preserving_transforms_keep_smollm2s_logits(source, reference, make):
     ids, want = reference
     child, _ = make(source.model)

@@ -79,6 +79,27 @@ def _noise(p):
     return ["scale"]
 
 
+def _prune_width(p):
+    p.add_argument("--hidden-keep", type=float, default=0.75,
+                   help="fraction of the residual (hidden) dimensions kept, the same in every layer "
+                        "(default: %(default)s)")
+    p.add_argument("--ffn-keep", type=float, default=1.0,
+                   help="fraction of each layer's FFN neurons kept (default: %(default)s)")
+    p.add_argument("--heads-keep", type=float, default=1.0,
+                   help="fraction of each layer's kv heads kept, each with its group of query heads "
+                        "(default: %(default)s)")
+    p.add_argument("--rule", choices=["norm", "random"], default="norm",
+                   help="keep the units of largest weight norm (embedding column; gate, up and down norms; v and o "
+                        "norms), or a seeded random subset (default: %(default)s)")
+    return ["hidden_keep", "ffn_keep", "heads_keep", "rule"]
+
+
+def _replace_vocabulary(p):
+    p.add_argument("--vocab-size", type=int, default=4096,
+                   help="size of the new byte-level BPE vocabulary, trained on the corpus (default: %(default)s)")
+    return ["vocab_size", *_train(p)]
+
+
 def _rescale_qk(p):
     p.add_argument("--granularity", choices=["head", "pair"], default="head",
                    help="one factor per kv head, or per kv head and RoPE frequency pair (default: %(default)s)")
@@ -100,6 +121,13 @@ SUBCOMMANDS = {
     "rescale-vo": ("v·c, o/c per value channel; outputs unchanged", _spreads, True),
     "rescale-updown": ("up·d, down/d per FFN neuron; outputs unchanged", _spreads, True),
     "rescale-norm": ("RMSNorm gain·c, next projections' input columns /c; outputs unchanged", _spreads, True),
+    "rotate-residual": ("rotate the residual stream by a random orthogonal matrix (norm gains folded into the "
+                        "projections, lm_head untied); outputs unchanged", lambda p: [], True),
+    "prune-width": ("keep a fraction of the residual dimensions, and optionally of the FFN neurons and kv heads "
+                    "(rounded, at least 1; the kept indices go into recipe.json); outputs change, not healed",
+                    _prune_width, True),
+    "replace-vocabulary": ("new byte-level BPE tokenizer trained on a corpus, token embeddings re-initialised, then "
+                           "brief continued pre-training with it", _replace_vocabulary, True),
 }
 def add_parser(subparsers) -> argparse.ArgumentParser:
     lab = subparsers.add_parser(
@@ -116,15 +144,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ms = sub.add_parser("make-set", help="write the bench's standard set of children of one source",
                         description="Write one child per standard transform under OUT/NAME (trained, upcycled, "
                                     "pruned, int4, noised, head-permuted, neuron-permuted, qk-rescaled, vo-rescaled, "
-                                    "updown-rescaled, norm-rescaled). Children already written from the same source "
-                                    "with the same settings are kept.")
+                                    "updown-rescaled, norm-rescaled, rotated, width-pruned, vocab-replaced). "
+                                    "Children already written from the same source with the same settings are "
+                                    "kept.")
     ms.add_argument("--source", required=True, help="model directory or .gguf file")
     ms.add_argument("--out", required=True, help="directory to hold the children")
     ms.add_argument("--seed", type=int, default=0, help="seed for every child (default: %(default)s)")
     ms.add_argument("--only", nargs="+", metavar="NAME", help="make only these children")
     ms.add_argument("--train-steps", type=int, default=TRAIN_STEPS,
-                    help="steps of the trained child (default: %(default)s)")
-    ms.add_argument("--corpus", help="corpus for the trained child (default: the embedded corpus)")
+                    help="steps of the trained and vocab-replaced children (default: %(default)s)")
+    ms.add_argument("--corpus", help="corpus for the trained and vocab-replaced children (default: the embedded "
+                                     "corpus)")
     lab.set_defaults(func=run)
     return lab
 
@@ -177,18 +207,18 @@ def _one(args: argparse.Namespace, source, bar: Progress) -> int:
 
     params = {name: getattr(args, name) for name in args.lab_params}
     task = bar.add_task(args.lab_command, total=None)
-    child, entry = derive(source, args.lab_command, params, getattr(args, "seed", 0),
-                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    child, entry, tokenizer = derive(source, args.lab_command, params, getattr(args, "seed", 0),
+                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     bar.update(task, total=1, completed=1)
     saving = bar.add_task(f"writing {args.out}", total=None)
-    save_child(child, args.out, source, [entry], force=args.force)
+    save_child(child, args.out, source, [entry], tokenizer=tokenizer, force=args.force)
     bar.update(saving, total=1, completed=1)
     err.print(f"wrote {args.out}")
     return 0
 
 
 def _make_set(args: argparse.Namespace, source, bar: Progress) -> int:
-    from forensics.lab.recipes import make_set, standard_set
+    from forensics.lab.recipes import TRAINING, make_set, standard_set
 
     count = len(args.only) if args.only else len(standard_set(source.model.config.num_hidden_layers))
     overall = bar.add_task("lab children", total=count)
@@ -196,7 +226,7 @@ def _make_set(args: argparse.Namespace, source, bar: Progress) -> int:
 
     def on_start(child):
         bar.update(overall, description=f"lab children: {child.name}")
-        bar.update(training, visible=child.transform == "train", completed=0)
+        bar.update(training, visible=child.transform in TRAINING, completed=0)
 
     def on_done(child, seconds, skipped):
         bar.update(overall, advance=1)

@@ -103,8 +103,10 @@ def recipe(source: Source, steps: list[dict]) -> dict:
     }
 
 
-def save_child(model: nn.Module, out: str | Path, source: Source, steps: list[dict], *, force: bool = False) -> Path:
-    """Write `model` as a checkpoint directory at `out`, with the source's tokenizer and recipe.json.
+def save_child(model: nn.Module, out: str | Path, source: Source, steps: list[dict], *, tokenizer=None,
+               force: bool = False) -> Path:
+    """Write `model` as a checkpoint directory at `out`, with recipe.json and its tokenizer: `tokenizer` when the
+    child has its own (a new vocabulary), else the source's.
 
     The directory is assembled under a temporary name beside `out` and renamed into place, so `out` is either
     absent, the old child, or the complete new one.
@@ -120,7 +122,10 @@ def save_child(model: nn.Module, out: str | Path, source: Source, steps: list[di
         # The source's path is already in recipe.json; config.json should not depend on where the source lay.
         model.config.name_or_path = ""
         model.save_pretrained(tmp)
-        _write_tokenizer(source, tmp)
+        if tokenizer is None:
+            _write_tokenizer(source, tmp)
+        else:
+            tokenizer.save_pretrained(tmp)
         text = json.dumps(recipe(source, steps), indent=1, sort_keys=True) + "\n"
         (tmp / RECIPE).write_text(text)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a child is an ordinary directory

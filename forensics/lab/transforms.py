@@ -13,17 +13,20 @@ same function while its weights, row order and per-layer statistics differ:
 * q·c with k/c per kv head (or per RoPE frequency pair), since RoPE rotates each pair and commutes with its scale;
 * v·c with o/c per value channel, since attention mixes value vectors linearly;
 * up·d with down/d per neuron, since SwiGLU's output is linear in the up projection;
-* an RMSNorm gain ·c with the next projections' input columns /c, since the norm's output is linear in its gain.
+* an RMSNorm gain ·c with the next projections' input columns /c, since the norm's output is linear in its gain;
+* a rotation Q of the residual stream, once the norm gains are folded into the projections that read them, since an
+  RMSNorm with unit gain commutes with any orthogonal map.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
 from forensics.errors import ForensicsError
@@ -89,6 +92,28 @@ def _scale_rows(linear: nn.Linear, scale: torch.Tensor) -> None:
 @torch.no_grad()
 def _scale_cols(linear: nn.Linear, scale: torch.Tensor) -> None:
     linear.weight.mul_(scale[None, :])
+
+
+def _build(model: nn.Module, config, state: dict[str, torch.Tensor], cls: type | None = None) -> nn.Module:
+    """A new model of `cls` (default: the source's class) for `config`, holding exactly `state`."""
+    out = (cls or type(model))(config)
+    out.load_state_dict(state, strict=True)
+    out.name_or_path = model.name_or_path
+    return out.eval()
+
+
+def _orthogonal(g: torch.Generator, n: int) -> torch.Tensor:
+    """A Haar-random n × n orthogonal matrix in float64: QR of a Gaussian, with the columns' signs set by R's diagonal
+    (without that, the QR routine's sign convention would bias the draw)."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def _top(score: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """Indices of the `k` largest scores, ties broken at random, in ascending order (so kept units keep their order)."""
+    shuffle = torch.randperm(score.numel(), generator=g)
+    order = shuffle[torch.argsort(score[shuffle], descending=True, stable=True)]
+    return order[:k].sort().values
 
 
 def _factors(g: torch.Generator, units: int, layer_spread: float, unit_spread: float) -> torch.Tensor:
@@ -230,6 +255,51 @@ def rescale_norm(model: nn.Module, *, seed: int, layer_spread: float = 0.5,
     return out, {"final_norm": "rescaled, with lm_head's columns"}
 
 
+# Per layer: the projections that read the residual stream through each norm, and those that write into it.
+READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def rotate_residual(model: nn.Module, *, seed: int) -> tuple[nn.Module, dict]:
+    """Rotate the residual stream by a random orthogonal Q (SliceGPT, QuaRot): the stream h becomes Qᵀh.
+
+    First every RMSNorm gain is folded into the projections that read the norm's output (W → W·diag(gain), gain → 1),
+    since only a unit-gain RMSNorm commutes with Q (rms(Qᵀh) = rms(h)). Then readers (q, k, v, gate, up, lm_head)
+    W → W·Q, writers (o, down) W → Qᵀ·W with their biases b → Qᵀ·b, and the token embedding E → E·Q. lm_head is
+    untied from the embedding, which it can no longer equal. Computed in float64, so the outputs change only by the
+    final rounding.
+    """
+    layers = _layers(model)
+    g = torch.Generator().manual_seed(seed)
+    q = _orthogonal(g, model.config.hidden_size)
+    state = dict(model.state_dict())
+
+    def fold_and_rotate(norm: str, readers: Sequence[str]) -> None:
+        gain = state[norm].double()
+        for name in readers:
+            w = state[name]
+            state[name] = ((w.double() * gain[None, :]) @ q).to(w.dtype)
+        state[norm] = torch.ones_like(state[norm])
+
+    for i in range(len(layers)):
+        p = f"model.layers.{i}."
+        for norm, readers in READERS.items():
+            fold_and_rotate(p + norm + ".weight", [p + r + ".weight" for r in readers])
+        for name in WRITERS:
+            for part in (".weight", ".bias"):
+                if p + name + part in state:
+                    t = state[p + name + part]
+                    state[p + name + part] = (q.T @ t.double()).to(t.dtype)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    fold_and_rotate("model.norm.weight", ["lm_head.weight"])  # the state names lm_head even when it is tied
+    embed = state["model.embed_tokens.weight"]
+    state["model.embed_tokens.weight"] = (embed.double() @ q).to(embed.dtype)
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = False
+    return _build(model, config, state), {"lm_head": "untied from the input embeddings" if tied else "was untied"}
+
+
 # ---- non-preserving transforms -------------------------------------------------------------------------------------
 
 def add_noise(model: nn.Module, *, seed: int, scale: float = 0.01) -> tuple[nn.Module, dict]:
@@ -307,10 +377,78 @@ def prune_layers(model: nn.Module, *, drop: Sequence[int]) -> tuple[nn.Module, d
                 continue
             name = renumber[prefix] + name[len(prefix):]
         state[name] = t.clone()
-    out = type(model)(config)
-    out.load_state_dict(state, strict=True)
-    out.name_or_path = model.name_or_path
-    return out.eval(), {"kept": keep}
+    return _build(model, config, state), {"kept": keep}
+
+def _kept(model: nn.Module, what: str, fraction: float, n: int) -> int:
+    if not 0 < fraction <= 1:
+        raise ForensicsError(_where(model), f"the fraction of {what} kept is in (0, 1]; got {fraction}")
+    return max(1, round(fraction * n))
+
+
+def prune_width(model: nn.Module, *, seed: int, hidden_keep: float = 0.75, ffn_keep: float = 1.0,
+                heads_keep: float = 1.0, rule: str = "norm") -> tuple[nn.Module, dict]:
+    """Width pruning (Minitron, Sheared-LLaMA): keep a fraction of the residual dimensions, of each layer's FFN
+    neurons and of each layer's kv heads (each with its group of query heads), rounded to the nearest count, at least 1.
+
+    Rule "norm" keeps the largest by a weight norm: a residual dimension by its token-embedding column, an FFN neuron
+    by ‖gate row‖·‖up row‖·‖down column‖, a kv head by ‖its v rows‖·‖its query heads' o columns‖ (all on the source's
+    weights); rule "random" keeps a seeded random subset. Ties are broken by the seed. Kept units stay in their order.
+    One set of residual dimensions serves every layer, since they all read and write the same stream. The child
+    computes a different function (RMSNorm now averages over fewer dimensions, and the dropped units are gone).
+    """
+    layers = _layers(model)
+    where = _where(model)
+    if rule not in ("norm", "random"):
+        raise ForensicsError(where, f"rule is 'norm' or 'random', not {rule!r}")
+    config = copy.deepcopy(model.config)
+    n_q, n_kv, d = _heads(config)
+    group = n_q // n_kv
+    hidden, inter = config.hidden_size, config.intermediate_size
+    n_hidden = _kept(model, "hidden dimensions", hidden_keep, hidden)
+    n_ffn = _kept(model, "FFN neurons", ffn_keep, inter)
+    n_heads = _kept(model, "kv heads", heads_keep, n_kv)
+    if (n_hidden, n_ffn, n_heads) == (hidden, inter, n_kv):
+        raise ForensicsError(where, f"these fractions keep all {hidden} hidden dimensions, {inter} FFN neurons and "
+                                    f"{n_kv} kv heads: nothing to prune")
+    g = torch.Generator().manual_seed(seed)
+    state = dict(model.state_dict())
+
+    def score(*norms: torch.Tensor) -> torch.Tensor:
+        return torch.stack(norms).prod(0) if rule == "norm" else torch.zeros(norms[0].shape)
+
+    keep_h = _top(score(state["model.embed_tokens.weight"].norm(dim=0)), n_hidden, g)
+    kept_ffn, kept_kv = [], []
+    for i in range(len(layers)):
+        p = f"model.layers.{i}."
+        w = {name: state[f"{p}{name}.weight"] for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                                                             "self_attn.v_proj", "self_attn.o_proj")}
+        ffn = _top(score(w["mlp.gate_proj"].norm(dim=1), w["mlp.up_proj"].norm(dim=1), w["mlp.down_proj"].norm(dim=0)),
+                   n_ffn, g)
+        # a kv head's v rows, and the o columns of its query heads (consecutive: head h reads kv head h // group)
+        v_norm = w["self_attn.v_proj"].reshape(n_kv, d, -1).norm(dim=(1, 2))
+        o_norm = w["self_attn.o_proj"].reshape(-1, n_kv, group * d).norm(dim=(0, 2))
+        kv = _top(score(v_norm, o_norm), n_heads, g)
+        kept_ffn.append(ffn.tolist())
+        kept_kv.append(kv.tolist())
+        q_rows, kv_rows = _rows(_rows(kv, group), d), _rows(kv, d)
+        cut = {"self_attn.q_proj": (q_rows, keep_h), "self_attn.k_proj": (kv_rows, keep_h),
+               "self_attn.v_proj": (kv_rows, keep_h), "self_attn.o_proj": (keep_h, q_rows),
+               "mlp.gate_proj": (ffn, keep_h), "mlp.up_proj": (ffn, keep_h), "mlp.down_proj": (keep_h, ffn)}
+        for name, (rows, cols) in cut.items():
+            state[p + name + ".weight"] = state[p + name + ".weight"][rows][:, cols]
+            if p + name + ".bias" in state:
+                state[p + name + ".bias"] = state[p + name + ".bias"][rows]
+        for norm in READERS:
+            state[p + norm + ".weight"] = state[p + norm + ".weight"][keep_h]
+    state["model.norm.weight"] = state["model.norm.weight"][keep_h]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = state[name][:, keep_h]
+    config.hidden_size, config.intermediate_size = n_hidden, n_ffn
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = n_heads * group, n_heads, d
+    # null: every unit of that kind was kept (listing each layer's full range would only bulk up recipe.json)
+    return _build(model, config, state), {"kept_hidden": keep_h.tolist(),
+                                          "kept_ffn": kept_ffn if n_ffn < inter else None,
+                                          "kept_kv_heads": kept_kv if n_heads < n_kv else None}
 
 
 def _moe_config(model: nn.Module, arch: str, experts: int, top_k: int):
@@ -388,10 +526,7 @@ def upcycle(model: nn.Module, *, seed: int, arch: str = "mixtral", experts: int 
             state[p + "shared_expert.down_proj.weight"] = jitter(down)
             state[p + "shared_expert_gate.weight"] = torch.zeros(1, gate.shape[1], dtype=gate.dtype)
     cls = transformers.MixtralForCausalLM if arch == "mixtral" else transformers.Qwen2MoeForCausalLM
-    out = cls(config)
-    out.load_state_dict(state, strict=True)
-    out.name_or_path = model.name_or_path
-    return out.eval(), {}
+    return _build(model, config, state, cls), {}
 
 
 def continue_pretraining(model: nn.Module, windows: np.ndarray, *, seed: int, batch_size: int = 2, lr: float = 1e-4,
@@ -431,3 +566,56 @@ def continue_pretraining(model: nn.Module, windows: np.ndarray, *, seed: int, ba
             if progress:
                 progress(step + 1, steps)
     return out.eval(), {"steps": steps, "losses": losses}
+
+
+def new_tokenizer(texts: Iterable[str], *, vocab_size: int, like=None) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2's scheme: all 256 bytes are tokens, so any text encodes) trained on `texts`.
+
+    It keeps `like`'s special tokens, spelled and assigned as there (BOS, EOS, PAD, UNK), so the child's config names
+    the same roles; without `like`, "<|endoftext|>" is both BOS and EOS. The tokenizers library's BPE training is
+    deterministic: the same texts give the same vocabulary and merges.
+    """
+    if like is not None:
+        specials = list(like.all_special_tokens)
+        roles = {k: v for k, v in like.special_tokens_map.items() if isinstance(v, str)}
+    else:
+        specials, roles = ["<|endoftext|>"], {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    smallest = 256 + len(specials)
+    if vocab_size <= smallest:
+        raise ForensicsError(None, f"a byte-level vocabulary needs more than {smallest} tokens (256 bytes and "
+                                   f"{len(specials)} special), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
+
+
+def replace_vocabulary(model: nn.Module, tokenizer, windows: np.ndarray, *, seed: int, batch_size: int = 2,
+                       lr: float = 1e-4, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
+                       progress: Progress | None = None) -> tuple[nn.Module, dict]:
+    """A new vocabulary: the token embedding (and lm_head, when untied) re-initialised for `tokenizer`, seeded normal
+    with mean 0 and the std of the source's own matrix; every layer and norm kept; then continue_pretraining on
+    `windows`, which must be cut with `tokenizer`, so the new embeddings start to fit the layers."""
+    _check_decoder(model)
+    vocab = len(tokenizer)
+    g = torch.Generator().manual_seed(seed)
+    state = dict(model.state_dict())
+
+    def fresh(like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(vocab, like.shape[1], generator=g, dtype=like.dtype) * like.std()
+
+    state["model.embed_tokens.weight"] = fresh(state["model.embed_tokens.weight"])
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] if tied else fresh(state["lm_head.weight"])
+    config = copy.deepcopy(model.config)
+    config.vocab_size = vocab
+    # Every special-token id the config names (bos, eos, pad; unk from a GGUF) was an id in the old vocabulary.
+    for name in [k for k in config.to_dict() if k.endswith("_token_id")]:
+        setattr(config, name, getattr(tokenizer, name, None))
+    child, details = continue_pretraining(_build(model, config, state), windows, seed=seed, batch_size=batch_size,
+                                          lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                                          progress=progress)
+    return child, {"vocab_size": vocab, **details}
