@@ -18,7 +18,8 @@ from forensics.stats.verdict import DERIVED, INCONCLUSIVE, NO_EVIDENCE
 
 EVIDENCE, UNAVAILABLE = "EVIDENCE OF DERIVATION", "UNAVAILABLE"
 # Std roles the flag checks: the matrices and the norms whose curves rescalings redraw.
-STD_ROLES = roles.RESCALABLE
+STD_ROLES = tuple(r.value for g in (roles.Group.ATTENTION, roles.Group.FFN, roles.Group.NORM) for r in roles.Role
+                  if r.rescalable and r.group == g)
 SPECTRA = ("qk_spectrum", "ov_spectrum")
 
 
