@@ -12,7 +12,9 @@ Design (docs/calibration.md has the numbers and the argument):
   fine-tuned on the held-out last 20 % of the corpus, continued-trained on the same text with a new data order,
   and (Llama only) MoE-upcycled into a Mixtral whose experts start as noisy copies of the dense FFN and which is
   then trained.
-* Every model is saved as safetensors and fingerprinted with the product's own engine (forensics.fingerprint).
+* Training and every child's transform are the lineage lab's own (forensics.lab.transforms: continue_pretraining,
+  add_noise, requantise, prune_layers, upcycle); every model is saved as safetensors and fingerprinted through the
+  pipeline (forensics.pipeline), the text is the embedded corpus (forensics.corpus).
 * Each pair is run through compare_case with the other bases of its architecture as controls, exactly as a case
   with declared unrelated models would be. For unrelated pairs we also record a plain layer-shuffle permutation
   test (scipy.stats.permutation_test, 'pairings') of the same statistic, the null the original would have used.
@@ -23,7 +25,6 @@ Run: python -m forensics.lab.calibrate [--small] [--markdown docs/calibration.md
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -38,14 +39,13 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from forensics.stats.compare import Settings, compare_case
+from forensics.stats.compare import Settings
 from forensics.stats.normalise import curve
 from forensics.stats.similarity import QKVO, pearson
 from forensics.stats.verdict import DERIVED, PrimaryEvidence, decide
 
 SCHEMA = "llm-forensics.calibration/1"
 ALPHAS = (0.01, 0.05)
-CORPUS_DIR = Path(__file__).resolve().parent.parent / "corpus"
 UNTRAINED = ("noised", "int8", "int4", "pruned")
 TRAINED = ("fine-tuned", "continued", "moe-upcycled")
 
@@ -79,134 +79,44 @@ SMALL = Design("small", ("llama",), bases=7, trained_children=1, steps=40, finet
 
 
 def corpus_text() -> str:
-    """The embedded corpus (forensics/corpus/manifest.json: zstd-compressed JSON lines), in manifest order; the
-    pydoc topics that ship with Python where there is none."""
-    manifest = CORPUS_DIR / "manifest.json"
-    if not manifest.is_file():
-        from pydoc_data.topics import topics
-        return "\n".join(topics[k] for k in sorted(topics))
-    import zstandard
-    meta = json.loads(manifest.read_text())
-    texts = []
-    for entry in meta["files"]:
-        with zstandard.open(CORPUS_DIR / entry["path"], "rt", encoding="utf-8") as f:
-            texts += [json.loads(line)[meta["text_field"]] for line in f if line.strip()]
-    return "\n".join(texts)
+    """The embedded corpus (forensics.corpus), its documents in order."""
+    from forensics.corpus import load_corpus
+
+    return "\n".join(load_corpus(show_progress=False).texts)
 
 
 # --- models (worker side: torch and transformers are imported only here) ---------------------------------------
 
-def _config(arch: str, d: Design, layers: int | None = None):
-    from transformers import LlamaConfig, Qwen2Config
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-    return cls(vocab_size=256, hidden_size=d.hidden, intermediate_size=d.intermediate,
-               num_hidden_layers=layers or d.layers, num_attention_heads=d.heads, num_key_value_heads=d.heads,
-               max_position_embeddings=d.seq, tie_word_embeddings=True)
-
-
-def _model(arch: str, d: Design, seed: int, layers: int | None = None):
+def _model(arch: str, d: Design, seed: int):
     import torch
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    return {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}[arch](_config(arch, d, layers))
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-
-def _train(model, data, steps: int, lr: float, seed: int, d: Design) -> float:
-    import torch
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - d.seq - 1, (d.batch,), generator=gen).tolist()
-        x = torch.stack([data[s:s + d.seq + 1] for s in starts])
-        loss = model(input_ids=x[:, :-1], labels=x[:, 1:]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-def _layer_matrices(model):
-    return [p for name, p in model.named_parameters() if ".layers." in name and p.ndim >= 2]
-
-
-def _noised(model, seed: int):
-    import torch
-    child = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    mats = _layer_matrices(child)
-    # One absolute sigma for every layer (half the median weight std): std' = sqrt(std^2 + sigma^2) is not a
-    # constant rescaling, so the curve's shape is really perturbed.
-    sigma = 0.5 * float(np.median([float(p.detach().std()) for p in mats]))
-    with torch.no_grad():
-        for p in mats:
-            p.add_(torch.randn(p.shape, generator=gen) * sigma)
-    return child
-
-
-def _quantised(model, bits: int, per_row: bool):
-    import torch
-    child = copy.deepcopy(model)
-    levels = 2 ** (bits - 1) - 1
-    with torch.no_grad():
-        for p in _layer_matrices(child):
-            absmax = p.abs().amax(dim=-1, keepdim=True) if per_row else p.abs().max()
-            scale = torch.clamp(absmax, min=1e-12) / levels
-            p.copy_(torch.round(p / scale).clamp(-levels, levels) * scale)
-    return child
-
-
-def _pruned(model, arch: str, d: Design, seed: int):
-    keep_count = d.layers - d.layers // 4
-    rng = np.random.default_rng(seed)
-    # The first and last layers stay (pruning studies drop redundant middle and late layers).
-    dropped = set(rng.choice(np.arange(1, d.layers - 1), size=d.layers - keep_count, replace=False).tolist())
-    kept = [i for i in range(d.layers) if i not in dropped]
-    child = _model(arch, d, seed, layers=keep_count)
-    renumber = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(kept)}
-    state = {}
-    for name, t in model.state_dict().items():
-        if ".layers." in name:
-            prefix = ".".join(name.split(".")[:3]) + "."
-            if prefix not in renumber:
-                continue
-            name = renumber[prefix] + name[len(prefix):]
-        state[name] = t
-    child.load_state_dict(state)
-    return child
-
-
-def _upcycled(model, d: Design, seed: int, experts: int = 4):
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
-    torch.manual_seed(seed)
-    child = MixtralForCausalLM(MixtralConfig(
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](
         vocab_size=256, hidden_size=d.hidden, intermediate_size=d.intermediate, num_hidden_layers=d.layers,
         num_attention_heads=d.heads, num_key_value_heads=d.heads, max_position_embeddings=d.seq,
-        tie_word_embeddings=True, num_local_experts=experts, num_experts_per_tok=2))
-    gen = torch.Generator().manual_seed(seed)
-    state, dense = child.state_dict(), model.state_dict()
-    with torch.no_grad():
-        state.update({name: t for name, t in dense.items() if ".mlp." not in name})
-        for i in range(d.layers):
-            mlp = f"model.layers.{i}.mlp."
-            gate_up = torch.cat([dense[mlp + "gate_proj.weight"], dense[mlp + "up_proj.weight"]])
-            down = dense[mlp + "down_proj.weight"]
-            # Sparse upcycling: each expert starts as the dense FFN; 1 % noise breaks the symmetry between experts.
-            state[mlp + "experts.gate_up_proj"] = torch.stack(
-                [gate_up + 0.01 * gate_up.std() * torch.randn(gate_up.shape, generator=gen) for _ in range(experts)])
-            state[mlp + "experts.down_proj"] = torch.stack(
-                [down + 0.01 * down.std() * torch.randn(down.shape, generator=gen) for _ in range(experts)])
-    child.load_state_dict(state)
-    return child
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}[arch](config)
+
+
+def _windows(data: np.ndarray, steps: int, seed: int, d: Design) -> np.ndarray:
+    """`steps` batches of random windows of `data` (bytes as tokens), in the order lab training reads them."""
+    starts = np.random.default_rng(seed).integers(0, len(data) - d.seq - 1, steps * d.batch)
+    return np.stack([data[s:s + d.seq + 1] for s in starts])
+
+
+def _train(model, data: np.ndarray, steps: int, lr: float, seed: int, d: Design):
+    from forensics.lab.transforms import continue_pretraining
+
+    return continue_pretraining(model, _windows(data, steps, seed, d), seed=seed, batch_size=d.batch, lr=lr)
 
 
 def _fingerprint(model, workdir: Path, name: str) -> dict:
-    from forensics.fingerprint import fingerprint_model
+    from forensics import pipeline
+
     folder = workdir / name
     model.save_pretrained(folder)
-    fp = fingerprint_model(folder, device="cpu")
+    fp = pipeline.fingerprint(folder, "cpu", name)
     shutil.rmtree(folder)
     fp["model"]["path"] = name  # the temporary folder means nothing to a reader
     fp["run"] = {}  # timings vary from run to run
@@ -214,46 +124,47 @@ def _fingerprint(model, workdir: Path, name: str) -> dict:
 
 
 def build_family(task: tuple[str, int, int, Design]) -> dict:
-    """Train one base model and make its children; returns {name: fingerprint} and the base's final loss."""
+    """Train one base model and make its children with the lineage lab's transforms; returns {name: fingerprint}
+    and the base's final loss."""
     import torch
     import transformers
+
+    from forensics.lab import transforms as T
+
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     arch, index, seed, d = task
-    text = corpus_text().encode("utf-8")
+    text = np.frombuffer(corpus_text().encode("utf-8"), dtype=np.uint8).astype(np.int64)
     split = int(len(text) * 0.8)
-    pretrain = torch.frombuffer(bytearray(text[:split]), dtype=torch.uint8).long()
-    heldout = torch.frombuffer(bytearray(text[split:]), dtype=torch.uint8).long()
+    pretrain, heldout = text[:split], text[split:]
     base_name = f"{arch}-{index:02d}"
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = _model(arch, d, seed)
-        base_loss = _train(base, pretrain, d.steps, d.lr, seed, d)
+        base, trace = _train(_model(arch, d, seed), pretrain, d.steps, d.lr, seed, d)
         out[base_name] = _fingerprint(base, work, base_name)
-
-        def trained(model, data, steps: int, s: int):
-            # Children train at half the base's learning rate, as fine-tuning usually does.
-            _train(model, data, steps, d.lr / 2, s, d)
-            return model
-
+        # The first and last layers stay (pruning studies drop redundant middle and late layers).
+        dropped = np.random.default_rng(seed + 2).choice(np.arange(1, d.layers - 1), size=d.layers // 4,
+                                                         replace=False)
+        # Children train at half the base's learning rate, as fine-tuning usually does.
         children = {
-            "noised": lambda: _noised(base, seed + 1),
-            "int8": lambda: _quantised(base, 8, per_row=False),
-            "int4": lambda: _quantised(base, 4, per_row=True),
-            "pruned": lambda: _pruned(base, arch, d, seed + 2),
+            # Half the median weight std as one absolute sigma: the curve's shape is really perturbed.
+            "noised": lambda: T.add_noise(base, seed=seed + 1, scale=0.5, absolute=True)[0],
+            "int8": lambda: T.requantise(base, bits=8, granularity="tensor")[0],
+            "int4": lambda: T.requantise(base, bits=4, granularity="row")[0],
+            "pruned": lambda: T.prune_layers(base, drop=dropped.tolist())[0],
         }
         if index < d.trained_children:
-            children["fine-tuned"] = lambda: trained(copy.deepcopy(base), heldout, d.finetune_steps, seed + 3)
-            children["continued"] = lambda: trained(copy.deepcopy(base), pretrain, d.continued_steps, seed + 4)
+            children["fine-tuned"] = lambda: _train(base, heldout, d.finetune_steps, d.lr / 2, seed + 3, d)[0]
+            children["continued"] = lambda: _train(base, pretrain, d.continued_steps, d.lr / 2, seed + 4, d)[0]
             if arch == "llama":
-                children["moe-upcycled"] = lambda: trained(_upcycled(base, d, seed + 5), pretrain, d.moe_steps,
-                                                           seed + 6)
+                children["moe-upcycled"] = lambda: _train(T.upcycle(base, seed=seed + 5, experts=4)[0], pretrain,
+                                                          d.moe_steps, d.lr / 2, seed + 6, d)[0]
         for transform, make in children.items():
             name = f"{base_name}/{transform}"
             out[name] = _fingerprint(make(), work, name)
-    return {"fingerprints": out, "base_loss": base_loss}
+    return {"fingerprints": out, "base_loss": trace["losses"][-1]}
 
 
 # --- analysis -------------------------------------------------------------------------------------------------
@@ -279,18 +190,19 @@ def shuffle_pvalue(suspect: dict, candidate: dict, n_resamples: int, seed: int) 
 def analyse_pair(task: tuple[str, str, str, str, list[str], dict[str, dict], Design, int]) -> dict:
     """One case: `suspect` against `candidate`, with `controls` as the declared unrelated models."""
     kind, transform, suspect, candidate, controls, fps, d, seed = task
+    from forensics import pipeline
+
     settings = Settings(n_permutations=d.n_permutations, n_bootstrap=d.n_bootstrap, seed=seed)
-    res = compare_case(fps[suspect], {candidate: fps[candidate]}, {c: fps[c] for c in controls}, None, settings)
-    cand = res["candidates"][candidate]
-    v = cand["verdict"]
+    res, _ = pipeline.compare(fps[suspect], {candidate: fps[candidate]}, {c: fps[c] for c in controls}, [],
+                              settings)
+    cand = res.candidates[candidate]
+    v = cand.verdict
     row = {"kind": kind, "transform": transform, "suspect": suspect, "candidate": candidate,
-           "verdict": v["verdict"], "primary": v.get("primary_signal"), "statistic": v.get("statistic"),
-           "p_perm": v.get("pvalue_permutation"), "p_emp": v.get("pvalue_empirical"),
-           "p_combined": v.get("pvalue_combined"), "n_null": v.get("n_null"),
-           "perm_floor": cand["signals"][v["primary_signal"]]["permutation"]["floor"] if v.get("primary_signal")
-           else None,
-           "signals": {label: e["permutation"]["pvalue"] for label, e in cand["signals"].items()
-                       if e.get("status") == "compared"}}
+           "verdict": v.verdict, "primary": v.primary_signal, "statistic": v.statistic,
+           "p_perm": v.pvalue_permutation, "p_emp": v.pvalue_empirical, "p_combined": v.pvalue_combined,
+           "n_null": v.n_null,
+           "perm_floor": cand.signals[v.primary_signal].permutation.floor if v.primary_signal else None,
+           "signals": {label: e.permutation.pvalue for label, e in cand.signals.items() if e.compared}}
     if kind == "unrelated":
         row["p_shuffle"] = shuffle_pvalue(fps[suspect], fps[candidate], d.n_permutations, seed)
     return row

@@ -67,8 +67,8 @@ def _prune(p):
 
 def _requantise(p):
     p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="(default: %(default)s)")
-    p.add_argument("--granularity", choices=["row", "block"], default="block",
-                   help="one scale per row or per block of a row (default: %(default)s)")
+    p.add_argument("--granularity", choices=["tensor", "row", "block"], default="block",
+                   help="one scale per matrix, per row or per block of a row (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=32, help="(default: %(default)s)")
     return ["bits", "granularity", "block_size"]
 
@@ -76,7 +76,10 @@ def _requantise(p):
 def _noise(p):
     p.add_argument("--scale", type=float, default=0.01,
                    help="noise std relative to each tensor's own std (default: %(default)s)")
-    return ["scale"]
+    p.add_argument("--absolute", action="store_true",
+                   help="one sigma (scale x the median std of the layer matrices) for every layer matrix, which "
+                        "changes the shape of the std curves rather than scaling them")
+    return ["scale", "absolute"]
 
 
 def _prune_width(p):

@@ -302,13 +302,23 @@ def rotate_residual(model: nn.Module, *, seed: int) -> tuple[nn.Module, dict]:
 
 # ---- non-preserving transforms -------------------------------------------------------------------------------------
 
-def add_noise(model: nn.Module, *, seed: int, scale: float = 0.01) -> tuple[nn.Module, dict]:
-    """Every parameter += scale · (its own std) · N(0, 1)."""
+def add_noise(model: nn.Module, *, seed: int, scale: float = 0.01, absolute: bool = False) -> tuple[nn.Module, dict]:
+    """Every parameter += scale · (its own std) · N(0, 1).
+
+    With `absolute`, every layer matrix instead gets one common sigma = scale · (median std of the layer matrices):
+    std' = sqrt(std² + sigma²) is then not a constant rescaling, so the std curve's shape really changes (relative
+    noise scales every std by about one factor, which no curve statistic can see; the calibration uses this)."""
     if not 0 <= scale <= 10:
         raise ForensicsError(_where(model), f"noise scale is relative to each tensor's std, in [0, 10]; got {scale}")
     out = _clone(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        if absolute:
+            mats = [p for name, p in out.named_parameters() if ".layers." in name and p.ndim >= 2]
+            sigma = scale * float(np.median([float(p.std()) for p in mats]))
+            for p in mats:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * sigma)
+            return out, {"sigma": sigma, "matrices": len(mats)}
         for _, p in out.named_parameters():  # a tied parameter is listed once, so it gets one draw
             if p.numel() > 1:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (scale * p.std()))
@@ -316,10 +326,11 @@ def add_noise(model: nn.Module, *, seed: int, scale: float = 0.01) -> tuple[nn.M
 
 
 def quantise_dequantise(w: torch.Tensor, *, bits: int, granularity: str, block_size: int) -> torch.Tensor:
-    """Symmetric round-to-nearest onto {-q..q}·scale, q = 2^(bits-1) - 1, one scale per row or per block of a row
-    (a row runs along the last axis, so stacked experts are matrices side by side)."""
+    """Symmetric round-to-nearest onto {-q..q}·scale, q = 2^(bits-1) - 1, one scale per tensor, per row or per block
+    of a row (a row runs along the last axis, so stacked experts are matrices side by side)."""
     levels = 2 ** (bits - 1) - 1
-    rows = w.reshape(-1, w.shape[-1] if granularity == "row" else block_size)
+    width = {"tensor": w.numel(), "row": w.shape[-1]}.get(granularity, block_size)
+    rows = w.reshape(-1, width)
     scale = rows.abs().amax(dim=-1, keepdim=True) / levels
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row or block stays zero
     return (torch.round(rows / scale).clamp(-levels, levels) * scale).reshape(w.shape)
@@ -332,8 +343,8 @@ def requantise(model: nn.Module, *, bits: int = 4, granularity: str = "block",
     where = _where(model)
     if bits not in (4, 8):
         raise ForensicsError(where, f"bits is 4 or 8, not {bits}")
-    if granularity not in ("row", "block"):
-        raise ForensicsError(where, f"granularity is 'row' or 'block', not {granularity!r}")
+    if granularity not in ("tensor", "row", "block"):
+        raise ForensicsError(where, f"granularity is 'tensor', 'row' or 'block', not {granularity!r}")
     if block_size < 1:
         raise ForensicsError(where, f"block size must be positive, got {block_size}")
     out = _clone(model)
@@ -533,9 +544,11 @@ def continue_pretraining(model: nn.Module, windows: np.ndarray, *, seed: int, ba
                          weight_decay: float = 0.01, max_grad_norm: float = 1.0,
                          progress: Progress | None = None) -> tuple[nn.Module, dict]:
     """Causal-LM training with AdamW on `windows` (token ids, one row per sequence), in order, `batch_size` rows per
-    step; a final partial batch is dropped. `seed` drives any dropout; the global RNG is left as it was."""
+    step; a final partial batch is dropped. `seed` drives any dropout; the global RNG is left as it was. Upcycled
+    mixtures of experts train too (the calibration trains them after upcycling)."""
     where = _where(model)
-    _check_decoder(model)
+    if getattr(model.config, "model_type", None) not in MOE_ARCHS:
+        _check_decoder(model)
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ForensicsError(where, f"training windows must be a 2-D array of token ids, got shape {windows.shape}")
