@@ -290,11 +290,12 @@ def evaluate(pair: Pair, fps: dict[str, dict], families: dict[str, str], panel: 
         else:
             row["reason"] = _why_not(e, fps, pair, label)
         rows.append(row)
-    v = cand.verdict
-    verdict = {**base, "verdict": v.verdict, "primary": v.primary_signal, "r": v.statistic,
-               "p_perm": v.pvalue_permutation, "p_emp": v.pvalue_empirical, "n_null": v.n_null,
-               "min_null_pairs": v.min_null_pairs, "outcome": outcome(pair.truth, v.verdict),
-               "reasons": list(v.reasons)}
+    v, std = cand.verdict, cand.verdict.std
+    verdict = {**base, "verdict": v.verdict, "route": v.route, "p": v.pvalue, "p_adjusted": v.pvalue_adjusted,
+               "roles": {n: r.role for n, r in v.routes.items()}, "primary": std.primary_signal, "r": std.statistic,
+               "p_perm": std.pvalue_permutation, "p_emp": std.pvalue_empirical, "n_null": std.n_null,
+               "min_null_pairs": std.min_null_pairs, "std_verdict": std.conclusion,
+               "outcome": outcome(pair.truth, v.verdict), "reasons": list(v.reasons)}
     if neuron is not None:
         n, tamper = cand.neurons, cand.tamper
         verdict["neurons"] = {"conclusion": n.conclusion, "reason": n.reason, "p": n.pvalue,

@@ -40,7 +40,8 @@ def cmd_case_run(args: argparse.Namespace) -> int:
     summary = {"dossier": str(out / "dossier.pdf"), "manifest": str(out / "manifest.json"),
                "results": str(out / "results.json"), "dossier_id": manifest.get("dossier_id"),
                "signer_certificate_sha256": (manifest.get("signer") or {}).get("certificate_sha256"),
-               "verdicts": {name: c.verdict.verdict for name, c in results.candidates.items()}}
+               "verdicts": {name: c.verdict.verdict for name, c in results.candidates.items()},
+               "decided_by": {name: c.verdict.route for name, c in results.candidates.items()}}
     json.dump(summary, sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
     return 0

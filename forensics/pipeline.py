@@ -96,7 +96,7 @@ def _stat_key(path: Path, device: str) -> str:
     return digest([str(path.resolve()), identity, __version__, device])
 
 
-def fingerprint(path: Path, device: str, label: str, store: Store | None = None) -> dict:
+def fingerprint(path: Path, device: str, label: str, store: Store | None = None, show_progress: bool = True) -> dict:
     """The model's weight fingerprint (forensics.fingerprint), with a byte progress bar; cached while no file of the
     model changed."""
     from forensics.fingerprint import fingerprint_model
@@ -105,7 +105,7 @@ def fingerprint(path: Path, device: str, label: str, store: Store | None = None)
     if store and (cached := store.get("fingerprints", key)) is not None:
         err.print(f"[dim]fingerprint of {label}: cached (no file changed)[/]")
         return cached
-    with byte_progress() as bar:
+    with byte_progress(show_progress) as bar:
         task = bar.add_task(label, total=None)
         fp = fingerprint_model(path, device=device,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -254,7 +254,7 @@ def gather(models: dict[str, Path], device: str, store: Store | None = None, pla
            neuron_pairs: list[tuple[str, str]] = (), neuron_settings=None, show_progress: bool = True) -> Evidence:
     """Fingerprints of `models` (name -> path), their activation signals when `plan` says how, and the neuron test
     of each (suspect, candidate) pair named."""
-    fps = {name: fingerprint(path, device, name, store) for name, path in models.items()}
+    fps = {name: fingerprint(path, device, name, store, show_progress) for name, path in models.items()}
     windows = {}
     if plan is not None:
         for name, path in models.items():

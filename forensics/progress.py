@@ -9,9 +9,9 @@ from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progres
 err = Console(stderr=True)
 
 
-def byte_progress() -> Progress:
+def byte_progress(show: bool = True) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=err)
+                    TimeRemainingColumn(), console=err, disable=not show)
 
 
 def step_progress() -> Progress:

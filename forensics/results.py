@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RESULTS_SCHEMA = "llm-forensics.stats/1"
+RESULTS_SCHEMA = "llm-forensics.stats/2"
 FINGERPRINT_SCHEMA = "llm-forensics.fingerprint/1"
 NEURONS_SCHEMA = "llm-forensics.neurons/1"
 VERDICTS = ("DERIVED", "INCONCLUSIVE", "NO EVIDENCE")
@@ -264,19 +264,47 @@ class NeuronTest(Record):
 
 # -- per candidate ----------------------------------------------------------------------------------------------------
 
-class Verdict(Record):
-    verdict: Literal["DERIVED", "INCONCLUSIVE", "NO EVIDENCE"]
-    primary_signal: str | None
-    reasons: list[str]
-    rule: str
+class RouteResult(Record):
+    """One route's part in a verdict (stats/decision.py). The std-curve route also carries its own rule's outcome
+    (`conclusion`, the rule of 0.2), neuron matching its own conclusion; neither is a second verdict."""
+
+    role: Literal["decided", "supports", "does not support", "cannot reach alpha", "not applicable"]
+    pvalue: float | None
+    floor: float | None
+    what: str
+    conclusion: str | None = None
+    reason: str | None = None
+    reasons: list[str] | None = None
+    rule: str | None = None
     measured_false_positive_rate: Rate | None = None
+    primary_signal: str | None = None
     statistic: float | None = None
     pvalue_permutation: float | None = None
+    permutation_floor: float | None = None
     pvalue_empirical: float | None = None
     pvalue_combined: float | None = None
     pvalue_adjusted: float | None = None
     n_null: int | None = None
     min_null_pairs: int | None = None
+
+
+class Verdict(Record):
+    """The one verdict of a candidate: the route that decided it, that route's p (raw and adjusted across the
+    candidates), the reasons, the rule, and what is known of its error rate."""
+
+    verdict: Literal["DERIVED", "INCONCLUSIVE", "NO EVIDENCE"]
+    route: Literal["neurons", "attention_spectra", "std_curves"] | None
+    pvalue: float | None
+    pvalue_adjusted: float | None
+    reasons: list[str]
+    rule: str
+    error_rate: str
+    measured_false_positive_rate: Rate | None
+    routes: dict[str, RouteResult]
+
+    @property
+    def std(self) -> RouteResult:
+        return self.routes["std_curves"]
 
 
 class Tamper(Record):
@@ -298,7 +326,6 @@ class CandidateResult(Record):
     verdict: Verdict
     neurons: NeuronTest | None = None
     tamper: Tamper | None = None
-    agreement: str | None = None
 
 
 # -- the case ---------------------------------------------------------------------------------------------------------
@@ -351,9 +378,10 @@ class CaseResults(Record):
     """results.json: every statistic of a case. The suspect is called "suspect" here; controls and panel models are
     prefixed "control:" and "panel:"."""
 
-    results_schema: Literal["llm-forensics.stats/1"] = Field(alias="schema")
+    results_schema: Literal["llm-forensics.stats/2"] = Field(alias="schema")
     settings: StatsSettings
     verdict_rule: str
+    std_rule: str
     neuron_rule: str | None
     measured_false_positive_rate: Rate | None
     multitest: Multitest

@@ -13,7 +13,7 @@ from forensics.lab import transforms as T
 from forensics.signals.neurons import align_residual, read_sketch
 from forensics.sources.vocabulary import canonical, shared_tokens, vocabulary
 from forensics.stats.compare import Settings, compare_case
-from forensics.stats.lineage import EVIDENCE, agreement, tamper_flag
+from forensics.stats.lineage import EVIDENCE, tamper_flag
 from forensics.pipeline import neuron_test
 from forensics.stats.neurons import NeuronSettings
 from tests.test_case_run import family
@@ -175,16 +175,11 @@ def test_tamper_flag_stays_down_on_a_plain_fine_tune(lineage):
     res = _case(lineage, "finetuned")["candidates"]["parent"]
     assert res["neurons"]["conclusion"] == EVIDENCE
     assert not res["tamper"]["raised"] and res["tamper"]["roles"] == []
-    # with three controls the std rule cannot reach DERIVED (too small a null): the results say the two differ
-    assert res["verdict"]["verdict"] == "INCONCLUSIVE" and "no conclusion" in res["agreement"]
-
-
-def test_agreement_sentences():
-    evidence, none = {"conclusion": EVIDENCE}, {"conclusion": "NO EVIDENCE"}
-    assert "cannot be evaded" in agreement("NO EVIDENCE", evidence)
-    assert "treat DERIVED with caution" in agreement("DERIVED", none)
-    assert agreement("DERIVED", evidence) is None and agreement("NO EVIDENCE", none) is None
-    assert agreement("DERIVED", {"conclusion": "UNAVAILABLE"}) is None
+    # With three controls the std-curve route cannot reach alpha (too small a null); neuron matching, first in the
+    # pre-specified order, decides: one verdict, the std curves' own rule only a route beside it.
+    v = res["verdict"]
+    assert v["verdict"] == "DERIVED" and v["route"] == "neurons"
+    assert v["routes"]["std_curves"]["conclusion"] == "INCONCLUSIVE" and v["routes"]["neurons"]["role"] == "decided"
 
 
 def test_tamper_flag_ignores_curves_too_short_to_test():

@@ -159,7 +159,8 @@ def test_dossier_text_cover_summary_custody_and_footer(built):
     for n, page in enumerate(pages, start=1):
         assert f"Dossier {manifest['dossier_id']}" in page and f"Page {n} of {len(pages)}" in page
     assert "base-7b: DERIVED." in text and "other-lab: NO EVIDENCE." in text
-    assert "1.1% (1 of 90 unrelated pairs; 95% CI 0.03%–6%)" in text
+    assert "1.1% (1 of 90 unrelated pairs; 95%" in text and "CI 0.03%–6%)" in text
+    assert "Deciding test: std curves" in text and "neuron matching: not applicable" in text
     headings = ["1. Summary", "2. Models examined", "3. Method", "4. Results per signal", "5. Similarity of the suspect",
                 "6. Null distribution", "7. Limitations", "8. Chain of custody", "9. How to verify this dossier"]
     assert [text.index(h) for h in headings] == sorted(text.index(h) for h in headings)
@@ -232,7 +233,7 @@ def test_view_rejects_inconsistent_results(built, change, problem):
 def test_results_off_the_schema_write_nothing(built, tmp_path):
     """A results file the schema does not describe (here: verdicts only, no curves, no tests) is refused with the
     fields it lacks, before any figure or PDF is written."""
-    results = {"schema": "llm-forensics.stats/1", "candidates": {"c": {"verdict": {"verdict": "INCONCLUSIVE"}}}}
+    results = {"schema": "llm-forensics.stats/2", "candidates": {"c": {"verdict": {"verdict": "INCONCLUSIVE"}}}}
     case_yaml = b"id: SPARSE\n"
     manifest = build_manifest(case_id="SPARSE", argv=["forensics"], case_yaml_bytes=case_yaml,
                               case_yaml_path="case.yaml", results=results, inputs=[], environment={})

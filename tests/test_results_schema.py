@@ -32,4 +32,4 @@ def test_results_round_trip_byte_for_byte(tmp_path):
 
 def test_unknown_field_is_refused():
     with pytest.raises(ValueError, match="Extra inputs"):
-        CaseResults.model_validate({"schema": "llm-forensics.stats/1", "surprise": 1})
+        CaseResults.model_validate({"schema": "llm-forensics.stats/2", "surprise": 1})

@@ -300,7 +300,8 @@ def test_case_verdicts(result):
     assert verdicts == {"parent": DERIVED, "pruned": DERIVED, "stranger": NO_EVIDENCE}
     for c in result["candidates"].values():
         assert c["verdict"]["rule"] == result["verdict_rule"] and "never" in c["verdict"]["rule"]
-        assert c["verdict"]["primary_signal"] == "qkvo"
+        assert c["verdict"]["routes"]["std_curves"]["primary_signal"] == "qkvo"
+        assert c["verdict"]["route"] == "std_curves"  # no neuron test and no spectra in these fingerprints
 
 
 def test_case_reports_every_number(result):
@@ -347,8 +348,9 @@ def test_without_enough_unrelated_pairs_the_verdict_is_capped(case):
     few = dict(list(controls.items())[:2])
     res = compare_case(suspect, {"parent": candidates["parent"]}, few, None, FAST)
     v = res["candidates"]["parent"]["verdict"]
-    assert v["verdict"] == INCONCLUSIVE and v["n_null"] == 1 + 2 * 2
-    assert any("capped" in r for r in v["reasons"])
+    std = v["routes"]["std_curves"]
+    assert v["verdict"] == INCONCLUSIVE and std["n_null"] == 1 + 2 * 2 and std["role"] == "cannot reach alpha"
+    assert any("capped" in r for r in std["reasons"]) and any("std curves cannot reach" in r for r in v["reasons"])
 
 
 def test_the_longer_curve_is_the_one_permuted():
@@ -448,3 +450,54 @@ def test_load_panel(tmp_path, case):
         load_panel(tmp_path)
     with pytest.raises(ForensicsError, match="not found"):
         load_panel(tmp_path / "missing")
+
+
+# --- the one verdict (stats/decision.py) -------------------------------------------------------------------------
+
+def _routes(neurons=None, spectra=None, std=None):
+    from forensics.stats.decision import Route
+
+    def r(name, pf):
+        return Route(name, *(pf or (None, None)), "test")
+    return {"neurons": r("neurons", neurons), "attention_spectra": r("attention_spectra", spectra),
+            "std_curves": r("std_curves", std)}
+
+
+def test_decision_takes_the_first_route_that_can_reach_alpha():
+    from forensics.stats.decision import decide
+
+    # neurons applies and can reach 0.01 (floor 1/1000): it decides, the others only support or not
+    v = decide({"c": _routes(neurons=(0.001, 0.001), spectra=(0.5, 1e-4), std=(0.003, 1e-4))}, 0.01, "holm")["c"]
+    assert (v["verdict"], v["route"]) == ("DERIVED", "neurons")
+    assert v["routes"]["std_curves"]["role"] == "supports" and v["routes"]["attention_spectra"]["role"] == \
+        "does not support"
+    # T = 19: neurons cannot reach 0.01, so the next applicable route decides
+    v = decide({"c": _routes(neurons=(0.05, 0.05), std=(0.003, 1e-4))}, 0.01, "holm")["c"]
+    assert (v["verdict"], v["route"]) == ("DERIVED", "std_curves") and v["routes"]["neurons"]["role"] == \
+        "cannot reach alpha"
+
+
+def test_no_evidence_only_when_every_route_that_could_look_found_nothing():
+    from forensics.stats.decision import decide
+
+    # The case of issue #11: std curves redrawn (p = 0.6), the invariant spectra at their floor. The spectra decide
+    # here (neurons not applicable); had the std curves decided, the spectra's p would still forbid NO EVIDENCE.
+    v = decide({"c": _routes(spectra=(1e-4, 1e-4), std=(0.6, 1e-4))}, 0.01, "holm")["c"]
+    assert v["verdict"] == "DERIVED" and v["route"] == "attention_spectra"
+    v = decide({"c": _routes(neurons=(0.2, 0.001), spectra=(0.004, 0.004), std=(0.6, 1e-4))}, 0.01, "holm")["c"]
+    assert v["verdict"] == "INCONCLUSIVE" and any("attention spectra sees something" in r for r in v["reasons"])
+    v = decide({"c": _routes(neurons=(0.2, 0.001), spectra=(0.3, 0.004), std=(0.6, 1e-4))}, 0.01, "holm")["c"]
+    assert v["verdict"] == "NO EVIDENCE"
+    # nothing can reach alpha: never NO EVIDENCE, whatever the p-values
+    v = decide({"c": _routes(neurons=(0.5, 0.05), std=(0.9, 0.1))}, 0.01, "holm")["c"]
+    assert v["verdict"] == "INCONCLUSIVE" and v["route"] is None
+
+
+def test_decision_adjusts_across_candidates():
+    from forensics.stats.decision import decide
+
+    both = decide({"a": _routes(neurons=(0.004, 0.001)), "b": _routes(neurons=(0.5, 0.001))}, 0.01, "holm")
+    assert both["a"]["pvalue_adjusted"] == pytest.approx(0.008) and both["a"]["verdict"] == "DERIVED"
+    # floor 1/200 cannot reach 0.01 after Holm over two candidates: neurons may not decide
+    capped = decide({"a": _routes(neurons=(0.005, 0.005)), "b": _routes(neurons=(0.5, 0.005))}, 0.01, "holm")
+    assert capped["a"]["route"] is None and capped["a"]["verdict"] == "INCONCLUSIVE"

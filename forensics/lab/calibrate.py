@@ -42,6 +42,8 @@ from scipy import stats
 from forensics.stats.compare import Settings
 from forensics.stats.normalise import curve
 from forensics.stats.similarity import QKVO, pearson
+from forensics.stats.decision import Route
+from forensics.stats.decision import decide as decide_routes
 from forensics.stats.verdict import DERIVED, PrimaryEvidence, decide
 
 SCHEMA = "llm-forensics.calibration/1"
@@ -116,7 +118,7 @@ def _fingerprint(model, workdir: Path, name: str) -> dict:
 
     folder = workdir / name
     model.save_pretrained(folder)
-    fp = pipeline.fingerprint(folder, "cpu", name)
+    fp = pipeline.fingerprint(folder, "cpu", name, show_progress=False)
     shutil.rmtree(folder)
     fp["model"]["path"] = name  # the temporary folder means nothing to a reader
     fp["run"] = {}  # timings vary from run to run
@@ -196,12 +198,12 @@ def analyse_pair(task: tuple[str, str, str, str, list[str], dict[str, dict], Des
     res, _ = pipeline.compare(fps[suspect], {candidate: fps[candidate]}, {c: fps[c] for c in controls}, [],
                               settings)
     cand = res.candidates[candidate]
-    v = cand.verdict
+    v, std = cand.verdict, cand.verdict.std
     row = {"kind": kind, "transform": transform, "suspect": suspect, "candidate": candidate,
-           "verdict": v.verdict, "primary": v.primary_signal, "statistic": v.statistic,
-           "p_perm": v.pvalue_permutation, "p_emp": v.pvalue_empirical, "p_combined": v.pvalue_combined,
-           "n_null": v.n_null,
-           "perm_floor": cand.signals[v.primary_signal].permutation.floor if v.primary_signal else None,
+           "verdict": v.verdict, "route": v.route, "primary": std.primary_signal, "statistic": std.statistic,
+           "p_perm": std.pvalue_permutation, "p_emp": std.pvalue_empirical, "p_combined": std.pvalue_combined,
+           "n_null": std.n_null, "perm_floor": std.permutation_floor,
+           "routes": {n: {"pvalue": r.pvalue, "floor": r.floor, "what": r.what} for n, r in v.routes.items()},
            "signals": {label: e.permutation.pvalue for label, e in cand.signals.items() if e.compared}}
     if kind == "unrelated":
         row["p_shuffle"] = shuffle_pvalue(fps[suspect], fps[candidate], d.n_permutations, seed)
@@ -238,6 +240,7 @@ def summarise(rows: list[dict], d: Design, timing: dict, losses: list[float]) ->
             "timing": timing,
         },
         "rule": {repr(a): rate(sum(derived_at(r, a) for r in null), len(null)) for a in ALPHAS},
+        "std_rule": {repr(a): rate(sum(std_derived_at(r, a) for r in null), len(null)) for a in ALPHAS},
         "permutation": {repr(a): rate(sum(r["p_perm"] < a for r in tested), len(tested)) for a in ALPHAS},
         "empirical_null": {repr(a): rate(sum(r["p_emp"] < a for r in tested), len(tested)) for a in ALPHAS},
         "layer_shuffle": {repr(a): rate(sum(r["p_shuffle"] < a for r in null), len(null)) for a in ALPHAS},
@@ -283,8 +286,14 @@ def _false_positives(rows: list[dict]) -> dict:
 
 
 def derived_at(row: dict, alpha: float) -> bool:
-    """The product's verdict rule at `alpha`, re-applied to a pair's recorded evidence so one run serves every alpha
-    (the tests themselves do not depend on alpha)."""
+    """The product's verdict rule (stats/decision.py) at `alpha`, re-applied to a pair's recorded route evidence so
+    one run serves every alpha (the tests themselves do not depend on alpha)."""
+    routes = {n: Route(n, **r) for n, r in row["routes"].items()}
+    return decide_routes({"candidate": routes}, alpha, "holm")["candidate"]["verdict"] == DERIVED
+
+
+def std_derived_at(row: dict, alpha: float) -> bool:
+    """The std-curve route's own rule (the verdict rule of 0.2) at `alpha`."""
     if row["primary"] is None:
         return False
     ev = PrimaryEvidence(row["primary"], row["statistic"], row["p_perm"], row["p_emp"], row["n_null"],

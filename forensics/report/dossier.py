@@ -262,33 +262,41 @@ class _Story:
         w, v = self.w["summary"], self.view
         self.chapter(w["heading"])
         self.p(self.text(w["intro"], suspect=v.suspect, n_candidates=len(v.candidates)))
-        rows = [[self.cell(c.name), self.cell(c.verdict, "cellb"), self.cell(c.primary_signal or NA),
-                 self.cell(f_num(c.statistic)), self.cell(f_ci(c.ci)), self.cell(f_p(c.p_adjusted))]
+        routes = {c.name: {r.name: r for r in c.routes} for c in v.candidates}
+        rows = [[self.cell(c.name), self.cell(c.verdict, "cellb"),
+                 self.cell(routes[c.name][c.route].label if c.route else NA),
+                 self.cell(f_p(c.p, routes[c.name][c.route].floor if c.route else None)), self.cell(f_p(c.p_adjusted)),
+                 self.cell(", ".join(r.label for r in c.routes if r.role == "supports") or "—")]
                 for c in v.candidates]
         self.p(escape(w["table_heading"]), "h2")
-        self.flow.append(self.table(w["table_columns"], rows, [3.2, 2.3, 1.9, 1.6, 1.9, 1.6]))
+        self.flow.append(self.table(w["table_columns"], rows, [3.0, 2.3, 2.3, 1.5, 1.6, 2.3]))
         self.p(escape(w["na_note"]), "small")
         for c in v.candidates:
             # The verdict's meaning is template text with its own markup, so it is filled in unescaped.
             block = [Spacer(1, 4), Paragraph(w["candidate_line"].format(
                 candidate=escape(c.name), verdict=escape(c.verdict), meaning=w["verdicts"].get(c.verdict, "")),
                 self.s["body"])]
-            block.append(Paragraph(self.text(
-                w["evidence_line"], signal=c.primary_signal or NA, statistic=f_num(c.statistic), ci=f_ci(c.ci),
-                p_perm=f_p(c.p_permutation, c.p_permutation_floor),
-                n_null=c.n_null if c.n_null is not None else NA,
-                p_emp=f_p(c.p_empirical, 1 / (c.n_null + 1) if c.n_null else None),
-                null_percentile=f_pct(c.null_percentile),
-                multitest=v.multitest or NA, p_adj=f_p(c.p_adjusted)), self.s["body"]))
+            decided = routes[c.name].get(c.route) if c.route else None
+            if decided:
+                block.append(Paragraph(self.text(
+                    w["evidence_line"], route=decided.label, what=decided.what, p=f_p(c.p, decided.floor),
+                    multitest=v.multitest or NA, p_adj=f_p(c.p_adjusted), error_rate=c.error_rate or NA),
+                    self.s["body"]))
+            block.append(Paragraph(self.text(w["routes_line"], routes="; ".join(
+                f"{r.label}: {r.role}" + (f" (p {f_p(r.p, r.floor)})" if r.p is not None else f" ({r.what})")
+                for r in c.routes)), self.s["body"]))
+            if c.primary_signal:
+                block.append(Paragraph(self.text(
+                    w["std_line"], signal=c.primary_signal, statistic=f_num(c.statistic), ci=f_ci(c.ci),
+                    p_perm=f_p(c.p_permutation, c.p_permutation_floor),
+                    n_null=c.n_null if c.n_null is not None else NA,
+                    p_emp=f_p(c.p_empirical, 1 / (c.n_null + 1) if c.n_null else None),
+                    null_percentile=f_pct(c.null_percentile)), self.s["small"]))
             if c.reasons:
                 block.append(Paragraph(escape(w["reasons_heading"]) + " " + escape("; ".join(c.reasons)) + ".",
                                        self.s["small"]))
-            if c.neurons:
-                block.append(Paragraph(self.text(w["neuron_line"], conclusion=c.neurons.conclusion or NA,
-                                                 reason=c.neurons.reason or ""), self.s["body"]))
-            for statement in (c.tamper.statement if c.tamper else None, c.agreement):
-                if statement:
-                    block.append(Paragraph(escape(statement), self.s["notice"]))
+            if c.tamper and c.tamper.statement:
+                block.append(Paragraph(escape(c.tamper.statement), self.s["notice"]))
             self.flow.append(KeepTogether(block))
         rules = {(c.rule, c.fpr) for c in v.candidates}
         for rule, fpr in sorted(rules, key=lambda x: str(x)):
@@ -382,9 +390,8 @@ class _Story:
                 p_adj=f_p(n.pvalue_adjusted), fisher=f_p(fisher.pvalue), df=fisher.df, parts=", ".join(n.parts),
                 neurons=settings.neurons, dims=settings.dims, shared=a.shared_tokens, used=a.tokens_used,
                 corr=f_num(a.matched_abs_correlation_median), strong=a.dims_above_half, width=a.dims))
-            for statement in (c.tamper.statement if c.tamper else None, c.agreement):
-                if statement:
-                    self.p(escape(statement), "notice")
+            if c.tamper and c.tamper.statement:
+                self.p(escape(c.tamper.statement), "notice")
             rows = []
             for layer in n.layers:
                 units = layer.units

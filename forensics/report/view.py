@@ -23,6 +23,7 @@ ACTIVATION_KINDS = ("act_norm", "act_norm_std")
 SPECTRUM = "attention_spectrum"
 SPECTRUM_SIGNALS = ("qk_spectrum", "ov_spectrum")
 AGGREGATE = "aggregate"
+ROUTE_LABELS = {"neurons": "neuron matching", "attention_spectra": "attention spectra", "std_curves": "std curves"}
 # Reading order of signals in tables and figures: the role table's order (attention, norms, FFN, MoE, MLA), the
 # spectra, activations, then aggregates (docs/fingerprint-format.md); anything else follows alphabetically.
 SIGNAL_ORDER = (*(r.value for r in roles.Role), *SPECTRUM_SIGNALS, *ACTIVATION_KINDS, "qkvo", "ffn")
@@ -75,11 +76,27 @@ class Rate:
 
 
 @dataclass(frozen=True)
+class RouteView:
+    """One test's part in a verdict: decided, supports, does not support, cannot reach alpha, not applicable."""
+    name: str
+    label: str
+    role: str
+    p: float | None
+    floor: float | None
+    what: str
+
+
+@dataclass(frozen=True)
 class Candidate:
     name: str
     verdict: str
     rule: str | None
     fpr: Rate
+    route: str | None = None  # the test that decided (stats/decision.py)
+    p: float | None = None  # its p, and below its p adjusted across the candidates
+    error_rate: str | None = None
+    routes: tuple[RouteView, ...] = ()
+    # The std-curve test in detail (the deciding test of 0.2; now one route of the verdict).
     primary_signal: str | None = None
     statistic: float | None = None
     ci: tuple[float, float] | None = None
@@ -93,7 +110,6 @@ class Candidate:
     signals: dict[str, SignalResult] = field(default_factory=dict)
     neurons: NeuronTest | None = None  # the neuron-matching test and its conclusion (stats/neurons.py)
     tamper: Tamper | None = None  # the tamper flag (stats/lineage.py)
-    agreement: str | None = None  # set when the std-curve verdict and neuron matching disagree
 
 
 @dataclass(frozen=True)
@@ -176,21 +192,23 @@ class DossierView:
                 flat=frozenset(sig for sig, c in curves.items() if c.variation.flat))
         candidates, nulls = [], {}
         for name, res in results.candidates.items():
-            v = res.verdict
-            primary = res.signals.get(v.primary_signal) if v.primary_signal else None
+            v, std = res.verdict, res.verdict.std
+            primary = res.signals.get(std.primary_signal) if std.primary_signal else None
             emp = primary.empirical_null if primary else None
             candidates.append(Candidate(
-                name=name, verdict=v.verdict, rule=v.rule, fpr=_rate(v.measured_false_positive_rate),
-                primary_signal=v.primary_signal, statistic=v.statistic,
+                name=name, verdict=v.verdict, rule=v.rule, fpr=_rate(v.measured_false_positive_rate), route=v.route,
+                p=v.pvalue, error_rate=v.error_rate,
+                routes=tuple(RouteView(n, ROUTE_LABELS[n], v.routes[n].role, v.routes[n].pvalue, v.routes[n].floor,
+                                       v.routes[n].what) for n in ROUTE_LABELS if n in v.routes),
+                primary_signal=std.primary_signal, statistic=std.statistic,
                 ci=_interval(primary.confidence_interval) if primary else None,
-                p_permutation=v.pvalue_permutation,
-                p_permutation_floor=primary.permutation.floor if primary and primary.permutation else None,
-                p_empirical=v.pvalue_empirical, n_null=v.n_null, null_percentile=emp.percentile if emp else None,
-                p_adjusted=v.pvalue_adjusted, reasons=tuple(v.reasons),
-                signals={label: _signal(label, e) for label, e in res.signals.items()},
-                neurons=res.neurons, tamper=res.tamper, agreement=res.agreement))
-            if emp is not None and v.primary_signal not in nulls:
-                nulls[v.primary_signal] = emp
+                p_permutation=std.pvalue_permutation, p_permutation_floor=std.permutation_floor,
+                p_empirical=std.pvalue_empirical, n_null=std.n_null,
+                null_percentile=emp.percentile if emp else None, p_adjusted=v.pvalue_adjusted,
+                reasons=tuple(v.reasons), signals={label: _signal(label, e) for label, e in res.signals.items()},
+                neurons=res.neurons, tamper=res.tamper))
+            if emp is not None and std.primary_signal not in nulls:
+                nulls[std.primary_signal] = emp
         null_views = []
         for label, emp in nulls.items():
             observed = {c.name: c.signals[label].r for c in candidates

@@ -19,7 +19,10 @@ from forensics.stats.align import METHODS as ALIGN_METHODS
 from forensics.stats.align import Aligner
 from forensics.stats.bootstrap import block_bootstrap_ci
 from forensics.stats.calibration import empirical_null
-from forensics.stats.lineage import agreement, neuron_conclusions, neuron_rule, tamper_flag
+from forensics.stats.decision import decide as decide_routes
+from forensics.stats.decision import error_rate, neuron_route, spectra_route, std_route
+from forensics.stats.decision import rule_text as decision_rule
+from forensics.stats.lineage import neuron_conclusions, neuron_rule, tamper_flag
 from forensics.stats.multitest import METHODS as MULTITEST_METHODS
 from forensics.stats.multitest import NAMES as MULTITEST_NAMES
 from forensics.stats.multitest import adjust
@@ -31,7 +34,7 @@ from forensics.stats.seeds import rng_for
 from forensics.stats.similarity import AGGREGATES, pearson, spearman
 from forensics.stats.verdict import PRIMARY_ORDER, PrimaryEvidence, decide, measured_fpr, rule_text
 
-SCHEMA = "llm-forensics.stats/1"
+SCHEMA = "llm-forensics.stats/2"
 
 
 @dataclass(frozen=True)
@@ -379,23 +382,33 @@ def compare_case(suspect_fp: dict, candidates: dict[str, dict], controls: dict[s
         evidence[c] = PrimaryEvidence(primary, e["statistic"], e["permutation"]["pvalue"],
                                       e["empirical_null"]["pvalue"], e["empirical_null"]["n_null"],
                                       e["permutation"]["floor"])
-    rule = rule_text(s.alpha, s.multitest)
+    std_rule = rule_text(s.alpha, s.multitest)
     fpr = measured_fpr(s.calibration, s.alpha)
-    for c, verdict in decide(evidence, s.alpha, s.multitest).items():
-        results[c]["verdict"] = {**verdict, "rule": rule, "measured_false_positive_rate": fpr}
-
-    if neurons is not None:
-        conclusions = neuron_conclusions({c: neurons.get(c, unavailable("not run")) for c in results}, s.alpha,
-                                         s.multitest)
-        for c, res in results.items():
-            res["neurons"] = {**neurons.get(c, unavailable("not run")), **conclusions[c]}
+    std = decide(evidence, s.alpha, s.multitest)
+    tests = {c: (neurons or {}).get(c, unavailable("not run")) for c in results}
+    conclusions = neuron_conclusions(tests, s.alpha, s.multitest)
+    routes = {c: {"neurons": neuron_route(tests[c]), "attention_spectra": spectra_route(results[c]["signals"]),
+                  "std_curves": std_route(std[c])} for c in results}
+    rule = decision_rule(s.alpha, s.multitest)
+    for c, verdict in decide_routes(routes, s.alpha, s.multitest).items():
+        res = results[c]
+        own = dict(std[c])
+        conclusion = own.pop("verdict")
+        verdict["routes"]["std_curves"].update({**own, "conclusion": conclusion, "rule": std_rule,
+                                                "measured_false_positive_rate": fpr})
+        verdict["routes"]["neurons"].update(conclusions[c])
+        res["verdict"] = {**verdict, "rule": rule,
+                          "measured_false_positive_rate": fpr if verdict["route"] != "neurons" else None,
+                          "error_rate": error_rate(verdict["route"], fpr)}
+        if neurons is not None:
+            res["neurons"] = {**tests[c], **conclusions[c]}
             res["tamper"] = tamper_flag(res["signals"], res["neurons"], s.alpha)
-            res["agreement"] = agreement(res["verdict"]["verdict"], res["neurons"])
 
     return jsonable({
         "schema": SCHEMA,
         "settings": s.as_dict(),
         "verdict_rule": rule,
+        "std_rule": std_rule,
         "neuron_rule": neuron_rule(s.alpha, s.multitest) if neurons is not None else None,
         "measured_false_positive_rate": fpr,
         "multitest": {"method": MULTITEST_NAMES[s.multitest], "family": "every compared candidate x signal "

@@ -90,19 +90,3 @@ def tamper_flag(signals: dict, neuron: dict, alpha: float) -> dict:
                             f"profile of {', '.join(quiet)} appears to have been altered in an output-preserving way "
                             f"(for example rescaled with a compensating rescale elsewhere).")
     return out
-
-
-def agreement(verdict: str, neuron: dict) -> str | None:
-    """A sentence when the std-curve verdict and the neuron-matching conclusion point different ways."""
-    n = neuron.get("conclusion")
-    if n == EVIDENCE and verdict == NO_EVIDENCE:
-        return ("The two kinds of evidence disagree: neuron matching finds evidence of derivation, the std-curve "
-                "rule says NO EVIDENCE. Std curves can be redrawn without changing outputs; neuron matching cannot "
-                "be evaded that way.")
-    if n == EVIDENCE and verdict == INCONCLUSIVE:
-        return ("Neuron matching finds evidence of derivation where the std-curve rule reached no conclusion "
-                "(INCONCLUSIVE; its reasons are listed with the verdict).")
-    if n == NO_EVIDENCE and verdict == DERIVED:
-        return ("The two kinds of evidence disagree: the std-curve rule says DERIVED, neuron matching finds no "
-                "shared neurons. Similar std curves can come from a shared recipe; treat DERIVED with caution.")
-    return None

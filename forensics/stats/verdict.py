@@ -88,7 +88,8 @@ def decide(evidence: dict[str, PrimaryEvidence | None], alpha: float, method: st
                 reasons.append(f"{ev.signal}: p_perm = {ev.p_permutation:.3g}, p_emp = {ev.p_empirical:.3g}, "
                                f"but the adjusted max is {p_adj:.3g} >= {alpha}")
         out[name] = {"verdict": verdict, "primary_signal": ev.signal, "statistic": ev.statistic,
-                     "pvalue_permutation": ev.p_permutation, "pvalue_empirical": ev.p_empirical,
+                     "pvalue_permutation": ev.p_permutation, "permutation_floor": ev.permutation_floor,
+                     "pvalue_empirical": ev.p_empirical,
                      "pvalue_combined": max(ev.p_permutation, ev.p_empirical), "pvalue_adjusted": p_adj,
                      "n_null": ev.n_null, "min_null_pairs": needed, "reasons": reasons}
     return out
