@@ -14,18 +14,24 @@ from forensics.progress import byte_progress, err
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from forensics.fingerprint import fingerprint_model, write_json
+    from forensics.evidence.atomic import check_output, write_output
+    from forensics.fingerprint import fingerprint_model
 
-    with byte_progress() as bar:
-        task = bar.add_task(f"{Path(args.path).name}", total=None)
-        fp = fingerprint_model(args.path, device=args.device, allow_nonfinite=args.allow_nonfinite,
-                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    model = Path(args.path)
     if args.output:
-        write_json(fp, Path(args.output))
+        check_output(args.output, [model])  # before the model is read: a bad -o costs nothing
+    with byte_progress() as bar:
+        task = bar.add_task(f"{model.name}", total=None)
+        fp = fingerprint_model(model, device=args.device, allow_nonfinite=args.allow_nonfinite,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    text = json.dumps(fp, indent=1, sort_keys=True) + "\n"
+    if args.output:
+        # Every file the fingerprint read is an input now known (an ONNX model's external data beside it).
+        folder = model if model.is_dir() else model.parent
+        write_output(args.output, text.encode(), [model, *(folder / f["path"] for f in fp["model"]["files"])])
         err.print(f"wrote {args.output}")
     else:
-        json.dump(fp, sys.stdout, indent=1, sort_keys=True)
-        sys.stdout.write("\n")
+        sys.stdout.write(text)
     return 0
 
 
