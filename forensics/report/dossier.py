@@ -14,7 +14,6 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import yaml
-from rich.markup import escape as rich_escape
 from matplotlib import get_data_path
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_CENTER
@@ -26,6 +25,7 @@ from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen import canvas as rl_canvas
 from reportlab.platypus import (Flowable, Image, KeepTogether, ListFlowable, ListItem, PageBreak, Paragraph,
                                 SimpleDocTemplate, Spacer, Table, TableStyle)
+from rich.markup import escape as rich_escape
 
 import forensics
 from forensics.errors import ForensicsError

@@ -197,7 +197,11 @@ def verify_dossier(pdf_path: str | Path, check_inputs: bool = False, base_dir: s
                f"signature coverage: {status.coverage.name}")
     _check_trust(result, sig, cert_sha, self_signed, trust_roots, expected_signer)
 
-    files = _embedded_files(reader)
+    try:
+        files = _embedded_files(reader)
+    except Exception as e:  # noqa: BLE001 -- a crafted name tree can break the walk anywhere
+        result.add("attachments", False, f"the attachments cannot be read: {type(e).__name__}: {e}")
+        return result
     missing = [n for n in (MANIFEST, CASE_YAML, RESULTS) if n not in files]
     if not result.add("attachments", not missing, f"missing attachment(s): {', '.join(missing)}" if missing
                       else f"attached: {', '.join(sorted(files))}"):

@@ -59,7 +59,7 @@ def open_regular(path: Path, root: Path | None = None):
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = next((name for test, name in FILE_KINDS if test(mode)), "not a file")
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "of unknown type")
         raise ForensicsError(path, f"cannot open for reading: not a regular file ({kind})")
     os.set_blocking(fd, True)
     f = os.fdopen(fd, "rb", buffering=0)

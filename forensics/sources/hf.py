@@ -88,10 +88,10 @@ class HFDirectory(Source):
         return self._info
 
     def planned_files(self) -> list[Path]:
-        # Whatever is not a directory is evidence and gets opened, so that a FIFO, a device or a link pointing
-        # outside the model is refused by name rather than silently left out.
+        # Whatever exists and is not a directory is evidence and gets opened, so that a FIFO, a device or a link
+        # pointing outside the model is refused by name rather than silently left out.
         side = [f for f in sorted(self.path.iterdir())
-                if not f.is_dir() and f.suffix not in WEIGHT_SUFFIXES and not f.name.startswith(".")
+                if f.exists() and not f.is_dir() and f.suffix not in WEIGHT_SUFFIXES and not f.name.startswith(".")
                 and not (f.is_file() and f.stat().st_size > MAX_SIDE_FILE)]
         return side + self.weight_files
 
