@@ -45,10 +45,11 @@ models/lab/upcycled/recipe.json: $(MODELS_STAMP)
 	$(VENV)/bin/forensics lab make-set --source models/E-smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf \
 		--out models/lab --only upcycled
 
-# make verify DOSSIER=out/demo/dossier.pdf: signature, whole-file coverage and every input's SHA-256.
+# make verify DOSSIER=out/demo/dossier.pdf SIGNER=sha256: signature, whole-file coverage, the signer (the certificate
+# SHA-256 on the cover; without SIGNER the exit status is 3, "integrity ok, signer not trusted") and every input's SHA-256.
 DOSSIER ?= out/$(NAME)/dossier.pdf
 verify: $(STAMP)
-	$(VENV)/bin/forensics verify $(DOSSIER) --inputs
+	$(VENV)/bin/forensics verify $(DOSSIER) --inputs $(if $(SIGNER),--signer $(SIGNER))
 
 # make fingerprint MODEL=path/to/model [OUT=fp.json]
 fingerprint: $(STAMP)

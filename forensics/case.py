@@ -22,6 +22,19 @@ ACTIVATION_SIGNALS = ("act_norm", "act_norm_std")
 SIGNALS = WEIGHT_SIGNALS + ATTENTION_SIGNALS + ACTIVATION_SIGNALS
 
 
+# Upper bounds of every count, far above any useful setting and below one that would exhaust memory or run for days:
+# a typo (an extra zero or three) is refused by its field and line instead of starting such a run.
+MAX_PERMUTATIONS = 10 ** 6  # p floor 1e-6
+MAX_BOOTSTRAP = 10 ** 5
+MAX_NEURON_PERMUTATIONS = 10 ** 4  # each redoes every unit's assignment problems
+MAX_NEURONS = 1024
+MAX_DIMS = 65536  # wider than any model's residual stream (the sketches keep at most its width)
+MAX_TOKENS = 10 ** 6  # more than any vocabulary holds
+MAX_BATCH_SIZE = 1024
+MAX_SEQ_LEN = 131072
+MAX_NUM_BATCHES = 10 ** 5
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -43,15 +56,15 @@ class Activations(Strict):
     corpus: Path | None = Field(None, description="a local .txt/.jsonl/.jsonl.zst/.parquet; default: embedded corpus")
     text_field: str = "text"
     # Unset sizes take the device's defaults: the original's 8 x 1024 x 1000 on a GPU, 4 x 256 x 8 on a CPU.
-    batch_size: int | None = Field(None, ge=1)
-    seq_len: int | None = Field(None, ge=8)
-    num_batches: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
+    seq_len: int | None = Field(None, ge=8, le=MAX_SEQ_LEN)
+    num_batches: int | None = Field(None, ge=1, le=MAX_NUM_BATCHES)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class Statistics(Strict):
-    permutations: int = Field(9999, ge=99)
-    bootstrap: int = Field(2000, ge=100)
+    permutations: int = Field(9999, ge=99, le=MAX_PERMUTATIONS)
+    bootstrap: int = Field(2000, ge=100, le=MAX_BOOTSTRAP)
     alpha: float = Field(0.01, gt=0, lt=0.5)
     seed: int = 20251126
     multitest: Literal["holm", "fdr_bh"] = "holm"
@@ -62,11 +75,12 @@ class Neurons(Strict):
     """Neuron matching (forensics/stats/neurons.py): run for every candidate of the suspect's hidden width."""
 
     enabled: bool = True
-    permutations: int = Field(NeuronSettings.permutations, ge=19,
+    permutations: int = Field(NeuronSettings.permutations, ge=19, le=MAX_NEURON_PERMUTATIONS,
                               description="T of the exact test; its p cannot go below 1/(T+1)")
-    neurons: int = Field(NeuronSettings.neurons, ge=2, description="suspect neurons drawn per FFN unit")
-    dims: int = Field(NeuronSettings.dims, ge=8, description="residual dimensions kept in the neuron sketches")
-    tokens: int = Field(NeuronSettings.tokens, ge=16,
+    neurons: int = Field(NeuronSettings.neurons, ge=2, le=MAX_NEURONS, description="suspect neurons drawn per FFN unit")
+    dims: int = Field(NeuronSettings.dims, ge=8, le=MAX_DIMS,
+                      description="residual dimensions kept in the neuron sketches")
+    tokens: int = Field(NeuronSettings.tokens, ge=16, le=MAX_TOKENS,
                         description="shared tokens used to align the residual streams, at most")
 
     def settings(self, seed: int) -> NeuronSettings:
@@ -151,6 +165,28 @@ def _line_of(node: yaml.Node, loc: tuple) -> int | None:
     return line
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key, first: yaml.Node, second: yaml.Node):
+        self.key, self.first_line, self.second_line = key, first.start_mark.line + 1, second.start_mark.line + 1
+        super().__init__(f"duplicate key {key!r}")
+
+
+class _CaseLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, at any depth. Plain YAML keeps the last one
+    silently, so a second `suspect:` further down would replace the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # merge keys (<<) may be overridden, by design; unhashable keys are refused by SafeLoader
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise DuplicateKeyError(key, seen[key], key_node)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
 def load_case(path: str | Path) -> tuple[Case, bytes]:
     """Parse and validate a case file; returns the case (paths made absolute) and its exact bytes."""
     path = Path(path)
@@ -159,9 +195,15 @@ def load_case(path: str | Path) -> tuple[Case, bytes]:
     except OSError as e:
         raise ForensicsError(path, f"cannot read case file: {e.strerror}") from e
     try:
-        text = raw.decode("utf-8")
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        loader = _CaseLoader(raw.decode("utf-8"))
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except DuplicateKeyError as e:
+        raise ForensicsError(path, f"line {e.second_line}: duplicate key {e.key!r} (first given at line "
+                                   f"{e.first_line}); a key may appear only once in a mapping") from e
     except (UnicodeDecodeError, yaml.YAMLError) as e:
         raise ForensicsError(path, f"not valid YAML: {e}") from e
     if not isinstance(data, dict) or node is None:
@@ -174,7 +216,27 @@ def load_case(path: str | Path) -> tuple[Case, bytes]:
             field = ".".join(str(p) for p in err["loc"]) or "(top level)"
             problems.append(f"line {_line_of(node, err['loc'])}: {field}: {err['msg']}")
         raise ForensicsError(path, "invalid case file:\n  " + "\n  ".join(problems)) from e
-    return _resolve(case, path.parent.resolve()), raw
+    case = _resolve(case, path.parent.resolve())
+    _distinct_models(case, path, node)
+    return case, raw
+
+
+def _distinct_models(case: Case, path: Path, node: yaml.Node) -> None:
+    """Refuse a model listed twice (same path once links are resolved), before any model is read: a suspect that is
+    also a candidate compares the model with itself, and a control that is a candidate puts a candidate in the null
+    of unrelated pairs; either would make the statistics meaningless."""
+    listed = [("suspect", ("suspect",), case.suspect)]
+    listed += [(f"candidate {i + 1}", ("candidates", i), m) for i, m in enumerate(case.candidates)]
+    listed += [(f"control {i + 1}", ("controls", i), m) for i, m in enumerate(case.controls)]
+    first: dict[Path, tuple[str, tuple, ModelRef]] = {}
+    for role, loc, m in listed:
+        real = m.path.resolve()
+        if real in first:
+            role0, loc0, m0 = first[real]
+            raise ForensicsError(path, f"line {_line_of(node, loc + ('path',))}: {role} {m.name!r} is the same model "
+                                       f"as {role0} {m0.name!r} (line {_line_of(node, loc0 + ('path',))}): both are "
+                                       f"{real}; a case compares distinct models")
+        first[real] = (role, loc, m)
 
 
 def _resolve(case: Case, base: Path) -> Case:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from forensics import __version__
@@ -13,19 +14,24 @@ from forensics.progress import byte_progress, err
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from forensics.evidence.atomic import atomic_write_bytes
+    from forensics.evidence.atomic import check_output, write_output
     from forensics.fingerprint import fingerprint_model
 
-    with byte_progress() as bar:
-        task = bar.add_task(f"{Path(args.path).name}", total=None)
-        fp = fingerprint_model(args.path, device=args.device, allow_nonfinite=args.allow_nonfinite,
-                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    model = Path(args.path)
     if args.output:
-        atomic_write_bytes(Path(args.output), (json.dumps(fp, indent=1, sort_keys=True) + "\n").encode())
+        check_output(args.output, [model])  # before the model is read: a bad -o costs nothing
+    with byte_progress() as bar:
+        task = bar.add_task(f"{model.name}", total=None)
+        fp = fingerprint_model(model, device=args.device, allow_nonfinite=args.allow_nonfinite,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    text = json.dumps(fp, indent=1, sort_keys=True) + "\n"
+    if args.output:
+        # Every file the fingerprint read is an input now known (an ONNX model's external data beside it).
+        folder = model if model.is_dir() else model.parent
+        write_output(args.output, text.encode(), [model, *(folder / f["path"] for f in fp["model"]["files"])])
         err.print(f"wrote {args.output}")
     else:
-        json.dump(fp, sys.stdout, indent=1, sort_keys=True)
-        sys.stdout.write("\n")
+        sys.stdout.write(text)
     return 0
 
 
@@ -59,15 +65,17 @@ def cmd_case_check(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from forensics.report.verify import verify_dossier
+    from forensics.report.verify import EXIT_UNTRUSTED, verify_dossier
 
     result = verify_dossier(args.dossier, check_inputs=args.inputs, base_dir=args.base_dir,
                             trust_roots=args.trust or (), expected_signer=args.signer)
     json.dump(result.to_dict(), sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
-    if not result.ok:
-        err.print("[bold red]NOT VERIFIED[/]: see the checks above", highlight=False)
-    return 0 if result.ok else 1
+    if result.exit_status == EXIT_UNTRUSTED:
+        err.print(f"[bold yellow]INTEGRITY OK, SIGNER NOT TRUSTED[/]: {result.trust}", highlight=False)
+    elif not result.ok:
+        err.print(f"[bold red]NOT VERIFIED[/]: {result.verdict}", highlight=False)
+    return result.exit_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,12 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_case_check)
 
     ver = sub.add_parser("verify", help="check a dossier's signature, and optionally its inputs",
-                         description="Check that the dossier's PAdES signature is intact and covers the whole file, "
-                                     "and extract its manifest; with --inputs, re-hash every input file it lists. "
-                                     "Exit 0 only when everything holds. Prints the checks as JSON.")
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description=textwrap.fill(
+                             "Check the dossier's integrity (its PAdES signature is intact, covers the whole file "
+                             "and was made with the key its manifest records; the attached case file and results "
+                             "match their hashes) and, apart from that, whether the signer is trusted (--signer, "
+                             "--trust); with --inputs, re-hash the input files it lists. Prints the checks as JSON.",
+                             88),
+                         epilog="exit status:\n"
+                                "  0  verified: integrity ok and the signer trusted (--signer or --trust)\n"
+                                "  1  failed: a check failed (integrity, --inputs, or the given --signer/--trust)\n"
+                                "  2  the dossier or a --trust file cannot be read\n"
+                                "  3  integrity ok, signer not trusted: neither --signer nor --trust was given")
     ver.add_argument("dossier", help="the dossier PDF")
-    ver.add_argument("--inputs", action="store_true", help="re-hash every input file the manifest lists")
-    ver.add_argument("--base-dir", help="where relative input paths are found (default: as recorded)")
+    ver.add_argument("--inputs", action="store_true",
+                     help="re-hash the input files the manifest lists, once its integrity holds; only files under "
+                          "--base-dir are read")
+    ver.add_argument("--base-dir", help="the directory input paths are taken relative to, and the only one read: a "
+                                        "path that resolves outside it fails the check (default: the current "
+                                        "directory)")
     ver.add_argument("--signer", help="the signing certificate's SHA-256 that must have signed it")
     ver.add_argument("--trust", action="append", help="a trusted root certificate (PEM), repeatable")
     ver.set_defaults(func=cmd_verify)

@@ -259,6 +259,10 @@ DECODER_EMBEDDING = r"(model\.|model\.language_model\.|language_model\.model\.)?
 POST_NORM = {"bert"}
 # Tables whose FFN matrices are stored (in, out) (GPT-2's Conv1D) rather than torch's (out, in).
 IN_OUT_LAYOUT = {"gpt2"}
+# Architectures without grouped-query attention: a num_key_value_heads in their config does not apply.
+MHA_TABLES = {"gpt2", "gpt_neox", "bert"}
+# Tables with multi-head latent attention, whose q and o sizes follow from LoRA ranks, not from heads x head_dim.
+MLA_TABLES = {"deepseek_v2"}
 # Gemma's RMSNorm multiplies by (1 + weight) in Hugging Face checkpoints; llama.cpp's converter stores 1 + weight.
 NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 
@@ -345,12 +349,53 @@ class RoleTable:
     def parts(self, name: str, match: Match, tensor: np.ndarray, info: ModelInfo) -> list[Part]:
         try:
             if match.target in SPLITS:
-                return [Part(match.layer, role, None, piece) for role, piece in SPLITS[match.target](tensor, info)]
-            if match.target in STACKED:
-                return [Part(match.layer, role, e, piece) for role, e, piece in _stacked(tensor, STACKED[match.target])]
+                parts = [Part(match.layer, role, None, piece) for role, piece in SPLITS[match.target](tensor, info)]
+            elif match.target in STACKED:
+                parts = [Part(match.layer, role, e, piece) for role, e, piece in _stacked(tensor, STACKED[match.target])]
+            else:
+                parts = [Part(match.layer, match.target, match.expert, tensor)]
         except (ValueError, TypeError) as e:  # numpy's word for a shape that does not divide as the config says
             raise ForensicsError(None, f"cannot split fused tensor {name} {tuple(tensor.shape)}: {e}") from e
-        return [Part(match.layer, match.target, match.expert, tensor)]
+        for part in parts:
+            check_shape(name, part, info, self.arch.name)
+        return parts
+
+
+def expected_shape(role: str, info: ModelInfo, table_key: str) -> tuple[int | None, ...] | None:
+    """The shape the model's config gives a core role's tensor, None where it states no size; None for roles whose
+    shape is not checked. Orientation as stored: (out, in), or (in, out) for IN_OUT_LAYOUT tables."""
+    h, heads = info.hidden_size, info.num_heads
+    hd = info.head_dim or (h // heads if h and heads and h % heads == 0 else None)
+    kv = heads if table_key in MHA_TABLES else info.num_kv_heads or heads
+    q_rows = heads * hd if heads and hd else None
+    kv_rows = kv * hd if kv and hd else None
+    # GGUF files of every llama.cpp architecture share one table, and some fuse what it names ffn_up (Phi-3 stores
+    # gate and up in it), so the FFN width is checked only where config.json or the E5S1 header gives it.
+    inter = None if table_key == "gguf" else info.intermediate_size
+    shapes = {"attn_norm": (h,), "attn_norm_bias": (h,), "mlp_norm": (h,), "mlp_norm_bias": (h,),
+              "post_attn_norm": (h,), "post_mlp_norm": (h,),
+              "gate": (inter, h), "up": (inter, h), "down": (h, inter), "up_bias": (inter,), "down_bias": (h,)}
+    if table_key not in MLA_TABLES:
+        shapes.update({"q": (q_rows, h), "k": (kv_rows, h), "v": (kv_rows, h), "o": (h, q_rows),
+                       "q_bias": (q_rows,), "k_bias": (kv_rows,), "v_bias": (kv_rows,), "o_bias": (h,),
+                       "q_norm": (hd,), "k_norm": (hd,)})
+    shape = shapes.get(role)
+    if shape is not None and len(shape) == 2 and table_key in IN_OUT_LAYOUT:
+        shape = shape[::-1]
+    return shape
+
+
+def check_shape(name: str, part: Part, info: ModelInfo, table_key: str) -> None:
+    """Refuse a core tensor whose shape contradicts the config (a 0-dim bias, a matrix of the wrong width): its
+    statistics would describe something other than the layer the dossier says they do."""
+    want = expected_shape(part.role, info, table_key)
+    if want is None:
+        return
+    got = tuple(part.tensor.shape)
+    if len(got) != len(want) or 0 in got or any(w is not None and g != w for g, w in zip(got, want)):
+        shown = "(" + ", ".join("?" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
+        raise ForensicsError(None, f"tensor {name} ({part.role}, layer {part.layer}) has shape {got}; the model's "
+                                   f"config implies {shown}")
 
 
 def architecture_key(model_type: str) -> str:

@@ -82,13 +82,14 @@ def ran(tmp_path_factory, models):
     mp.undo()
 
 
-def test_case_writes_signed_dossier_that_verifies(ran):
+def test_case_writes_signed_dossier_that_verifies(ran, models):
     tmp, out = ran
     assert sorted(p.name for p in out.iterdir()) == ["dossier.pdf", "figures", "fingerprints", "manifest.json",
                                                      "results.json"]
-    result = verify_dossier(out / "dossier.pdf", check_inputs=True)
-    assert result.ok, result.to_dict()
     manifest = json.loads((out / "manifest.json").read_text())
+    result = verify_dossier(out / "dossier.pdf", check_inputs=True, base_dir=models,
+                            expected_signer=manifest["signer"]["certificate_sha256"])
+    assert result.ok, result.to_dict()
     recorded = {r["path"] for r in manifest["inputs"]}
     assert any(p.endswith("child/model.safetensors") for p in recorded)
     assert any(p.endswith("parent/tokenizer.json") for p in recorded)
@@ -147,7 +148,8 @@ def test_changed_input_is_named_by_verify(ran, models, tmp_path):
     try:
         with open(victim, "ab") as f:
             f.write(b" ")
-        r = subprocess.run([sys.executable, "-m", "forensics.cli", "verify", str(pdf), "--inputs"],
+        r = subprocess.run([sys.executable, "-m", "forensics.cli", "verify", str(pdf), "--inputs", "--base-dir",
+                            str(models), "--signer", manifest["signer"]["certificate_sha256"]],
                            capture_output=True, text=True)
         assert r.returncode == 1
         assert victim in r.stdout

@@ -191,4 +191,4 @@ def test_dossier_signature_is_pades_certifying_and_covers_the_whole_file(built):
     assert [str(names[i]) for i in range(0, len(names), 2)] == ["case.yaml", "manifest.json", "results.json",
                                                                 "signer-certificate.pem"]  # sorted, as PDF requires
     assert sig.signed_revision == reader.xrefs.total_revisions - 1
-    assert verify_dossier(built["pdf"]).ok
+    assert verify_dossier(built["pdf"], trust_roots=[built["root"] / "keys" / LOCAL_CERT_NAME]).ok

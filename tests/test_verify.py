@@ -43,16 +43,22 @@ def _copy(built, tmp_path, name="dossier.pdf"):
     return dst
 
 
+def _signer(built) -> str:
+    """The signing certificate's SHA-256, as the analyst would hand it over out of band."""
+    return json.loads((built["out"] / "manifest.json").read_bytes())["signer"]["certificate_sha256"]
+
+
 def test_intact_dossier_verifies_with_inputs(built):
-    result = verify_dossier(built["pdf"], check_inputs=True)
-    assert result.ok, result.to_dict()
+    result = verify_dossier(built["pdf"], check_inputs=True, base_dir=built["root"], expected_signer=_signer(built))
+    assert result.ok and result.exit_status == 0, result.to_dict()
     assert {c.name for c in result.checks} == {"one_signature", "signature_intact", "covers_entire_file",
-                                               "attachments", "signer_matches_manifest", "case.yaml_hash",
-                                               "results.json_hash", "inputs"}
+                                               "signer_is_expected", "attachments", "signer_matches_manifest",
+                                               "case.yaml_hash", "results.json_hash", "inputs"}
     out = result.to_dict()
     json.dumps(out)
     assert out["signature"]["coverage"] == "ENTIRE_FILE"
-    assert out["trust"].startswith("self-signed")
+    assert out["verdict"] == "verified: integrity ok, signer trusted" and out["integrity"] and out["trusted"]
+    assert out["trust"] == "the signing certificate is the one given with --signer"
     assert out["dossier_id"] == json.loads((built["out"] / "manifest.json").read_bytes())["dossier_id"]
     assert all(i["status"] == "ok" for i in out["inputs"]) and len(out["inputs"]) == 10
 
@@ -90,8 +96,9 @@ def test_changed_and_missing_inputs_are_named(built, tmp_path):
     changed.write_bytes(bytes(data))
     (root / "evidence/other-lab/config.json").unlink()
 
-    assert verify_dossier(built["pdf"], base_dir=root).ok  # without --inputs, the files are not read
-    result = verify_dossier(built["pdf"], check_inputs=True, base_dir=root)
+    # without --inputs, the files are not read
+    assert verify_dossier(built["pdf"], base_dir=root, expected_signer=_signer(built)).ok
+    result = verify_dossier(built["pdf"], check_inputs=True, base_dir=root, expected_signer=_signer(built))
     assert not result.ok and _failed(result) == {"inputs"}
     status = {i["path"]: i["status"] for i in result.inputs}
     assert status["evidence/base-7b/model.safetensors"] == "hash mismatch"
@@ -174,7 +181,7 @@ def test_trust_roots_are_checked_when_given(built, tmp_path):
 
 
 def test_expected_signer_from_out_of_band(built):
-    cert = json.loads((built["out"] / "manifest.json").read_bytes())["signer"]["certificate_sha256"]
+    cert = _signer(built)
     colon_form = ":".join(cert[i:i + 2] for i in range(0, 64, 2)).upper()  # as openssl -fingerprint prints it
     assert verify_dossier(built["pdf"], expected_signer=colon_form).ok
     result = verify_dossier(built["pdf"], expected_signer="ab" * 32)

@@ -1,17 +1,31 @@
-"""Atomic file writes: a reader of the final name sees either the old file or the complete new one, never a part."""
+"""Atomic file writes: a reader of the final name sees either the old file or the complete new one, never a part.
+
+Every failure to write (no space, a read-only file system, no permission, a parent that is a file, a directory in
+the way) is a ForensicsError naming the path, and leaves no temporary file behind.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+
+from forensics.errors import ForensicsError
+
+
+def _cannot_write(path: Path, e: OSError) -> ForensicsError:
+    return ForensicsError(path, f"cannot write: {e.strerror or e}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same directory (same filesystem, so os.replace is atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _cannot_write(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -19,8 +33,10 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _cannot_write(path, e) from e
         raise
     return path
 
@@ -32,8 +48,11 @@ def exclusive_write_bytes(path: str | Path, data: bytes, mode: int = 0o600) -> b
     name instead of overwriting it as os.replace would).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _cannot_write(path, e) from e
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -45,5 +64,42 @@ def exclusive_write_bytes(path: str | Path, data: bytes, mode: int = 0o600) -> b
         except FileExistsError:
             return False
         return True
+    except OSError as e:
+        raise _cannot_write(path, e) from e
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def check_output(path: str | Path, inputs: Iterable[str | Path]) -> Path:
+    """Refuse an output path before any work is done: one that is an input (or a link to one), lies inside an input
+    directory (the output would become part of the evidence it describes), is something other than a regular file,
+    or whose directory cannot be written."""
+    path = Path(path)
+    real = path.resolve()
+    for given in inputs:
+        given = Path(given)
+        source = given.resolve()
+        if real == source or (path.exists() and given.exists() and os.path.samefile(path, given)):
+            raise ForensicsError(path, f"is the input {given}: refusing to overwrite evidence")
+        if source.is_dir() and real.is_relative_to(source):
+            raise ForensicsError(path, f"lies inside the input model directory {given}: the output would change "
+                                       f"the evidence it describes; write it elsewhere")
+    if path.exists() and not path.is_file():
+        what = "a directory" if path.is_dir() else "a FIFO, a device or a socket"
+        raise ForensicsError(path, f"cannot write: it is {what}, not a regular file that may be replaced")
+    directory = real.parent
+    while not directory.exists():  # the nearest existing ancestor is where the missing folders would be made
+        directory = directory.parent
+    if not directory.is_dir():
+        raise ForensicsError(path, f"cannot write: {directory} is not a directory")
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        raise ForensicsError(path, f"cannot write: {directory} is on a read-only file system")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ForensicsError(path, f"cannot write: permission denied in {directory}")
+    return path
+
+
+def write_output(path: str | Path, data: bytes, inputs: Iterable[str | Path]) -> Path:
+    """`check_output` again (the inputs may have become known, or the path changed, while the work ran), then an
+    atomic write: the user's output appears complete, or not at all, and never replaces an input."""
+    return atomic_write_bytes(check_output(path, inputs), data)

@@ -7,6 +7,7 @@ import io
 import os
 import shlex
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -23,12 +24,14 @@ from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen import canvas as rl_canvas
 from reportlab.platypus import (Flowable, Image, KeepTogether, ListFlowable, ListItem, PageBreak, Paragraph,
                                 SimpleDocTemplate, Spacer, Table, TableStyle)
+from rich.markup import escape as rich_escape
 
 import forensics
 from forensics.errors import ForensicsError
 from forensics.evidence.atomic import atomic_write_bytes
 from forensics.evidence.hashing import sha256_bytes
 from forensics.evidence.manifest import canonical_json_bytes, results_bytes
+from forensics.progress import err
 from forensics.report import figures as figs
 from forensics.report.signing import Attachment, SignerIdentity, SigningConfig, load_signer, sign_pdf
 from forensics.report.view import AGGREGATE, DossierView, Rate
@@ -44,6 +47,13 @@ TEXT_W = PAGE_W - 2 * MARGIN
 # DejaVu ships with matplotlib and covers Latin, Greek and Cyrillic names; embedding it keeps the PDF self-contained.
 FONTS = {"Sans": "DejaVuSans.ttf", "Sans-Bold": "DejaVuSans-Bold.ttf", "Sans-Italic": "DejaVuSans-Oblique.ttf",
          "Sans-BoldItalic": "DejaVuSans-BoldOblique.ttf", "Mono": "DejaVuSansMono.ttf"}
+SANS_FACES = ("Sans", "Sans-Bold", "Sans-Italic", "Sans-BoldItalic")
+# Characters DejaVu lacks (Chinese, Japanese, Korean names) are set, run by run, in the first of these fonts that has
+# them, where installed (.ci/run installs Debian's fonts-wqy-microhei). reportlab embeds TrueType outlines only: these
+# TTCs have them; Noto Sans CJK's CFF outlines it cannot embed.
+FALLBACK_FONTS = (("Fallback-WenQuanYiMicroHei", "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"),
+                  ("Fallback-WenQuanYiZenHei", "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc"),
+                  ("Fallback-ARPLUMing", "/usr/share/fonts/truetype/arphic/uming.ttc"))
 GRID = colors.HexColor("#999999")
 HEAD_BG = colors.HexColor("#e8e8e8")
 MONO_STYLES = ("mono", "covermono")
@@ -69,13 +79,63 @@ def load_wording() -> tuple[dict, str]:
     return wording, sha256_bytes(raw)
 
 
+@dataclass(frozen=True)
+class Fonts:
+    """Which characters each style font can show, and the fallback fonts for the rest (reportlab has no fallback
+    of its own: a character the font lacks is drawn as an empty box)."""
+
+    covered: dict[str, frozenset[int]]  # style font name -> code points all faces it may switch to (<b>, <i>) have
+    fallbacks: tuple[tuple[str, frozenset[int]], ...]
+
+    def markup(self, text: str, font: str, missing: set[str]) -> str:
+        """``text`` (paragraph markup) with each run of characters ``font`` lacks wrapped in <font name=...> of the
+        first fallback that has them; characters none has are added to ``missing`` and left as they are. Markup and
+        entities are ASCII, which every style font covers, so no tag is ever split."""
+        if text.isascii():
+            return text
+        covered = self.covered.get(font, self.covered["Sans"])
+        out: list[str] = []
+        run: list[str] = []
+        run_font = None
+
+        def flush() -> None:
+            if run:
+                piece = "".join(run)
+                out.append(f'<font name="{run_font}">{piece}</font>' if run_font else piece)
+                run.clear()
+
+        for ch in text:
+            target = None
+            if ord(ch) >= 128 and ord(ch) not in covered:
+                target = next((name for name, cmap in self.fallbacks if ord(ch) in cmap), None)
+                if target is None:
+                    missing.add(ch)
+            if target != run_font:
+                flush()
+                run_font = target
+            run.append(ch)
+        flush()
+        return "".join(out)
+
+
 @cache
-def _register_fonts() -> None:
+def _register_fonts() -> Fonts:
     font_dir = Path(get_data_path()) / "fonts" / "ttf"
     for name, file in FONTS.items():
         pdfmetrics.registerFont(TTFont(name, str(font_dir / file)))
     pdfmetrics.registerFontFamily("Sans", normal="Sans", bold="Sans-Bold", italic="Sans-Italic",
                                   boldItalic="Sans-BoldItalic")
+    fallbacks = []
+    for name, path in FALLBACK_FONTS:
+        if Path(path).is_file():
+            font = TTFont(name, path, subfontIndex=0)
+            pdfmetrics.registerFont(font)
+            # Its own family, so that <b> or <i> around a fallback run still finds a face.
+            pdfmetrics.registerFontFamily(name, normal=name, bold=name, italic=name, boldItalic=name)
+            fallbacks.append((name, frozenset(font.face.charToGlyph)))
+    cmaps = {name: frozenset(pdfmetrics.getFont(name).face.charToGlyph) for name in FONTS}
+    sans = frozenset.intersection(*(cmaps[f] for f in SANS_FACES))
+    return Fonts({**{f: sans for f in SANS_FACES}, "Mono": cmaps["Mono"]}, tuple(fallbacks))
 
 
 def _styles() -> dict[str, ParagraphStyle]:
@@ -175,15 +235,21 @@ class _Story:
                  signer: SignerIdentity, wording: Mapping):
         self.view, self.manifest, self.figures, self.signer, self.w = view, manifest, figures, signer, wording
         self.s = _styles()
+        self.fonts = _register_fonts()
+        self.missing: set[str] = set()  # characters no embedded font has
         self.flow: list = []
         self.figure_no = 0
         self.chapter_no = 0
 
     # small building blocks
 
+    def para(self, text: str, style: ParagraphStyle) -> Paragraph:
+        """Every paragraph goes through here, so that any character its font lacks gets a fallback font."""
+        return Paragraph(self.fonts.markup(text, style.fontName, self.missing), style)
+
     def p(self, text: str, style: str = "body", hold: list | None = None) -> None:
         """Add a paragraph to the story, or to ``hold`` when it must stay on the page of what follows."""
-        (self.flow if hold is None else hold).append(Paragraph(text, self.s[style]))
+        (self.flow if hold is None else hold).append(self.para(text, self.s[style]))
 
     def text(self, template: str, **values) -> str:
         """Fill a wording template; values are escaped, the template's own markup is kept."""
@@ -194,7 +260,7 @@ class _Story:
         self.p(escape(f"{self.chapter_no}. {heading}"), "h1", hold)
 
     def cell(self, text: str, style: str = "cell", raw: bool = False) -> Paragraph:
-        return Paragraph(text if raw else escape(str(text)), self.s[style])
+        return self.para(text if raw else escape(str(text)), self.s[style])
 
     def table(self, header: list[str], rows: list[list], widths: list[float], extra: list | None = None) -> Table:
         data = [[self.cell(h, "cellb") for h in header]] + rows
@@ -226,7 +292,7 @@ class _Story:
         scale = min(72 / figs.DPI, TEXT_W / img.imageWidth, 19 * cm / img.imageHeight)
         img.drawWidth, img.drawHeight = img.imageWidth * scale, img.imageHeight * scale
         self.figure_no += 1
-        self.flow.append(KeepTogether((lead or []) + [img, Paragraph(
+        self.flow.append(KeepTogether((lead or []) + [img, self.para(
             self.text(caption, n=self.figure_no, **values), self.s["caption"])]))
 
     # chapters
@@ -256,6 +322,7 @@ class _Story:
             self.p(escape(v.case.description))
         local = self.signer.self_signed or self.signer.generated_locally
         self.p(w["self_signed_notice"] if local else w["ca_notice"], "notice")
+        self.cover_end = len(self.flow)  # where build() puts the note on characters no font could show
         self.flow.append(PageBreak())
 
     def summary(self) -> None:
@@ -273,30 +340,30 @@ class _Story:
         self.p(escape(w["na_note"]), "small")
         for c in v.candidates:
             # The verdict's meaning is template text with its own markup, so it is filled in unescaped.
-            block = [Spacer(1, 4), Paragraph(w["candidate_line"].format(
+            block = [Spacer(1, 4), self.para(w["candidate_line"].format(
                 candidate=escape(c.name), verdict=escape(c.verdict), meaning=w["verdicts"].get(c.verdict, "")),
                 self.s["body"])]
             decided = routes[c.name].get(c.route) if c.route else None
             if decided:
-                block.append(Paragraph(self.text(
+                block.append(self.para(self.text(
                     w["evidence_line"], route=decided.label, what=decided.what, p=f_p(c.p, decided.floor),
                     multitest=v.multitest or NA, p_adj=f_p(c.p_adjusted), error_rate=c.error_rate or NA),
                     self.s["body"]))
-            block.append(Paragraph(self.text(w["routes_line"], routes="; ".join(
+            block.append(self.para(self.text(w["routes_line"], routes="; ".join(
                 f"{r.label}: {r.role}" + (f" (p {f_p(r.p, r.floor)})" if r.p is not None else f" ({r.what})")
                 for r in c.routes)), self.s["body"]))
             if c.primary_signal:
-                block.append(Paragraph(self.text(
+                block.append(self.para(self.text(
                     w["std_line"], signal=c.primary_signal, statistic=f_num(c.statistic), ci=f_ci(c.ci),
                     p_perm=f_p(c.p_permutation, c.p_permutation_floor),
                     n_null=c.n_null if c.n_null is not None else NA,
                     p_emp=f_p(c.p_empirical, 1 / (c.n_null + 1) if c.n_null else None),
                     null_percentile=f_pct(c.null_percentile)), self.s["small"]))
             if c.reasons:
-                block.append(Paragraph(escape(w["reasons_heading"]) + " " + escape("; ".join(c.reasons)) + ".",
+                block.append(self.para(escape(w["reasons_heading"]) + " " + escape("; ".join(c.reasons)) + ".",
                                        self.s["small"]))
             if c.tamper and c.tamper.statement:
-                block.append(Paragraph(escape(c.tamper.statement), self.s["notice"]))
+                block.append(self.para(escape(c.tamper.statement), self.s["notice"]))
             self.flow.append(KeepTogether(block))
         rules = {(c.rule, c.fpr) for c in v.candidates}
         for rule, fpr in sorted(rules, key=lambda x: str(x)):
@@ -442,7 +509,7 @@ class _Story:
         w = self.w["limitations"]
         self.chapter(w["heading"])
         self.p(escape(w["intro"]))
-        self.flow.append(ListFlowable([ListItem(Paragraph(item, self.s["body"]), leftIndent=14)
+        self.flow.append(ListFlowable([ListItem(self.para(item, self.s["body"]), leftIndent=14)
                                        for item in w["items"]], bulletType="bullet", start="•", leftIndent=14))
         self.flow.append(PageBreak())
 
@@ -497,9 +564,9 @@ class _Story:
         self.chapter(w["heading"])
         self.p(escape(w["intro"]))
         for step in w["steps"]:
-            block = [Paragraph(escape(step["title"]), self.s["h2"]), Paragraph(escape(step["text"]), self.s["body"])]
+            block = [self.para(escape(step["title"]), self.s["h2"]), self.para(escape(step["text"]), self.s["body"])]
             for cmd in step["commands"]:
-                block += [Paragraph(escape(cmd.format(pdf=PDF_NAME)), self.s["code"]), Spacer(1, 5)]
+                block += [self.para(escape(cmd.format(pdf=PDF_NAME)), self.s["code"]), Spacer(1, 5)]
             self.flow.append(KeepTogether(block))
 
     def build(self) -> list:
@@ -507,6 +574,16 @@ class _Story:
                         self.heatmap, self.null,
                         self.limitations, self.custody, self.verification):
             chapter()
+        if self.missing:
+            codes = ", ".join(f"U+{ord(c):04X}" for c in sorted(self.missing))
+            self.flow.insert(self.cover_end, self.para(self.text(self.w["cover"]["unrenderable_note"], chars=codes),
+                                                       self.s["notice"]))
+            hint = "" if self.fonts.fallbacks else (" (no fallback font is installed: for Chinese, Japanese and "
+                                                     "Korean install Debian's fonts-wqy-microhei)")
+            err.print("[bold yellow]warning:[/] " + rich_escape(
+                f"no font embedded in the dossier has a glyph for {codes} "
+                f"({' '.join(sorted(self.missing))}); they show as empty boxes, and the cover says so{hint}"),
+                highlight=False)
         return self.flow
 
 

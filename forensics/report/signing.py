@@ -117,8 +117,14 @@ def ensure_local_key(key_dir: str | Path | None = None) -> Path:
     handing to whoever must check the signature."""
     key_dir = Path(key_dir) if key_dir is not None else default_key_dir()
     key_path = key_dir / LOCAL_KEY_NAME
+    if key_dir.exists() and not key_dir.is_dir():
+        raise ForensicsError(key_dir, f"the signing key directory is not a directory; point {KEY_DIR_ENV} at a "
+                                      f"directory (it is made if missing)")
     if not key_path.exists():
-        key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise ForensicsError(key_dir, f"cannot make the signing key directory: {e.strerror or e}") from e
         exclusive_write_bytes(key_path, _new_local_key(), mode=0o600)  # a concurrent run's key wins; both use it
     mode = key_path.stat().st_mode & 0o777
     if mode & 0o077:

@@ -3,9 +3,11 @@ are the input files it describes still the same bytes?"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,13 +22,20 @@ from pyhanko.sign.validation import SignatureCoverageLevel, validate_pdf_signatu
 from pyhanko_certvalidator import ValidationContext
 
 from forensics.errors import ForensicsError
-from forensics.evidence.hashing import sha256_bytes, sha256_file
+from forensics.evidence.hashing import sha256_bytes
 from forensics.report.signing import SIGNATURE_FIELD, is_self_signed
+from forensics.sources.base import open_regular
 
 MANIFEST = "manifest.json"
 CASE_YAML = "case.yaml"
 RESULTS = "results.json"
 SIGNER_CERT = "signer-certificate.pem"
+
+
+# The checks that say whom the signature is from; every other check is about integrity.
+TRUST_CHECKS = frozenset({"signer_is_expected", "trusted"})
+# Exit statuses of `forensics verify` (2 is every command's status for an input it cannot use).
+EXIT_VERIFIED, EXIT_FAILED, EXIT_UNTRUSTED = 0, 1, 3
 
 
 @dataclass
@@ -46,15 +55,45 @@ class VerifyResult:
     inputs: list[dict] | None = None
 
     @property
+    def integrity(self) -> bool:
+        """The file is the one signed, by the key its manifest names, with the evidence it describes."""
+        checks = [c for c in self.checks if c.name not in TRUST_CHECKS]
+        return bool(checks) and all(c.ok for c in checks)
+
+    @property
+    def trusted(self) -> bool:
+        """The signer is one the user vouched for (--signer, --trust); never true when neither was given."""
+        checks = [c for c in self.checks if c.name in TRUST_CHECKS]
+        return bool(checks) and all(c.ok for c in checks)
+
+    @property
     def ok(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
+        return self.integrity and self.trusted
+
+    @property
+    def exit_status(self) -> int:
+        if self.ok:
+            return EXIT_VERIFIED
+        untrusted = self.integrity and not any(c.name in TRUST_CHECKS for c in self.checks)
+        return EXIT_UNTRUSTED if untrusted else EXIT_FAILED
+
+    @property
+    def verdict(self) -> str:
+        status = self.exit_status
+        if status == EXIT_VERIFIED:
+            return "verified: integrity ok, signer trusted"
+        if status == EXIT_UNTRUSTED:
+            return "integrity ok, signer not trusted"
+        failed = ", ".join(c.name for c in self.checks if not c.ok)
+        return f"failed: {'integrity ok, but ' if self.integrity else ''}{failed}"
 
     def add(self, name: str, ok: bool, detail: str) -> bool:
         self.checks.append(Check(name, bool(ok), detail))
         return bool(ok)
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "ok": self.ok, "checks": [vars(c) for c in self.checks],
+        return {"path": self.path, "ok": self.ok, "verdict": self.verdict, "exit_status": self.exit_status,
+                "integrity": self.integrity, "trusted": self.trusted, "checks": [vars(c) for c in self.checks],
                 "signature": self.signature, "trust": self.trust,
                 "dossier_id": (self.manifest or {}).get("dossier_id"),
                 "case_id": (self.manifest or {}).get("case_id"), "inputs": self.inputs}
@@ -103,14 +142,18 @@ def _load_certs(paths: Sequence[str | Path]) -> list[asn1_x509.Certificate]:
 
 def verify_dossier(pdf_path: str | Path, check_inputs: bool = False, base_dir: str | Path | None = None,
                    trust_roots: Sequence[str | Path] = (), expected_signer: str | None = None) -> VerifyResult:
-    """Check a signed dossier; ``result.ok`` only when every check holds.
+    """Check a signed dossier; integrity and trust are reported apart, and ``result.ok`` needs both.
 
-    Valid means: exactly one signature, cryptographically intact, covering the entire file, made with the certificate
-    the embedded manifest records, and the embedded case file and results matching the manifest's hashes. Whether
-    the certificate is trusted is reported in ``result.trust``; it is a check only when ``trust_roots`` are given.
-    ``expected_signer`` is the signing certificate's SHA-256 as the analyst gave it out of band: the manifest's own
-    record cannot tell a forgery re-signed with another key, this can. ``check_inputs`` re-hashes every input file
-    in the manifest, relative paths under ``base_dir`` (default: the directory recorded in the manifest).
+    Integrity: exactly one signature, cryptographically intact, covering the entire file, made with the certificate
+    the embedded manifest records, and the embedded case file and results matching the manifest's hashes. Trust: the
+    signing certificate is ``expected_signer`` (its SHA-256 as the analyst gave it out of band: the manifest's own
+    record cannot tell a forgery re-signed with another key, this can) or chains to one of ``trust_roots``. With
+    neither, a dossier of intact integrity is "integrity ok, signer not trusted" (``exit_status`` 3).
+
+    ``check_inputs`` re-hashes the input files the manifest lists, once integrity holds (a manifest that does not
+    check out must not choose which files are read), and only those under ``base_dir`` (default: the current
+    directory): a path that resolves outside it is reported, not read. A damaged or malformed signature is a failed
+    check, never an exception; only an unreadable dossier file raises ForensicsError.
     """
     pdf_path = Path(pdf_path)
     try:
@@ -130,42 +173,35 @@ def verify_dossier(pdf_path: str | Path, check_inputs: bool = False, base_dir: s
                       f"signature field(s) found: {fields or 'none'}; expected exactly one, {SIGNATURE_FIELD}"):
         return result
     sig = sigs[0]
-    cert = sig.signer_cert
-    cert_sha = cert.sha256.hex()
     try:
+        # The CMS structure is parsed lazily, by these: a damaged one can fail anywhere inside asn1crypto or pyHanko.
+        cert = sig.signer_cert
+        cert_sha = cert.sha256.hex()
+        self_signed = is_self_signed(x509.load_der_x509_certificate(cert.dump()))
         # Trusting the signer's own certificate separates "is the signature intact" from "whom do we trust".
         with _quiet_pyhanko():
             status = validate_pdf_signature(sig, ValidationContext(trust_roots=[cert], allow_fetching=False))
-    except Exception as e:  # noqa: BLE001 -- a damaged signature can fail anywhere inside the CMS parser
-        result.add("signature_intact", False, f"signature could not be validated: {e}")
+        result.signature = {
+            "field": sig.field_name, "signer": cert.subject.human_friendly, "certificate_sha256": cert_sha,
+            "signing_time": status.signer_reported_dt.isoformat() if status.signer_reported_dt else None,
+            "intact": status.intact, "valid": status.valid, "coverage": status.coverage.name,
+            "digest_algorithm": status.md_algorithm}
+    except Exception as e:  # noqa: BLE001 -- see above
+        result.add("signature_intact", False, f"the signature is malformed and could not be validated: "
+                                              f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
         return result
-    result.signature = {
-        "field": sig.field_name, "signer": cert.subject.human_friendly, "certificate_sha256": cert_sha,
-        "signing_time": status.signer_reported_dt.isoformat() if status.signer_reported_dt else None,
-        "intact": status.intact, "valid": status.valid, "coverage": status.coverage.name,
-        "digest_algorithm": status.md_algorithm}
     result.add("signature_intact", status.intact and status.valid,
                "the signed bytes are unchanged and the signature matches them" if status.intact and status.valid
                else "the document was changed after signing, or the signature is damaged")
     result.add("covers_entire_file", status.coverage == SignatureCoverageLevel.ENTIRE_FILE,
                f"signature coverage: {status.coverage.name}")
-    if expected_signer is not None:
-        want = expected_signer.strip().lower().replace(":", "")
-        result.add("signer_is_expected", cert_sha == want,
-                   f"signing certificate SHA-256 {cert_sha}" + ("" if cert_sha == want else f", expected {want}"))
-    self_signed = is_self_signed(x509.load_der_x509_certificate(cert.dump()))
-    if trust_roots:
-        with _quiet_pyhanko():
-            trusted = validate_pdf_signature(
-                sig, ValidationContext(trust_roots=_load_certs(trust_roots), allow_fetching=False)).trusted
-        result.trust = "chains to a given trust root" if trusted else "does not chain to any given trust root"
-        result.add("trusted", trusted, result.trust)
-    else:
-        result.trust = ("self-signed: not issued by a certification authority; compare the certificate SHA-256 "
-                        "with the one the analyst gave you" if self_signed else
-                        "not checked against a trust root (pass trust roots to check)")
+    _check_trust(result, sig, cert_sha, self_signed, trust_roots, expected_signer)
 
-    files = _embedded_files(reader)
+    try:
+        files = _embedded_files(reader)
+    except Exception as e:  # noqa: BLE001 -- a crafted name tree can break the walk anywhere
+        result.add("attachments", False, f"the attachments cannot be read: {type(e).__name__}: {e}")
+        return result
     missing = [n for n in (MANIFEST, CASE_YAML, RESULTS) if n not in files]
     if not result.add("attachments", not missing, f"missing attachment(s): {', '.join(missing)}" if missing
                       else f"attached: {', '.join(sorted(files))}"):
@@ -181,25 +217,79 @@ def verify_dossier(pdf_path: str | Path, check_inputs: bool = False, base_dir: s
                f"signing certificate SHA-256 {cert_sha}" + ("" if recorded == cert_sha else
                                                             f" differs from the manifest's {recorded}"))
     for name, section in ((CASE_YAML, "case_yaml"), (RESULTS, "results_digest")):
-        want = (manifest.get(section) or {}).get("sha256")
+        section = manifest.get(section)
+        want = section.get("sha256") if isinstance(section, dict) else None
         got = sha256_bytes(files[name])
         result.add(f"{name}_hash", got == want, f"SHA-256 {got}" + ("" if got == want else f", manifest says {want}"))
     if check_inputs:
-        base = Path(base_dir) if base_dir is not None else Path(manifest.get("inputs_base") or ".")
-        result.inputs = [_check_input(rec, base) for rec in manifest.get("inputs", [])]
-        bad = [f"{r['path']}: {r['status']}" for r in result.inputs if r["status"] != "ok"]
-        result.add("inputs", not bad, "; ".join(bad) if bad else f"{len(result.inputs)} input file(s) unchanged")
+        _check_inputs(result, manifest, Path(base_dir) if base_dir is not None else Path.cwd())
     return result
 
 
-def _check_input(rec: dict, base: Path) -> dict:
+def _check_trust(result: VerifyResult, sig, cert_sha: str, self_signed: bool, trust_roots: Sequence[str | Path],
+                 expected_signer: str | None) -> None:
+    texts = []
+    if expected_signer is not None:
+        want = expected_signer.strip().lower().replace(":", "")
+        result.add("signer_is_expected", cert_sha == want,
+                   f"signing certificate SHA-256 {cert_sha}" + ("" if cert_sha == want else f", expected {want}"))
+        texts.append("the signing certificate is the one given with --signer" if cert_sha == want else
+                     "the signing certificate is not the one given with --signer")
+    if trust_roots:
+        roots = _load_certs(trust_roots)  # an unreadable root is the user's error (exit 2), not a verdict
+        try:
+            with _quiet_pyhanko():
+                trusted = validate_pdf_signature(sig, ValidationContext(trust_roots=roots,
+                                                                        allow_fetching=False)).trusted
+            why = "chains to a given trust root" if trusted else "does not chain to any given trust root"
+        except Exception as e:  # noqa: BLE001 -- the CMS parsed once already; whatever fails now is a verdict
+            trusted, why = False, f"could not be checked against the trust roots: {type(e).__name__}: {e}"
+        result.add("trusted", trusted, why)
+        texts.append(why)
+    if not texts:
+        texts.append("not trusted: no --signer or --trust was given. " + (
+            "The certificate is self-signed, not issued by a certification authority: compare its SHA-256 with the "
+            "one the analyst gave you, and pass it as --signer" if self_signed else
+            "Pass the analyst's certificate SHA-256 as --signer, or trust roots as --trust"))
+    result.trust = "; ".join(texts)
+
+
+def _check_inputs(result: VerifyResult, manifest: dict, base: Path) -> None:
+    if not result.integrity:
+        result.add("inputs", False, "not re-hashed: the dossier's integrity does not hold, so its manifest cannot "
+                                    "say which files to read")
+        return
+    records = manifest.get("inputs", [])
+    if not isinstance(records, list):
+        result.add("inputs", False, "the manifest's inputs are not a list")
+        return
+    base = base.resolve()
+    result.inputs = [_check_input(rec, base, manifest.get("inputs_base")) for rec in records]
+    bad = [f"{r['path']}: {r['status']}" for r in result.inputs if r["status"] != "ok"]
+    result.add("inputs", not bad, "; ".join(bad) if bad else f"{len(result.inputs)} input file(s) unchanged")
+
+
+def _check_input(rec, base: Path, recorded_base) -> dict:
+    if not isinstance(rec, dict) or not isinstance(rec.get("path"), str):
+        return {"path": repr(rec)[:200], "status": "malformed input record"}
     path = base / rec["path"]
-    out = {"path": rec["path"], "resolved": str(path), "expected_sha256": rec.get("sha256"),
+    real = path.resolve()
+    out = {"path": rec["path"], "resolved": str(real), "expected_sha256": rec.get("sha256"),
            "expected_size": rec.get("size")}
-    if not path.is_file():
+    if not real.is_relative_to(base):
+        hint = f"; the dossier was made in {recorded_base}" if recorded_base else ""
+        return {**out, "status": f"outside the base directory {base}: not read (name the directory with "
+                                 f"--base-dir{hint})"}
+    if not real.exists():
         return {**out, "status": "missing"}
-    out["size"] = path.stat().st_size
-    if out["size"] != rec.get("size"):
-        return {**out, "status": f"size changed ({rec.get('size')} -> {out['size']} bytes)"}
-    out["sha256"] = sha256_file(path)
+    try:
+        with open_regular(real) as f:
+            out["size"] = os.fstat(f.fileno()).st_size
+            if out["size"] != rec.get("size"):
+                return {**out, "status": f"size changed ({rec.get('size')} -> {out['size']} bytes)"}
+            out["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    except ForensicsError as e:
+        return {**out, "status": e.problem}
+    except OSError as e:
+        return {**out, "status": f"read failed: {e.strerror or e}"}
     return {**out, "status": "ok" if out["sha256"] == rec.get("sha256") else "hash mismatch"}

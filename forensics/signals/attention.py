@@ -97,12 +97,17 @@ def ov_singular_values(v: np.ndarray, o: np.ndarray, n_heads: int, n_kv: int,
 
 
 def effective_rank_fraction(singular_values: np.ndarray) -> float:
-    """Mean over heads (rows) of exp(entropy of the sum-normalised spectrum) / its length."""
+    """Mean over heads (rows) of exp(entropy of the sum-normalised spectrum) / its length.
+
+    A head whose product is zero (an all-zero q, k, v or o) uses no direction at all: its fraction is 0, the limit of
+    ever weaker heads, rather than 0/0."""
     s = np.asarray(singular_values, dtype=np.float64)
-    p = s / s.sum(axis=-1, keepdims=True)
+    total = s.sum(axis=-1, keepdims=True)
+    p = np.divide(s, total, out=np.zeros_like(s), where=total > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=-1)
-    return float(np.mean(np.exp(entropy) / s.shape[-1]))
+    rank = np.where(total[..., 0] > 0, np.exp(entropy), 0.0)
+    return float(np.mean(rank / s.shape[-1]))
 
 
 def qk_spectrum(q: np.ndarray, k: np.ndarray, n_heads: int, n_kv: int, gain: np.ndarray | None = None) -> float:

@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 
 from forensics.errors import ForensicsError
-from forensics.sources.base import ModelInfo, Reads, Source, TensorRef
+from forensics.sources.base import ModelInfo, Reads, Source, TensorRef, open_regular
 from forensics.sources.hf import HFDirectory
 
 # A single-file model's reader, by suffix, as "module:class" in this package: imported only for a file that needs it,
@@ -66,12 +66,13 @@ def transformers_location(path: str | Path) -> tuple[Path, dict]:
 
 
 def _head(path: Path, n: int) -> bytes:
-    """The first bytes, only to choose a reader; the reader reads (and hashes) the whole file itself."""
-    try:
-        with open(path, "rb") as f:
+    """The first bytes, only to choose a reader; the reader reads (and hashes) the whole file itself. A FIFO or a
+    device is refused here, before any read could wait on it."""
+    with open_regular(path) as f:
+        try:
             return f.read(n)
-    except OSError as e:
-        raise ForensicsError(path, f"cannot open for reading: {e.strerror}") from e
+        except OSError as e:
+            raise ForensicsError(path, f"read failed: {e.strerror}") from e
 
 
 __all__ = ["FILE_READERS", "MAGIC_READERS", "ModelInfo", "NotRunnable", "Reads", "Source", "TensorRef", "detect",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,47 @@ CHUNK = 8 << 20
 # kept large buffers alive long enough for glibc to stop returning them, and RSS grew with the model (measured: a
 # 2.6 GB checkpoint peaked at 2.7 GiB with 8, 0.37 GiB with 1, and ran 3x faster).
 MAX_PENDING = 1
+
+
+def model_root(path: Path) -> Path:
+    """The directory a model's files must lie in: the model directory itself, or a single-file model's directory."""
+    real = Path(path).resolve()
+    return real if real.is_dir() else real.parent
+
+
+def confined(path: Path, root: Path | None) -> Path:
+    """`path` with every symlink resolved, refused when that lies outside `root` (a shard index or a symlink naming
+    ../../etc/passwd must not make the tool read, hash and record a file that is not part of the model)."""
+    real = Path(path).resolve()
+    if root is not None and not real.is_relative_to(root):
+        raise ForensicsError(path, f"resolves to {real}, outside the model directory {root}: refused")
+    return real
+
+
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: Path, root: Path | None = None):
+    """A regular file inside `root`, opened for reading (unbuffered).
+
+    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer, and fstat on the open descriptor
+    (not a stat of the name, which could be swapped before the open) decides that it is a regular file.
+    """
+    real = confined(path, root)
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ForensicsError(path, f"cannot open for reading: {e.strerror}") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "of unknown type")
+        raise ForensicsError(path, f"cannot open for reading: not a regular file ({kind})")
+    os.set_blocking(fd, True)
+    f = os.fdopen(fd, "rb", buffering=0)
+    f.name = str(real)  # fdopen names it by its descriptor; libraries that open the file again need the path
+    return f
 
 
 @dataclass(frozen=True)
@@ -41,12 +83,11 @@ class HashedFile:
     worker can hash it while the caller computes on it.
     """
 
-    def __init__(self, path: Path, hasher: ThreadPoolExecutor, on_bytes: Callable[[int], None] | None = None):
+    def __init__(self, path: Path, hasher: ThreadPoolExecutor, on_bytes: Callable[[int], None] | None = None,
+                 root: Path | None = None):
         self.path = path
-        try:
-            self._f = open(path, "rb", buffering=0)
-        except OSError as e:
-            raise ForensicsError(path, f"cannot open for reading: {e.strerror}") from e
+        self._f = open_regular(path, root)
+        self.real = Path(self._f.name)  # the resolved path, for libraries that open the file by name again
         self.size = os.fstat(self._f.fileno()).st_size
         self._pos = 0
         self._sha = hashlib.sha256()
@@ -113,12 +154,13 @@ class Reads:
 
     def __init__(self, on_bytes: Callable[[int], None] | None = None):
         self.on_bytes = on_bytes
+        self.root: Path | None = None  # every file opened must lie inside it; set by the Source reading the model
         self._files: dict[Path, HashedFile] = {}
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
 
     def open(self, path: Path) -> HashedFile:
         if path not in self._files:
-            self._files[path] = HashedFile(path, self._hasher, self.on_bytes)
+            self._files[path] = HashedFile(path, self._hasher, self.on_bytes, self.root)
         return self._files[path]
 
     def finish(self, root: Path) -> list[dict]:
@@ -165,6 +207,7 @@ class ModelInfo:
     num_heads: int | None = None
     num_kv_heads: int | None = None
     head_dim: int | None = None
+    intermediate_size: int | None = None  # the dense FFN's width, where the format states it
     config: dict = field(default_factory=dict)
 
 
@@ -174,6 +217,7 @@ class Source:
     def __init__(self, path: Path, reads: Reads):
         self.path = path
         self.reads = reads
+        self.root = reads.root = model_root(path)
 
     def info(self) -> ModelInfo:
         raise NotImplementedError

@@ -112,7 +112,7 @@ class E5S1File(Source):
                 raise ForensicsError(path, f"corrupt E5S1 directory: tensors {name} and {other} overlap")
         self._info = ModelInfo(
             architecture="bert", format="e5s1", num_layers=layers, hidden_size=hidden, num_heads=heads,
-            num_kv_heads=heads, head_dim=hidden // heads,
+            num_kv_heads=heads, head_dim=hidden // heads, intermediate_size=ffn,
             config={"version": version, "intermediate_size": ffn, "vocab_size": vocab,
                     "max_position_embeddings": max_pos, "type_vocab_size": type_vocab, "layer_norm_eps": eps,
                     "tokenizer_pieces": pieces},

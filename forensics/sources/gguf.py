@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, quants
 
 from forensics.errors import ForensicsError
-from forensics.sources.base import ModelInfo, Reads, Source, TensorRef
+from forensics.sources.base import ModelInfo, Reads, Source, TensorRef, open_regular
 from forensics.sources.dtypes import bf16_to_f32
 
 # llama.cpp's converter reorders the rows of Q and K inside each head (rotary halves interleaved) for these
@@ -71,14 +71,14 @@ def read_header(path: Path, keep: frozenset[str] = frozenset()) -> tuple[dict, l
     array costs one length read per string.
     """
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with open_regular(path) as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             return _walk(mm, keep)
     except struct.error as e:
         raise ForensicsError(path, f"not a readable GGUF file: truncated or corrupt header ({e})") from e
     except ValueError as e:  # our own checks, an unknown type code, a name that is not UTF-8, an empty file
         raise ForensicsError(path, f"not a readable GGUF file: {e}") from e
     except OSError as e:
-        raise ForensicsError(path, f"cannot open for reading: {e.strerror}") from e
+        raise ForensicsError(path, f"cannot read: {e.strerror}") from e
 
 
 def _walk(mm: mmap.mmap, keep: frozenset[str]) -> tuple[dict, list[TensorInfo]]:

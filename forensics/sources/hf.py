@@ -17,14 +17,20 @@ WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".h5
 MAX_SIDE_FILE = 256 << 20
 
 
-def model_info(config: dict, fmt: str) -> ModelInfo:
-    """Dimensions the role table needs, from config.json (multimodal configs keep them under text_config)."""
+def model_info(config: dict, fmt: str, path: Path) -> ModelInfo:
+    """Dimensions the role table needs, from config.json at `path` (multimodal configs keep them under
+    text_config)."""
     text = config.get("text_config") or config
+    if not isinstance(text, dict):
+        raise ForensicsError(path, "text_config is not a JSON object")
 
     def pick(*keys):
         for k in keys:
-            if text.get(k) is not None:
-                return int(text[k])
+            v = text.get(k)
+            if v is not None:
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    raise ForensicsError(path, f"{k} is {v!r}, not a positive whole number")
+                return v
         return None
 
     return ModelInfo(
@@ -35,6 +41,7 @@ def model_info(config: dict, fmt: str) -> ModelInfo:
         num_heads=pick("num_attention_heads", "n_head"),
         num_kv_heads=pick("num_key_value_heads"),
         head_dim=pick("head_dim"),
+        intermediate_size=pick("intermediate_size", "n_inner"),
         config=config,
     )
 
@@ -43,7 +50,7 @@ class HFDirectory(Source):
     def __init__(self, path: Path, reads: Reads):
         super().__init__(path, reads)
         cfg_path = path / "config.json"
-        if not cfg_path.is_file():
+        if not cfg_path.exists():  # a config.json that is a FIFO or a link outside is refused on opening
             raise ForensicsError(path, "not a model directory: no config.json (give a directory with config.json "
                                        "and weights, or a single .gguf / .onnx file)")
         raw = bytes(reads.open(cfg_path).read_all())
@@ -51,8 +58,10 @@ class HFDirectory(Source):
             self.config = json.loads(raw)
         except ValueError as e:
             raise ForensicsError(cfg_path, f"not valid JSON: {e}") from e
+        if not isinstance(self.config, dict):
+            raise ForensicsError(cfg_path, "not a JSON object")
         self.weight_files, self.shard_names, self.format = self._weights()
-        self._info = model_info(self.config, self.format)
+        self._info = model_info(self.config, self.format, cfg_path)
         self._headers: dict[Path, tuple[int, dict]] = {}
         self._state_dicts: dict[Path, dict] = {}
 
@@ -61,9 +70,8 @@ class HFDirectory(Source):
         for index_name, fmt in (("model.safetensors.index.json", "safetensors"),
                                 ("pytorch_model.bin.index.json", "pytorch")):
             index = p / index_name
-            if index.is_file():
-                self.reads.open(index).read_all()
-                by_file = st.shards(index)
+            if index.exists():
+                by_file = st.shards(index, bytes(self.reads.open(index).read_all()), self.root)
                 files = sorted(p / f for f in by_file)
                 return files, {p / f: set(n) for f, n in by_file.items()}, fmt
         for pattern, fmt in (("*.safetensors", "safetensors"), ("*.bin", "pytorch"), ("*.pt", "pytorch"),
@@ -80,9 +88,11 @@ class HFDirectory(Source):
         return self._info
 
     def planned_files(self) -> list[Path]:
+        # Whatever exists and is not a directory is evidence and gets opened, so that a FIFO, a device or a link
+        # pointing outside the model is refused by name rather than silently left out.
         side = [f for f in sorted(self.path.iterdir())
-                if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and f.stat().st_size <= MAX_SIDE_FILE
-                and not f.name.startswith(".")]
+                if f.exists() and not f.is_dir() and f.suffix not in WEIGHT_SUFFIXES and not f.name.startswith(".")
+                and not (f.is_file() and f.stat().st_size > MAX_SIDE_FILE)]
         return side + self.weight_files
 
     def names(self) -> list[str]:
@@ -111,8 +121,8 @@ class HFDirectory(Source):
                 yield from st.tensors(self.reads.open(f), start, header, want)
             else:
                 if f not in self._state_dicts:
-                    self._state_dicts[f] = load_state_dict(f)
-                    self.reads.open(f)
+                    # Opened (confined, regular-file check) before torch reads it by its resolved name.
+                    self._state_dicts[f] = load_state_dict(self.reads.open(f).real)
                 state = self._state_dicts[f]
                 for name, t in sorted(state.items(), key=lambda kv: kv[1].untyped_storage().data_ptr()):
                     yield TensorRef(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), lambda t=t: _numpy(t), f)

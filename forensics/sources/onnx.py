@@ -342,8 +342,12 @@ class ONNXFile(Source):
         if not loc or rel.is_absolute() or ".." in rel.parts:
             raise ForensicsError(self.path, f"tensor {t.name}: external data location {loc!r} is not a file "
                                             f"next to the model")
-        path = self.path.parent / rel
-        if not path.is_file():
+        path = self.root / rel  # beside the model file, the link resolved if the user named one
+        real = path.resolve()
+        if not real.is_relative_to(self.root):
+            raise ForensicsError(self.path, f"tensor {t.name}: external data location {loc!r} resolves to {real}, "
+                                            f"outside the model directory {self.root}: refused")
+        if not path.exists():
             raise ForensicsError(path, f"external data file of {self.path.name} (tensor {t.name}) is missing")
         offset = int(kv.get("offset", 0))
         length = int(kv["length"]) if "length" in kv else path.stat().st_size - offset

@@ -77,7 +77,7 @@ def read_header(f: HashedFile) -> tuple[int, dict]:
         if b1 < e0:
             raise ForensicsError(path, f"corrupt safetensors header: tensors {n0!r} and {n1!r} overlap")
     try:
-        with safe_open(path, framework="numpy") as st:
+        with safe_open(f.real, framework="numpy") as st:
             if set(st.keys()) != set(header):
                 raise ForensicsError(path, "safetensors library lists different tensors than the header")
     except SafetensorError as e:
@@ -103,17 +103,25 @@ def tensors(f: HashedFile, data_start: int, header: dict, only: set[str] | None 
         yield TensorRef(name, tuple(e["shape"]), e["dtype"], load, f.path)
 
 
-def shards(index_path: Path) -> dict[str, list[str]]:
-    """{shard file name: [tensor names]} from a model.safetensors.index.json (or pytorch_model.bin.index.json)."""
+def shards(index_path: Path, raw: bytes, root: Path) -> dict[str, list[str]]:
+    """{shard file name: [tensor names]} from the bytes of a model.safetensors.index.json (or
+    pytorch_model.bin.index.json); every shard must lie inside `root`, the model directory."""
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        weight_map = json.loads(raw)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+            raise TypeError("weight_map is not an object of tensor name -> shard file name")
+    except (ValueError, KeyError, TypeError) as e:
         raise ForensicsError(index_path, f"not a valid shard index: {e}") from e
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():
         by_file.setdefault(file, []).append(name)
-    for file in by_file:
-        if not (index_path.parent / file).is_file():
-            raise ForensicsError(index_path.parent / file, f"missing shard: listed in {index_path.name} "
-                                                           f"for {len(by_file[file])} tensors but not on disk")
+    for file, names in by_file.items():
+        shard = index_path.parent / file
+        real = shard.resolve()
+        if not real.is_relative_to(root):
+            raise ForensicsError(index_path, f"shard entry {file!r} (for {len(names)} tensor(s), e.g. {names[0]}) "
+                                             f"resolves to {real}, outside the model directory {root}: refused")
+        if not shard.exists():
+            raise ForensicsError(shard, f"missing shard: listed in {index_path.name} "
+                                        f"for {len(names)} tensors but not on disk")
     return by_file

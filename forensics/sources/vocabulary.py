@@ -12,11 +12,13 @@ nothing here feeds a statistic other than the choice of which embedding rows to 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from functools import lru_cache
 from pathlib import Path
 
 from forensics.errors import ForensicsError
+from forensics.sources.base import model_root, open_regular
 
 
 @lru_cache(maxsize=1)
@@ -83,20 +85,31 @@ def vocabulary(path: Path) -> tuple[list[str] | None, str]:
     path = Path(path)
     fmt = detect(path)
     if fmt == "hf":
-        if (path / "tokenizer.json").is_file():
-            return _tokenizer_json(path / "tokenizer.json")
-        if (path / "vocab.txt").is_file():
-            return (path / "vocab.txt").read_text(encoding="utf-8").splitlines(), "wordpiece"
+        root = model_root(path)
+        if (path / "tokenizer.json").exists():
+            return _tokenizer_json(path / "tokenizer.json", root)
+        if (path / "vocab.txt").exists():
+            return _text(path / "vocab.txt", root).splitlines(), "wordpiece"
         return None, ""
     return {"gguf": _gguf, "e5s1": _e5s1}.get(fmt, lambda _: (None, ""))(path)
 
 
-def _tokenizer_json(path: Path) -> tuple[list[str], str]:
+def _text(path: Path, root: Path) -> str:
+    """A side file of the model directory as text, through the same checks as every file a reader opens."""
+    with open_regular(path, root) as f:
+        raw = f.readall()
     try:
-        tok = json.loads(path.read_text(encoding="utf-8"))
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ForensicsError(path, f"not UTF-8 text: {e}") from e
+
+
+def _tokenizer_json(path: Path, root: Path) -> tuple[list[str], str]:
+    try:
+        tok = json.loads(_text(path, root))
         model = tok["model"]
         vocab = model["vocab"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise ForensicsError(path, f"not a readable tokenizer.json: {e}") from e
     if isinstance(vocab, dict):
         tokens = [""] * (max(vocab.values(), default=-1) + 1)
@@ -131,12 +144,19 @@ def _e5s1(path: Path) -> tuple[list[str], str]:
     """The tokenizer block after E5S1's fixed header (layout in forensics/sources/e5s1.py)."""
     from forensics.sources.e5s1 import HEADER, TOKENIZER
 
-    with open(path, "rb") as f:
-        f.seek(HEADER.size)
-        pieces, *_, blob = TOKENIZER.unpack(f.read(TOKENIZER.size))
-        offsets = struct.unpack(f"<{pieces + 1}I", f.read((pieces + 1) * 4))
-        f.seek(pieces * 4, 1)  # scores
-        data = f.read(blob)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            f.seek(HEADER.size)
+            pieces, *_, blob = TOKENIZER.unpack(f.read(TOKENIZER.size))
+            if not 0 <= pieces <= size or blob > size:
+                raise ForensicsError(path, f"corrupt E5S1 tokenizer block: {pieces} pieces in {blob} bytes, "
+                                           f"in a file of {size}")
+            offsets = struct.unpack(f"<{pieces + 1}I", f.read((pieces + 1) * 4))
+            f.seek(pieces * 4, 1)  # scores
+            data = f.read(blob)
+        except struct.error as e:  # a count that does not fit the file
+            raise ForensicsError(path, f"corrupt or truncated E5S1 tokenizer block: {e}") from e
     if len(data) != blob or offsets[-1] > blob:
         raise ForensicsError(path, "corrupt or truncated E5S1 tokenizer block")
     return [data[offsets[i]:offsets[i + 1]].decode("utf-8", errors="replace") for i in range(pieces)], "sentencepiece"
