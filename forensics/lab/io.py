@@ -10,9 +10,7 @@ no machine paths other than the source path as given, so the same recipe gives b
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from torch import nn  # noqa: E402
 
 from forensics import __version__  # noqa: E402
 from forensics.errors import ForensicsError  # noqa: E402
+from forensics.evidence.atomic import staged_directory  # noqa: E402
 from forensics.evidence.hashing import expand_input, file_record  # noqa: E402
 from forensics.sources import NotRunnable, transformers_location  # noqa: E402
 
@@ -116,9 +115,7 @@ def save_child(model: nn.Module, out: str | Path, source: Source, steps: list[di
         raise ForensicsError(out, "already exists; pass --force to replace it")
     if out.exists() and not (out / RECIPE).is_file():
         raise ForensicsError(out, "exists and is not a lab child (no recipe.json); refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with staged_directory(out) as tmp:
         # The source's path is already in recipe.json; config.json should not depend on where the source lay.
         model.config.name_or_path = ""
         model.save_pretrained(tmp)
@@ -128,13 +125,6 @@ def save_child(model: nn.Module, out: str | Path, source: Source, steps: list[di
             tokenizer.save_pretrained(tmp)
         text = json.dumps(recipe(source, steps), indent=1, sort_keys=True) + "\n"
         (tmp / RECIPE).write_text(text)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a child is an ordinary directory
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -24,7 +24,7 @@ from pyhanko_certvalidator import ValidationContext
 from forensics.errors import ForensicsError
 from forensics.evidence.hashing import sha256_bytes
 from forensics.report.signing import SIGNATURE_FIELD, is_self_signed
-from forensics.sources.base import open_regular
+from forensics.files import open_regular
 
 MANIFEST = "manifest.json"
 CASE_YAML = "case.yaml"

@@ -6,7 +6,8 @@ import importlib
 from pathlib import Path
 
 from forensics.errors import ForensicsError
-from forensics.sources.base import ModelInfo, Reads, Source, TensorRef, open_regular
+from forensics.files import open_regular
+from forensics.sources.base import ModelInfo, Reads, Source, TensorRef
 from forensics.sources.hf import HFDirectory
 
 # A single-file model's reader, by suffix, as "module:class" in this package: imported only for a file that needs it,

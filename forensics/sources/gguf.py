@@ -18,7 +18,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, quants
 
 from forensics.errors import ForensicsError
-from forensics.sources.base import ModelInfo, Reads, Source, TensorRef, open_regular
+from forensics.files import open_regular
+from forensics.sources.base import ModelInfo, Reads, Source, TensorRef
 from forensics.sources.dtypes import bf16_to_f32
 
 # llama.cpp's converter reorders the rows of Q and K inside each head (rotary halves interleaved) for these

@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from forensics.errors import ForensicsError
-from forensics.sources.base import model_root, open_regular
+from forensics.files import model_root, open_regular
 
 
 @lru_cache(maxsize=1)
