@@ -272,6 +272,7 @@ class RouteResult(Record):
     pvalue: float | None
     floor: float | None
     what: str
+    components: list[list[list[float]]]  # the route's tests as groups of [p, floor] (stats/decision.py)
     conclusion: str | None = None
     reason: str | None = None
     reasons: list[str] | None = None

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 
 from forensics.case import load_case
 from forensics.errors import ForensicsError
-from forensics.evidence.manifest import build_manifest, write_canonical_json
+from forensics.evidence.manifest import build_manifest
 from forensics.fingerprint import fingerprint_model
 from forensics.report.dossier import build_dossier
 from forensics.report.signing import KEY_DIR_ENV, SigningConfig, load_signer
@@ -158,12 +158,13 @@ def dossier(tmp_path_factory) -> dict:
     case["case"]["parties"] = [{"role": "Claimant", "name": "华为技术有限公司"},
                                {"role": "Respondent", "name": "Unicorn Labs 🦄"}]
     inputs = [{"path": str(root / "evidence" / name), "model": name, "kind": "weights"}
-              for name in case["results"]["models"]]
+              for name in case["fingerprints"]]
     manifest = build_manifest(case_id=case["manifest"]["case_id"], argv=["forensics", "case", "run"],
                               case_yaml_bytes=case["case_yaml"], case_yaml_path=root / "case.yaml",
                               results=case["results"], inputs=inputs, inputs_base=root)
     out = root / "out"
-    write_canonical_json(case["results"], out / "results.json")
+    out.mkdir()
+    (out / "results.json").write_bytes(case["results"])
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         pdf = build_dossier(case["results"], manifest, case["case_yaml"], out, SigningConfig(key_dir=root / "keys"),

@@ -350,7 +350,7 @@ def test_without_enough_unrelated_pairs_the_verdict_is_capped(case):
     v = res["candidates"]["parent"]["verdict"]
     std = v["routes"]["std_curves"]
     assert v["verdict"] == INCONCLUSIVE and std["n_null"] == 1 + 2 * 2 and std["role"] == "cannot reach alpha"
-    assert any("capped" in r for r in std["reasons"]) and any("std curves cannot reach" in r for r in v["reasons"])
+    assert any("capped" in r for r in std["reasons"]) and any("std curves could not look" in r for r in v["reasons"])
 
 
 def test_the_longer_curve_is_the_one_permuted():
@@ -458,7 +458,7 @@ def _routes(neurons=None, spectra=None, std=None):
     from forensics.stats.decision import Route
 
     def r(name, pf):
-        return Route(name, *(pf or (None, None)), "test")
+        return Route(name, *(pf or (None, None)), "test", ((pf,),) if pf else ())
     return {"neurons": r("neurons", neurons), "attention_spectra": r("attention_spectra", spectra),
             "std_curves": r("std_curves", std)}
 
@@ -488,9 +488,14 @@ def test_no_evidence_only_when_every_route_that_could_look_found_nothing():
     assert v["verdict"] == "INCONCLUSIVE" and any("attention spectra sees something" in r for r in v["reasons"])
     v = decide({"c": _routes(neurons=(0.2, 0.001), spectra=(0.3, 0.004), std=(0.6, 1e-4))}, 0.01, "holm")["c"]
     assert v["verdict"] == "NO EVIDENCE"
-    # nothing can reach alpha: never NO EVIDENCE, whatever the p-values
-    v = decide({"c": _routes(neurons=(0.5, 0.05), std=(0.9, 0.1))}, 0.01, "holm")["c"]
-    assert v["verdict"] == "INCONCLUSIVE" and v["route"] is None
+    # a route that could not look (p above alpha only because its floor is): never NO EVIDENCE
+    v = decide({"c": _routes(neurons=(0.5, 0.05), std=(0.9, 1e-4))}, 0.01, "holm")["c"]
+    assert v["verdict"] == "INCONCLUSIVE" and v["routes"]["neurons"]["role"] == "cannot reach alpha"
+    # none can decide, but each one looked and found nothing: NO EVIDENCE (the demo's Gemma3 against SmolLM2)
+    from forensics.stats.decision import Route
+    iut = Route("std_curves", 0.9, 0.2, "test", (((0.9, 1e-4), (0.5, 0.2)),))
+    v = decide({"c": {**_routes(), "std_curves": iut}}, 0.01, "holm")["c"]
+    assert v["verdict"] == "NO EVIDENCE" and v["route"] is None
 
 
 def test_decision_adjusts_across_candidates():

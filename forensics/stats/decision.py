@@ -15,11 +15,12 @@ candidate, adjusted by Holm (or BH) across the candidates: the family-wise error
 pre-specified test per candidate, and no route is tried after another failed.
 
 * **DERIVED**: the deciding route's adjusted p < alpha. The verdict names that route.
-* **NO EVIDENCE**: a route decided, and every applicable route able to reach alpha (floor < alpha) has p >= alpha:
-  all that could look found nothing. A single route that sees the parent (even one that does not decide, e.g. the
-  attention spectra at their floor while std curves were redrawn) therefore makes NO EVIDENCE impossible.
-* **INCONCLUSIVE** otherwise: no route can reach alpha, or the deciding route misses alpha while another route sees
-  something (p < alpha before any adjustment), or the deciding route is significant before adjustment only.
+* **NO EVIDENCE**: every applicable route looked and found nothing — in each, a test whose floor is below alpha has
+  p >= alpha (`Route.found_nothing`), a non-rejection that no floor explains. A single route that sees the parent
+  (p < alpha, even one that does not decide, e.g. the attention spectra at their floor while std curves were
+  redrawn) therefore makes NO EVIDENCE impossible, and so does a route that could not look.
+* **INCONCLUSIVE** otherwise: a route could not look (its floors, not its data, keep it from alpha), or one sees
+  something the deciding route does not confirm, or the deciding route is significant before adjustment only.
 """
 
 from __future__ import annotations
@@ -38,19 +39,29 @@ DECIDED, SUPPORTS, SILENT, CAPPED, NOT_APPLICABLE = ("decided", "supports", "doe
 
 @dataclass(frozen=True)
 class Route:
-    """One route's evidence for one candidate; `pvalue` None where the route does not apply (`what` says why)."""
+    """One route's evidence for one candidate; `pvalue` None where the route does not apply (`what` says why).
+
+    `components` holds the route's tests as groups of [p, floor]: the route's p combines them (max within a group,
+    Bonferroni over groups); it *found nothing* when, in every group, some test whose floor is below alpha has
+    p >= alpha — a non-rejection that no floor explains, which more permutations or unrelated pairs would not undo.
+    """
 
     name: str
     pvalue: float | None
     floor: float | None
     what: str
+    components: tuple = ()
+
+    def found_nothing(self, alpha: float) -> bool:
+        return self.pvalue is not None and all(any(p >= alpha > f for p, f in group) for group in self.components)
 
 
 def neuron_route(test: dict | None) -> Route:
     if not test or test.get("status") != "compared":
         return Route("neurons", None, None, (test or {}).get("reason", "not run"))
     return Route("neurons", test["pvalue"], test["floor"],
-                 f"exact joint p over {test['n_permutations']} signed permutations of the residual basis")
+                 f"exact joint p over {test['n_permutations']} signed permutations of the residual basis",
+                 (((test["pvalue"], test["floor"]),),))
 
 
 def spectra_route(signals: dict) -> Route:
@@ -60,17 +71,21 @@ def spectra_route(signals: dict) -> Route:
     k = len(compared)
     p = {s: max(e["permutation"]["pvalue"], e["empirical_null"]["pvalue"]) for s, e in compared.items()}
     floors = {s: max(e["permutation"]["floor"], e["empirical_null"]["floor"]) for s, e in compared.items()}
+    parts = tuple(((e["permutation"]["pvalue"], e["permutation"]["floor"]),
+                   (e["empirical_null"]["pvalue"], e["empirical_null"]["floor"])) for e in compared.values())
     return Route("attention_spectra", min(1.0, k * min(p.values())), min(1.0, k * min(floors.values())),
-                 f"Bonferroni over {', '.join(compared)} of max(p_perm, p_emp)")
+                 f"Bonferroni over {', '.join(compared)} of max(p_perm, p_emp)", parts)
 
 
 def std_route(verdict: dict) -> Route:
     if verdict.get("primary_signal") is None:
         return Route("std_curves", None, None, "no informative std signal (every common signal flat, too short or "
                                                "absent)")
-    floor = max(verdict["permutation_floor"], 1 / (verdict["n_null"] + 1))
-    return Route("std_curves", verdict["pvalue_combined"], floor,
-                 f"max(p_perm, p_emp) of the primary signal {verdict['primary_signal']}")
+    emp_floor = 1 / (verdict["n_null"] + 1)
+    return Route("std_curves", verdict["pvalue_combined"], max(verdict["permutation_floor"], emp_floor),
+                 f"max(p_perm, p_emp) of the primary signal {verdict['primary_signal']}",
+                 (((verdict["pvalue_permutation"], verdict["permutation_floor"]),
+                   (verdict["pvalue_empirical"], emp_floor)),))
 
 
 def rule_text(alpha: float, method: str) -> str:
@@ -78,10 +93,10 @@ def rule_text(alpha: float, method: str) -> str:
         f"One verdict per candidate, decided by the first route, in the order neuron matching, attention spectra, "
         f"std curves, that applies to the pair and whose smallest possible p can reach {alpha} after "
         f"{NAMES[method]} adjustment across the candidates; only that route's p is tested. DERIVED if its adjusted "
-        f"p < {alpha}. NO EVIDENCE if every applicable route able to reach {alpha} has p >= {alpha}. INCONCLUSIVE "
-        f"otherwise: no route can reach {alpha}, or another route sees what the deciding one misses, or the deciding "
-        f"route is significant before adjustment only. The other routes are reported as supporting (p < {alpha}) "
-        f"or not, never as a second conclusion. A raw correlation alone never gives DERIVED."
+        f"p < {alpha}. NO EVIDENCE if every applicable route looked and found nothing (a test of it that could reach "
+        f"{alpha} has p >= {alpha}). INCONCLUSIVE otherwise: a route could not look, or one sees what the deciding "
+        f"route does not confirm. The other routes are reported as supporting (p < {alpha}) or not, never as a "
+        f"second conclusion. A raw correlation alone never gives DERIVED."
     )
 
 
@@ -115,6 +130,8 @@ def decide(routes: dict[str, dict[str, Route]], alpha: float, method: str) -> di
     out = {}
     for c in sorted(routes):
         rs, route = routes[c], deciding[c]
+        applicable = [n for n in ROUTES if rs[n].pvalue is not None]
+        seeing = [n for n in applicable if rs[n].pvalue < alpha]
         rows = {}
         for name in ROUTES:
             r = rs[name]
@@ -122,24 +139,23 @@ def decide(routes: dict[str, dict[str, Route]], alpha: float, method: str) -> di
                 role = NOT_APPLICABLE
             elif name == route:
                 role = DECIDED
-            elif r.pvalue < alpha:
+            elif name in seeing:
                 role = SUPPORTS
-            elif r.floor < alpha:
+            elif r.found_nothing(alpha):
                 role = SILENT
             else:
                 role = CAPPED
-            rows[name] = {"role": role, "pvalue": r.pvalue, "floor": r.floor, "what": r.what}
-        looked = [n for n in ROUTES if rs[n].pvalue is not None and rs[n].floor < alpha]
-        seeing = [n for n in looked if rs[n].pvalue < alpha]
+            rows[name] = {"role": role, "pvalue": r.pvalue, "floor": r.floor, "what": r.what,
+                          "components": [list(map(list, g)) for g in r.components]}
         if route is not None and adjusted[c] < alpha:
             verdict = DERIVED
             reasons = [f"{LABELS[route]} decided: p = {_fmt(rs[route].pvalue)}, adjusted {_fmt(adjusted[c])} < "
                        f"{alpha}"]
             reasons += [f"{LABELS[n]} supports it (p = {_fmt(rs[n].pvalue)})" for n in seeing if n != route]
-        elif route is not None and not seeing:
+        elif applicable and all(rs[n].found_nothing(alpha) for n in applicable):
             verdict = NO_EVIDENCE
-            reasons = [f"every route that could reach {alpha} found nothing: " + "; ".join(
-                f"{LABELS[n]} p = {_fmt(rs[n].pvalue)}" for n in looked)]
+            reasons = [f"every applicable route looked and found nothing: " + "; ".join(
+                f"{LABELS[n]} p = {_fmt(rs[n].pvalue)}" for n in applicable)]
         else:
             verdict = INCONCLUSIVE
             reasons = []
@@ -148,14 +164,14 @@ def decide(routes: dict[str, dict[str, Route]], alpha: float, method: str) -> di
             else:
                 reasons.append(f"{LABELS[route]} decided: p = {_fmt(rs[route].pvalue)}, adjusted "
                                f"{_fmt(adjusted[c])} >= {alpha}")
-                reasons += [f"but {LABELS[n]} sees something (p = {_fmt(rs[n].pvalue)})" for n in seeing
-                            if n != route]
+            reasons += [f"{LABELS[n]} sees something (p = {_fmt(rs[n].pvalue)})" for n in seeing if n != route]
             for n in ROUTES:
                 if rows[n]["role"] == NOT_APPLICABLE:
                     reasons.append(f"{LABELS[n]} not applicable: {rs[n].what}")
-                elif rows[n]["role"] == CAPPED or (route is None and rs[n].pvalue is not None):
-                    reasons.append(f"{LABELS[n]} cannot reach {alpha}: smallest possible p {_fmt(rs[n].floor)}, "
-                                   f"adjusted at best {_fmt(best_adjusted(rs[n].floor, m, method))}")
+                elif rows[n]["role"] == CAPPED:
+                    reasons.append(f"{LABELS[n]} could not look: p = {_fmt(rs[n].pvalue)} with smallest possible "
+                                   f"p {_fmt(rs[n].floor)} (adjusted at best "
+                                   f"{_fmt(best_adjusted(rs[n].floor, m, method))})")
         out[c] = {"verdict": verdict, "route": route, "reasons": reasons, "routes": rows,
                   "pvalue": rs[route].pvalue if route else None, "pvalue_adjusted": adjusted.get(c)}
     return out
