@@ -71,7 +71,7 @@ class Store:
         mac, _, body = raw.partition(b"\n")
         if not hmac.compare_digest(mac.decode(errors="replace"), self._mac(kind, key, body)):
             err.print(f"[yellow]cache entry {path} failed its authentication check (edited or written by another "
-                      f"installation): discarded, recomputing[/]", highlight=False)
+                      f"installation): discarded, recomputing[/]", highlight=False, soft_wrap=True)
             path.unlink(missing_ok=True)
             return None
         return json.loads(body)

@@ -346,3 +346,29 @@ def test_cjk_name_uses_the_embedded_fallback_font_and_an_unknown_glyph_is_named(
     assert "华为技术有限公司" in cover
     assert "U+1F984" in cover and "Characters not shown" in cover
     assert "U+1F984" in dossier["stderr"] and "warning" in dossier["stderr"] and "U+534E" not in dossier["stderr"]
+
+
+def test_a_legacy_pytorch_file_is_read_and_a_legacy_pickle_still_refused(tmp_path):
+    """torch.save's pre-1.6 format (no zip) is a legitimate checkpoint: read, not refused as if unsafe; weights_only
+    still refuses code in it."""
+    import torch
+
+    from forensics.sources.hf import load_state_dict
+
+    sd = {"model.layers.0.self_attn.q_proj.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    legacy = tmp_path / "pytorch_model.bin"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
+    assert not legacy.read_bytes().startswith(b"PK")
+    loaded = load_state_dict(legacy)
+    assert torch.equal(loaded["model.layers.0.self_attn.q_proj.weight"], sd["model.layers.0.self_attn.q_proj.weight"])
+    hostile = tmp_path / "hostile.bin"
+    torch.save({"w": torch.zeros(1), "x": Evil()}, hostile, _use_new_zipfile_serialization=False)
+    with pytest.raises(ForensicsError, match="cannot read PyTorch checkpoint safely"):
+        load_state_dict(hostile)
+
+
+class Evil:
+    """Pickles as a call: what weights_only must refuse."""
+
+    def __reduce__(self):
+        return (print, ("code ran",))

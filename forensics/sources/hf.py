@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from forensics.errors import ForensicsError
+from forensics.files import open_regular
 from forensics.sources import safetensors as st
 from forensics.sources.base import ModelInfo, Reads, Source, TensorRef
 
@@ -138,16 +139,19 @@ def _numpy(t) -> np.ndarray:
 
 
 def load_state_dict(path: Path) -> dict:
-    """PyTorch zip checkpoints through torch's safe loader, memory-mapped.
+    """PyTorch checkpoints through torch's safe loader: zip archives memory-mapped, the legacy (pre-1.6, non-zip)
+    format read whole, since torch can map only the former.
 
-    weights_only=True refuses pickled code. torch maps the file itself, so its bytes are hashed by a separate
-    sequential read (the one format here not read in a single pass; prefer safetensors evidence where it exists).
-    torch is imported here only: no other format needs it.
+    weights_only=True refuses pickled code in either format. torch reads the file itself, so its bytes are hashed by
+    a separate sequential read (the one format here not read in a single pass; prefer safetensors evidence where it
+    exists). torch is imported here only: no other format needs it.
     """
     import torch
 
+    with open_regular(path) as f:
+        zipped = f.read(4) == b"PK\x03\x04"
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        obj = torch.load(path, map_location="cpu", mmap=zipped, weights_only=True)
     except Exception as e:  # torch raises many types for a bad archive; all mean the same to the analyst
         raise ForensicsError(path, f"cannot read PyTorch checkpoint safely: {type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:300]}") from e
