@@ -92,13 +92,20 @@ class Signing(Strict):
     pkcs12: Path | None = None
     key: Path | None = None
     certificate: Path | None = None
-    passphrase_env: str | None = Field(None, description="name of the environment variable holding the passphrase")
+    passphrase_env: str | None = Field(None, description="name of the environment variable holding the passphrase "
+                                                         "(or a PKCS#11 token's PIN)")
     passphrase_file: Path | None = None
+    pkcs11_module: Path | None = Field(None, description="PKCS#11 library of the token or HSM holding the key")
+    pkcs11_token: str | None = Field(None, description="the token's label")
+    pkcs11_key: str | None = Field(None, description="label of the key and its certificate on the token")
+    tsa_url: str | None = Field(None, pattern=r"^https?://", description="RFC 3161 timestamp authority")
 
     @model_validator(mode="after")
     def one_kind_of_key(self):
-        if self.pkcs12 and (self.key or self.certificate):
-            raise ValueError("give either pkcs12, or key + certificate, not both")
+        if sum(map(bool, (self.pkcs12, self.key or self.certificate, self.pkcs11_module))) > 1:
+            raise ValueError("give one kind of key: pkcs12, key + certificate, or pkcs11_module")
+        if self.pkcs11_module and not (self.pkcs11_token and self.pkcs11_key):
+            raise ValueError("pkcs11_module needs pkcs11_token and pkcs11_key")
         if bool(self.key) != bool(self.certificate):
             raise ValueError("key and certificate go together")
         if self.passphrase_env and self.passphrase_file:
@@ -252,7 +259,8 @@ def _resolve(case: Case, base: Path) -> Case:
         "controls": [model(m) for m in case.controls],
         "activations": case.activations.model_copy(update={"corpus": fix(case.activations.corpus)}),
         "signing": case.signing.model_copy(update={k: fix(getattr(case.signing, k)) for k in
-                                                   ("pkcs12", "key", "certificate", "passphrase_file")}),
+                                                   ("pkcs12", "key", "certificate", "passphrase_file",
+                                                    "pkcs11_module")}),
     }
     if isinstance(case.statistics.panel, Path):
         update["statistics"] = case.statistics.model_copy(update={"panel": fix(case.statistics.panel)})

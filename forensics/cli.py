@@ -65,10 +65,17 @@ def cmd_case_check(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from forensics.report.verify import EXIT_UNTRUSTED, verify_dossier
+    from forensics.report.verify import EXIT_UNTRUSTED, verify_attestation, verify_dossier
 
-    result = verify_dossier(args.dossier, check_inputs=args.inputs, base_dir=args.base_dir,
-                            trust_roots=args.trust or (), expected_signer=args.signer)
+    if args.dossier.endswith(".json"):
+        if not args.cert:
+            raise ForensicsError(args.dossier, "an attestation is checked against its signer's certificate: give "
+                                               "--cert (signer-certificate.pem beside it, or from the dossier)")
+        result = verify_attestation(args.dossier, args.cert, check_inputs=args.inputs, base_dir=args.base_dir,
+                                    expected_signer=args.signer)
+    else:
+        result = verify_dossier(args.dossier, check_inputs=args.inputs, base_dir=args.base_dir,
+                                trust_roots=args.trust or (), expected_signer=args.signer)
     json.dump(result.to_dict(), sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
     if result.exit_status == EXIT_UNTRUSTED:
@@ -116,16 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          description=textwrap.fill(
                              "Check the dossier's integrity (its PAdES signature is intact, covers the whole file "
-                             "and was made with the key its manifest records; the attached case file and results "
-                             "match their hashes) and, apart from that, whether the signer is trusted (--signer, "
-                             "--trust); with --inputs, re-hash the input files it lists. Prints the checks as JSON.",
+                             "and was made with the key its manifest records; the attached case file, results and "
+                             "in-toto attestation match their hashes and each other) and, apart from that, whether "
+                             "the signer is trusted (--signer, --trust); with --inputs, re-hash the input files it "
+                             "lists. Given an attestation.dsse.json instead of a PDF, check its DSSE signature "
+                             "against --cert. Prints the checks as JSON, the signature's RFC 3161 timestamp "
+                             "among them.",
                              88),
                          epilog="exit status:\n"
                                 "  0  verified: integrity ok and the signer trusted (--signer or --trust)\n"
                                 "  1  failed: a check failed (integrity, --inputs, or the given --signer/--trust)\n"
                                 "  2  the dossier or a --trust file cannot be read\n"
                                 "  3  integrity ok, signer not trusted: neither --signer nor --trust was given")
-    ver.add_argument("dossier", help="the dossier PDF")
+    ver.add_argument("dossier", help="the dossier PDF, or an attestation.dsse.json")
+    ver.add_argument("--cert", help="for an attestation: the signer's certificate (PEM)")
     ver.add_argument("--inputs", action="store_true",
                      help="re-hash the input files the manifest lists, once its integrity holds; only files under "
                           "--base-dir are read")

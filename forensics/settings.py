@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 KEY_DIR_ENV = "FORENSICS_KEY_DIR"
+TSA_URL_ENV = "FORENSICS_TSA_URL"  # an RFC 3161 timestamp authority for every dossier (a case's signing.tsa_url wins)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 

@@ -84,8 +84,9 @@ def ran(tmp_path_factory, models):
 
 def test_case_writes_signed_dossier_that_verifies(ran, models):
     tmp, out = ran
-    assert sorted(p.name for p in out.iterdir()) == ["dossier.pdf", "figures", "fingerprints", "manifest.json",
-                                                     "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["attestation.dsse.json", "dossier.pdf", "figures",
+                                                     "fingerprints", "manifest.json", "results.json",
+                                                     "signer-certificate.pem"]
     manifest = json.loads((out / "manifest.json").read_text())
     result = verify_dossier(out / "dossier.pdf", check_inputs=True, base_dir=models,
                             expected_signer=manifest["signer"]["certificate_sha256"])

@@ -133,7 +133,8 @@ def test_build_writes_dossier_manifest_and_figures_and_no_temp_files(built):
     assert built["pdf"] == out / "dossier.pdf"
     assert built["pdf"].read_bytes().startswith(b"%PDF-")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["dossier.pdf", "figures", "manifest.json", "results.json"]
+    assert names == ["attestation.dsse.json", "dossier.pdf", "figures", "manifest.json", "results.json",
+                     "signer-certificate.pem"]
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["curves_weight_std_1.png", "heatmap.png",
                                                                   "null_qkvo.png"]
     manifest = json.loads((out / "manifest.json").read_bytes())
@@ -348,7 +349,7 @@ def test_dossier_from_the_statistics_stage(built_stats):
     assert "ctl-7" in text and "4.2 Aggregates" in text
     assert results["candidates"]["base-7b"]["verdict"]["reasons"][0] in " ".join(text.split())
     # results.json is attached exactly as the statistics stage wrote it
-    attached = subprocess.run(["pdfdetach", "-save", "3", "-o", "/dev/stdout", str(built_stats["pdf"])],
+    attached = subprocess.run(["pdfdetach", "-savefile", "results.json", "-o", "/dev/stdout", str(built_stats["pdf"])],
                               capture_output=True, check=True).stdout
     assert attached == built_stats["results"]
 

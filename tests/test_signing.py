@@ -188,7 +188,7 @@ def test_dossier_signature_is_pades_certifying_and_covers_the_whole_file(built):
     assert status.docmdp_ok and sig.docmdp_level.name == "NO_CHANGES"
     # The attachments are in the last (= signed) revision, not added after the signature.
     names = reader.root["/Names"]["/EmbeddedFiles"]["/Names"]
-    assert [str(names[i]) for i in range(0, len(names), 2)] == ["case.yaml", "manifest.json", "results.json",
-                                                                "signer-certificate.pem"]  # sorted, as PDF requires
+    assert [str(names[i]) for i in range(0, len(names), 2)] == [  # sorted, as PDF requires
+        "attestation.dsse.json", "case.yaml", "manifest.json", "results.json", "signer-certificate.pem"]
     assert sig.signed_revision == reader.xrefs.total_revisions - 1
     assert verify_dossier(built["pdf"], trust_roots=[built["root"] / "keys" / LOCAL_CERT_NAME]).ok

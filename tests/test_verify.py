@@ -53,7 +53,8 @@ def test_intact_dossier_verifies_with_inputs(built):
     assert result.ok and result.exit_status == 0, result.to_dict()
     assert {c.name for c in result.checks} == {"one_signature", "signature_intact", "covers_entire_file",
                                                "signer_is_expected", "attachments", "signer_matches_manifest",
-                                               "case.yaml_hash", "results.json_hash", "inputs"}
+                                               "case.yaml_hash", "results.json_hash", "attestation_signature",
+                                               "attestation_agrees", "inputs"}
     out = result.to_dict()
     json.dumps(out)
     assert out["signature"]["coverage"] == "ENTIRE_FILE"
@@ -148,7 +149,7 @@ def test_manifest_naming_another_signer_is_caught(built, tmp_path):
     pdf = tmp_path / "forged.pdf"
     pdf.write_bytes(signed)
     result = verify_dossier(pdf)
-    assert _failed(result) == {"signer_matches_manifest"}
+    assert _failed(result) == {"signer_matches_manifest", "attestation"}  # the forger made no attestation either
 
 
 def test_swapped_results_attachment_is_caught(built, tmp_path):
@@ -166,7 +167,7 @@ def test_swapped_results_attachment_is_caught(built, tmp_path):
         Attachment("case.yaml", built["case_yaml"], "application/yaml", ""),
         Attachment("results.json", canonical_json_bytes(results), "application/json", "")], "swapped"))
     result = verify_dossier(pdf)
-    assert _failed(result) == {"results.json_hash"}
+    assert _failed(result) == {"results.json_hash", "attestation"}
     assert sha256_bytes(canonical_json_bytes(results)) in next(c.detail for c in result.checks
                                                               if c.name == "results.json_hash")
 
@@ -201,8 +202,8 @@ def test_unreadable_and_non_pdf_files(tmp_path):
 def test_attachments_extract_with_pdfdetach_and_match_the_manifest(built, tmp_path):
     """The by-hand route of "How to verify": pdfdetach gives the files whose hashes the dossier prints."""
     subprocess.run(["pdfdetach", "-saveall", "-o", str(tmp_path), str(built["pdf"])], check=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.yaml", "manifest.json", "results.json",
-                                                          "signer-certificate.pem"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attestation.dsse.json", "case.yaml", "manifest.json",
+                                                          "results.json", "signer-certificate.pem"]
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 

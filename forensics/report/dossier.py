@@ -28,6 +28,7 @@ from rich.markup import escape as rich_escape
 
 import forensics
 from forensics.errors import ForensicsError
+from forensics.evidence import attestation
 from forensics.evidence.atomic import atomic_write_bytes
 from forensics.evidence.hashing import sha256_bytes
 from forensics.evidence.manifest import canonical_json_bytes, results_bytes
@@ -311,7 +312,11 @@ class _Story:
                  (f["tool"], f"llm-forensics {m.get('tool', {}).get('version', NA)}", "cover"),
                  (f["dossier_id"], str(m.get("dossier_id", NA)), "cover"),
                  (f["signer"], f"{self.signer.subject} ({self.signer.key_algorithm})", "cover"),
-                 (f["cert"], _hash(self.signer.certificate_sha256), "covermono")]
+                 (f["cert"], _hash(self.signer.certificate_sha256), "covermono"),
+                 (f["chain"], " ← ".join(self.signer.chain) if self.signer.chain else
+                  w["self_signed_chain"] if self.signer.self_signed else w["no_chain"], "cover"),
+                 (f["timestamp"], w["timestamp"].format(tsa=tsa) if (tsa := (m.get("signer") or {}).get(
+                     "timestamp_authority")) else w["no_timestamp"], "cover")]
         self.flow.append(self.kv(rows, widths=(0.34, 0.66), label_style="coverb"))
         if v.case.parties:
             self.p(escape(w["parties_heading"]), "h2")
@@ -650,7 +655,7 @@ def build_dossier(results: Mapping | bytes, manifest: Mapping, case_yaml_bytes: 
                              "the case file changed between building the manifest and the dossier")
     wording, wording_sha = load_wording()
     signer = load_signer(signing_config)
-    manifest = {**manifest, "signer": signer.identity.to_manifest(),
+    manifest = {**manifest, "signer": {**signer.identity.to_manifest(), "timestamp_authority": signer.tsa_url},
                 "tool": {**manifest.get("tool", {}), "templates_sha256": wording_sha}}
 
     fig_dir = out_dir / "figures"
@@ -662,7 +667,12 @@ def build_dossier(results: Mapping | bytes, manifest: Mapping, case_yaml_bytes: 
 
     pdf = render_pdf(view, manifest, figures, signer.identity, wording)
     manifest_bytes = canonical_json_bytes(manifest)
+    payload = attestation.payload_bytes(attestation.statement(manifest, raw_results, manifest_bytes))
+    dsse = attestation.envelope(payload, signer.identity.certificate_sha256,
+                                signer.sign_raw(attestation.pae(attestation.PAYLOAD_TYPE, payload)))
     attachments = [
+        Attachment(attestation.FILE_NAME, dsse, "application/json",
+                   "in-toto attestation of the finding (DSSE, signed with the dossier's key)"),
         Attachment(MANIFEST, manifest_bytes, "application/json", "Manifest: inputs, hashes, environment, command"),
         Attachment(CASE_YAML, bytes(case_yaml_bytes), "application/yaml", "Case file exactly as used"),
         Attachment(RESULTS, raw_results, "application/json", "All results of the statistics stage"),
@@ -671,5 +681,8 @@ def build_dossier(results: Mapping | bytes, manifest: Mapping, case_yaml_bytes: 
     ]
     signed = sign_pdf(pdf, signer, attachments, reason=f"llm-forensics dossier {manifest['dossier_id']}")
     pdf_path = atomic_write_bytes(out_dir / PDF_NAME, signed)
-    atomic_write_bytes(out_dir / MANIFEST, manifest_bytes)  # a copy: the one attached to the PDF is authoritative
+    # Copies beside the PDF, for tools that do not read PDFs; the ones attached to it are authoritative.
+    atomic_write_bytes(out_dir / MANIFEST, manifest_bytes)
+    atomic_write_bytes(out_dir / attestation.FILE_NAME, dsse)
+    atomic_write_bytes(out_dir / SIGNER_CERT, signer.identity.certificate_pem.encode("ascii"))
     return pdf_path

@@ -1,5 +1,7 @@
-"""Signing the dossier: key loading (PKCS#12 or PEM/DER key + certificate), the local self-signed analyst key, and a
-PAdES signature over the whole PDF with the evidence files attached inside the signed revision."""
+"""Signing the dossier: key loading (PKCS#12, PEM/DER key + certificate, or a key in a PKCS#11 token or HSM), the local
+self-signed analyst key, a PAdES signature over the whole PDF with the evidence files attached inside the signed
+revision, an RFC 3161 timestamp on it when a timestamp authority is configured, and raw signatures for the DSSE
+attestation made with the same key."""
 
 from __future__ import annotations
 
@@ -15,13 +17,17 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 from pyhanko.pdf_utils import embed, generic
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from pyhanko.sign import fields, signers
+from pyhanko.sign.general import SigningError
+from pyhanko.sign.timestamps import HTTPTimeStamper, TimestampRequestError
 from pyhanko_certvalidator.registry import SimpleCertificateStore
+
+import asyncio
 
 from forensics import settings
 from forensics.errors import ForensicsError
@@ -49,9 +55,13 @@ class SigningConfig:
     key: Path | None = None
     certificate: Path | None = None
     chain: tuple[Path, ...] = ()  # intermediate certificates to embed, if the key's issuer is not a root
-    passphrase_env: str | None = None
+    passphrase_env: str | None = None  # also the PIN of a PKCS#11 token
     passphrase_file: Path | None = None
     key_dir: Path | None = None  # default: $FORENSICS_KEY_DIR, else ~/.config/llm-forensics
+    pkcs11_module: Path | None = None  # a PKCS#11 library (an HSM's, a smart card's, SoftHSM2's)
+    pkcs11_token: str | None = None  # the token's label
+    pkcs11_key: str | None = None  # the label of the key and of its certificate on the token
+    tsa_url: str | None = None  # an RFC 3161 timestamp authority; default $FORENSICS_TSA_URL, else none (offline)
 
 
 @dataclass(frozen=True)
@@ -65,17 +75,40 @@ class SignerIdentity:
     generated_locally: bool  # the local analyst key made by llm-forensics, not one the analyst supplied
     not_after: str
     certificate_pem: str = field(repr=False)
+    chain: tuple[str, ...] = ()  # subjects of the embedded issuing certificates, nearest first
 
     def to_manifest(self) -> dict:
         return {"subject": self.subject, "certificate_sha256": self.certificate_sha256,
                 "key_algorithm": self.key_algorithm, "self_signed": self.self_signed,
-                "generated_locally": self.generated_locally, "not_after": self.not_after}
+                "generated_locally": self.generated_locally, "not_after": self.not_after,
+                "chain": list(self.chain)}
 
 
 @dataclass(frozen=True)
 class LoadedSigner:
     identity: SignerIdentity
     signer: signers.Signer = field(repr=False)
+    tsa_url: str | None = None
+
+    def sign_raw(self, data: bytes) -> bytes:
+        """A signature over ``data`` (SHA-256; DER ECDSA or PKCS#1 v1.5 RSA) with the dossier's key: the DSSE
+        envelope's signature. The key never leaves its token when it lives in one."""
+        return asyncio.run(self.signer.async_sign_raw(data, "sha256"))
+
+
+def verify_raw(certificate_pem: bytes, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` over ``data`` was made with the key of the certificate (as `LoadedSigner.sign_raw`)."""
+    key = x509.load_pem_x509_certificate(certificate_pem).public_key()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -232,6 +265,9 @@ def _subject(cert: x509.Certificate) -> str:
 def load_signer(config: SigningConfig | None = None) -> LoadedSigner:
     """The signer named by ``config``, or the local analyst key (created if missing) when no key is configured."""
     config = config or SigningConfig()
+    tsa = config.tsa_url or os.environ.get(settings.TSA_URL_ENV) or None
+    if config.pkcs11_module:
+        return _pkcs11_signer(config, tsa)
     if config.pkcs12 and (config.key or config.certificate):
         raise ForensicsError(config.pkcs12, "give either a PKCS#12 archive, or a key and its certificate, not both")
     generated = config.pkcs12 is None and config.key is None
@@ -264,18 +300,53 @@ def load_signer(config: SigningConfig | None = None) -> LoadedSigner:
                              f"the certificate is valid only from {cert.not_valid_before_utc:%Y-%m-%d} to "
                              f"{cert.not_valid_after_utc:%Y-%m-%d}; a signature made now would not validate")
     cert_der = cert.public_bytes(serialization.Encoding.DER)
-    identity = SignerIdentity(
-        subject=_subject(cert), certificate_sha256=sha256_bytes(cert_der), key_algorithm=algorithm,
-        self_signed=is_self_signed(cert), generated_locally=generated,
-        not_after=cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode("ascii"))
+    identity = _identity(cert, algorithm, generated, extra)
     registry = SimpleCertificateStore()
     registry.register_multiple(asn1_x509.Certificate.load(c.public_bytes(serialization.Encoding.DER)) for c in extra)
     key_info = asn1_keys.PrivateKeyInfo.load(key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     signer = signers.SimpleSigner(signing_cert=asn1_x509.Certificate.load(cert_der), signing_key=key_info,
                                   cert_registry=registry)
-    return LoadedSigner(identity=identity, signer=signer)
+    return LoadedSigner(identity=identity, signer=signer, tsa_url=tsa)
+
+
+def _identity(cert: x509.Certificate, algorithm: str, generated: bool, chain: list[x509.Certificate]) -> SignerIdentity:
+    return SignerIdentity(
+        subject=_subject(cert), certificate_sha256=sha256_bytes(cert.public_bytes(serialization.Encoding.DER)),
+        key_algorithm=algorithm, self_signed=is_self_signed(cert), generated_locally=generated,
+        not_after=cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        chain=tuple(_subject(c) for c in chain))
+
+
+def _pkcs11_signer(config: SigningConfig, tsa: str | None) -> LoadedSigner:
+    """The key and certificate labelled ``pkcs11_key`` on the token ``pkcs11_token``; the PIN comes from
+    passphrase_env or passphrase_file, like a passphrase."""
+    from pkcs11 import PKCS11Error
+    from pyhanko.sign import pkcs11 as p11
+
+    where = config.pkcs11_module
+    if not (config.pkcs11_token and config.pkcs11_key):
+        raise ForensicsError(where, "a PKCS#11 key needs signing.pkcs11_token and signing.pkcs11_key (labels)")
+    pin = _passphrase(config)
+    try:
+        session = p11.open_pkcs11_session(str(where), token_criteria=p11.TokenCriteria(label=config.pkcs11_token),
+                                          user_pin=pin.decode("utf-8") if pin is not None else None)
+        signer = p11.PKCS11Signer(session, key_label=config.pkcs11_key, cert_label=config.pkcs11_key)
+        cert_der = signer.signing_cert.dump()
+        chain_der = [c.dump() for c in signer.cert_registry if c.dump() != cert_der]
+    except (PKCS11Error, OSError, RuntimeError, SigningError) as e:
+        raise ForensicsError(where, f"cannot use the PKCS#11 key {config.pkcs11_key!r} on token "
+                                    f"{config.pkcs11_token!r}: {type(e).__name__}: {e}") from e
+    cert = x509.load_der_x509_certificate(cert_der)
+    if not _allows_document_signing(cert):
+        raise ForensicsError(where, "the token's certificate lacks nonRepudiation (contentCommitment), which PDF "
+                                    "validators such as pyHanko require of a document signature")
+    key = cert.public_key()
+    algorithm = (EC_CURVES.get(key.curve.name, key.curve.name) if isinstance(key, ec.EllipticCurvePublicKey)
+                 else f"RSA-{key.key_size}")
+    chain = [x509.load_der_x509_certificate(c) for c in chain_der]
+    return LoadedSigner(identity=_identity(cert, algorithm, False, chain), signer=signer, tsa_url=tsa)
 
 
 def sign_pdf(pdf_bytes: bytes, signer: LoadedSigner, attachments: Sequence[Attachment], reason: str) -> bytes:
@@ -294,4 +365,8 @@ def sign_pdf(pdf_bytes: bytes, signer: LoadedSigner, attachments: Sequence[Attac
         field_name=SIGNATURE_FIELD, subfilter=fields.SigSeedSubFilter.PADES, md_algorithm="sha256",
         reason=reason, name=signer.identity.subject, certify=True,
         docmdp_permissions=fields.MDPPerm.NO_CHANGES)
-    return signers.PdfSigner(meta, signer.signer).sign_pdf(writer).getvalue()
+    timestamper = HTTPTimeStamper(signer.tsa_url, timeout=30) if signer.tsa_url else None
+    try:
+        return signers.PdfSigner(meta, signer.signer, timestamper=timestamper).sign_pdf(writer).getvalue()
+    except (SigningError, TimestampRequestError) as e:
+        raise ForensicsError(signer.tsa_url, f"cannot sign the dossier: {type(e).__name__}: {e}") from e

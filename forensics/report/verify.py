@@ -19,12 +19,14 @@ from pyhanko.keys import load_certs_from_pemder
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign.validation import SignatureCoverageLevel, validate_pdf_signature
+from cryptography.hazmat.primitives import serialization
 from pyhanko_certvalidator import ValidationContext
 
 from forensics.errors import ForensicsError
+from forensics.evidence import attestation
 from forensics.evidence.hashing import sha256_bytes
-from forensics.report.signing import SIGNATURE_FIELD, is_self_signed
 from forensics.files import open_regular
+from forensics.report.signing import SIGNATURE_FIELD, is_self_signed, verify_raw
 
 MANIFEST = "manifest.json"
 CASE_YAML = "case.yaml"
@@ -185,7 +187,7 @@ def verify_dossier(pdf_path: str | Path, check_inputs: bool = False, base_dir: s
             "field": sig.field_name, "signer": cert.subject.human_friendly, "certificate_sha256": cert_sha,
             "signing_time": status.signer_reported_dt.isoformat() if status.signer_reported_dt else None,
             "intact": status.intact, "valid": status.valid, "coverage": status.coverage.name,
-            "digest_algorithm": status.md_algorithm}
+            "digest_algorithm": status.md_algorithm, "timestamp": _timestamp(status)}
     except Exception as e:  # noqa: BLE001 -- see above
         result.add("signature_intact", False, f"the signature is malformed and could not be validated: "
                                               f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
@@ -221,8 +223,80 @@ def verify_dossier(pdf_path: str | Path, check_inputs: bool = False, base_dir: s
         want = section.get("sha256") if isinstance(section, dict) else None
         got = sha256_bytes(files[name])
         result.add(f"{name}_hash", got == want, f"SHA-256 {got}" + ("" if got == want else f", manifest says {want}"))
+    if attestation.FILE_NAME in files:
+        _check_attestation(result, files[attestation.FILE_NAME], cert.dump(), cert_sha, manifest, files[RESULTS],
+                           where="the attached attestation")
+    else:
+        result.add("attestation", False, f"no {attestation.FILE_NAME} attached: every dossier carries one")
     if check_inputs:
         _check_inputs(result, manifest, Path(base_dir) if base_dir is not None else Path.cwd())
+    return result
+
+
+def _timestamp(status) -> dict | None:
+    """The signature's RFC 3161 timestamp as pyHanko validated it (time, authority, whether its token is intact)."""
+    ts = getattr(status, "timestamp_validity", None)
+    if ts is None:
+        return None
+    return {"time": ts.timestamp.isoformat(), "authority": ts.signing_cert.subject.human_friendly,
+            "intact": ts.intact, "valid": ts.valid}
+
+
+def _check_attestation(result: VerifyResult, raw: bytes, cert_der: bytes, cert_sha: str, manifest: dict | None,
+                       results: bytes | None, where: str) -> dict | None:
+    """The DSSE envelope: well formed, signed by the certificate's key, and (when given) in agreement with the
+    manifest and results it describes. Returns the statement."""
+    try:
+        payload, sigs, stmt = attestation.open_envelope(raw, where)
+    except ForensicsError as e:
+        result.add("attestation", False, str(e))
+        return None
+    pem = x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM)
+    signed = [s for keyid, s in sigs if keyid == cert_sha]
+    good = bool(signed) and any(verify_raw(pem, attestation.pae(attestation.PAYLOAD_TYPE, payload), s)
+                                for s in signed)
+    result.add("attestation_signature", good,
+               f"DSSE envelope signed by certificate {cert_sha}" if good else
+               f"no valid DSSE signature by certificate {cert_sha} (key ids: {', '.join(k for k, _ in sigs) or 'none'})")
+    if manifest is not None and results is not None:
+        problems = attestation.disagreements(stmt, manifest, results)
+        result.add("attestation_agrees", not problems,
+                   "statement, manifest and results.json agree" if not problems else "; ".join(problems))
+    return stmt
+
+
+def verify_attestation(path: str | Path, certificate: str | Path, check_inputs: bool = False,
+                       base_dir: str | Path | None = None, expected_signer: str | None = None) -> VerifyResult:
+    """Check a standalone `attestation.dsse.json` against the signer's certificate (PEM), without the PDF: its DSSE
+    signature, and with ``check_inputs`` every subject re-hashed under ``base_dir``. Trust, as for a dossier, is
+    ``expected_signer`` (the certificate's SHA-256 given out of band)."""
+    path, certificate = Path(path), Path(certificate)
+    try:
+        raw, pem = path.read_bytes(), certificate.read_bytes()
+    except OSError as e:
+        raise ForensicsError(e.filename, f"cannot read: {e.strerror or e}") from e
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as e:
+        raise ForensicsError(certificate, f"not a PEM certificate: {e}") from e
+    cert_der = cert.public_bytes(serialization.Encoding.DER)
+    cert_sha = sha256_bytes(cert_der)
+    result = VerifyResult(path=str(path))
+    stmt = _check_attestation(result, raw, cert_der, cert_sha, None, None, where=path)
+    if expected_signer is not None:
+        want = expected_signer.strip().lower().replace(":", "")
+        result.add("signer_is_expected", cert_sha == want,
+                   f"signing certificate SHA-256 {cert_sha}" + ("" if cert_sha == want else f", expected {want}"))
+        result.trust = ("the signing certificate is the one given with --signer" if cert_sha == want else
+                        "the signing certificate is not the one given with --signer")
+    else:
+        result.trust = "not trusted: no --signer was given"
+    if stmt is not None:
+        result.manifest = {"dossier_id": stmt["predicate"].get("dossier_id"), "case_id": stmt["predicate"].get(
+            "case_id"), "inputs": [{"path": s["name"], "sha256": s["digest"]["sha256"]} for s in stmt["subject"]]}
+        result.signature = {"verdicts": {c: v["verdict"] for c, v in stmt["predicate"].get("verdicts", {}).items()}}
+        if check_inputs:
+            _check_inputs(result, result.manifest, Path(base_dir) if base_dir is not None else Path.cwd())
     return result
 
 
@@ -285,7 +359,7 @@ def _check_input(rec, base: Path, recorded_base) -> dict:
     try:
         with open_regular(real) as f:
             out["size"] = os.fstat(f.fileno()).st_size
-            if out["size"] != rec.get("size"):
+            if rec.get("size") is not None and out["size"] != rec["size"]:
                 return {**out, "status": f"size changed ({rec.get('size')} -> {out['size']} bytes)"}
             out["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
     except ForensicsError as e:
