@@ -332,7 +332,10 @@ def _pkcs11_signer(config: SigningConfig, tsa: str | None) -> LoadedSigner:
     try:
         session = p11.open_pkcs11_session(str(where), token_criteria=p11.TokenCriteria(label=config.pkcs11_token),
                                           user_pin=pin.decode("utf-8") if pin is not None else None)
-        signer = p11.PKCS11Signer(session, key_label=config.pkcs11_key, cert_label=config.pkcs11_key)
+        # Raw mechanisms (CKM_ECDSA, CKM_RSA_PKCS over a digest pyHanko computes) are the ones every token has;
+        # SoftHSM2, for one, lacks CKM_ECDSA_SHA256.
+        signer = p11.PKCS11Signer(session, key_label=config.pkcs11_key, cert_label=config.pkcs11_key,
+                                  use_raw_mechanism=True)
         cert_der = signer.signing_cert.dump()
         chain_der = [c.dump() for c in signer.cert_registry if c.dump() != cert_der]
     except (PKCS11Error, OSError, RuntimeError, SigningError) as e:
