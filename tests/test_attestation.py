@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pyhanko.pdf_utils.reader import PdfFileReader
 
 from forensics.evidence import attestation
 from forensics.report.dossier import build_dossier
@@ -180,12 +181,18 @@ def _dossier(tmp_path, config: SigningConfig):
 def test_timestamp_from_a_local_tsa(tsa, tmp_path):
     pdf, manifest = _dossier(tmp_path, SigningConfig(key_dir=tmp_path / "keys", tsa_url=tsa))
     result = verify_dossier(pdf, expected_signer=manifest["signer"]["certificate_sha256"])
-    assert result.ok and result.signature["timestamp"]["intact"] and result.signature["timestamp"]["valid"]
+    assert result.ok, result.verdict
+    assert result.signature["timestamp"]["intact"] and result.signature["timestamp"]["valid"]
     assert "Test TSA" in result.signature["timestamp"]["authority"]
+    # PAdES B-LTA: a document timestamp over the signed file, and the DSS with what validates both
+    doc = result.signature["document_timestamp"]
+    assert doc["intact"] and doc["valid"] and "Test TSA" in doc["authority"]
+    assert "/DSS" in PdfFileReader(open(pdf, "rb")).root
     sig = subprocess.run(["pdfsig", str(pdf)], capture_output=True, text=True).stdout
-    assert "Signature is Valid." in sig and "Total document signed" in sig
-    # Poppler 22's pdfsig validates the timestamped signature but does not print the token; it dumps the CMS, in
-    # which OpenSSL shows the RFC 3161 timestamp token as an unsigned attribute, with the TSA's certificate.
+    assert "Signature is Valid." in sig
+    assert sig.count("Signature #") == 2 and "Signer Certificate Common Name: Test TSA" in sig  # the document timestamp
+    # Poppler 22's pdfsig does not print the signature's own timestamp token; it dumps the CMS, in which OpenSSL
+    # shows the RFC 3161 token as an unsigned attribute, with the TSA's certificate.
     subprocess.run(["pdfsig", "-dump", str(pdf)], cwd=tmp_path, check=True, capture_output=True)
     cms = subprocess.run(["openssl", "cms", "-cmsout", "-print", "-inform", "DER", "-in",
                           str(next(tmp_path.glob("*.sig0")))], capture_output=True, text=True, check=True).stdout

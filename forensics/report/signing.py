@@ -25,6 +25,9 @@ from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from pyhanko.sign import fields, signers
 from pyhanko.sign.general import SigningError
 from pyhanko.sign.timestamps import HTTPTimeStamper, TimestampRequestError
+from pyhanko.pdf_utils.reader import PdfFileReader
+from pyhanko_certvalidator import ValidationContext
+from pyhanko_certvalidator.errors import PathBuildingError, PathValidationError
 from pyhanko_certvalidator.registry import SimpleCertificateStore
 
 import asyncio
@@ -370,6 +373,27 @@ def sign_pdf(pdf_bytes: bytes, signer: LoadedSigner, attachments: Sequence[Attac
         docmdp_permissions=fields.MDPPerm.NO_CHANGES)
     timestamper = HTTPTimeStamper(signer.tsa_url, timeout=30) if signer.tsa_url else None
     try:
-        return signers.PdfSigner(meta, signer.signer, timestamper=timestamper).sign_pdf(writer).getvalue()
+        signed = signers.PdfSigner(meta, signer.signer, timestamper=timestamper).sign_pdf(writer).getvalue()
+        return _archive(signed, timestamper) if timestamper else signed
     except (SigningError, TimestampRequestError) as e:
         raise ForensicsError(signer.tsa_url, f"cannot sign the dossier: {type(e).__name__}: {e}") from e
+
+
+def _archive(signed: bytes, timestamper: HTTPTimeStamper) -> bytes:
+    """PAdES B-LTA: a document timestamp over the signed file, with the certificates that validate the signature and
+    its timestamp in the DSS when the embedded chains end in a root (a chain that does not gets the timestamp
+    without them). pyHanko classes both as long-term-archival updates, which the certification allows."""
+    sig = PdfFileReader(io.BytesIO(signed)).embedded_signatures[0]
+    certs = [sig.signer_cert, *sig.other_embedded_certs]
+    for attr in sig.signer_info["unsigned_attrs"] or ():
+        if attr["type"].native == "signature_time_stamp_token":
+            certs += [c.chosen for token in attr["values"] for c in token["content"]["certificates"]]
+    roots = [c for c in certs if c.self_signed in ("yes", "maybe")]
+    stamper = signers.PdfTimeStamper(timestamper)
+    try:
+        context = ValidationContext(trust_roots=roots, allow_fetching=False) if roots else None
+        out = stamper.timestamp_pdf(IncrementalPdfFileWriter(io.BytesIO(signed)), "sha256",
+                                    validation_context=context)
+    except (PathBuildingError, PathValidationError):
+        out = stamper.timestamp_pdf(IncrementalPdfFileWriter(io.BytesIO(signed)), "sha256")
+    return out.getvalue()

@@ -18,7 +18,8 @@ from cryptography import x509
 from pyhanko.keys import load_certs_from_pemder
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.reader import PdfFileReader
-from pyhanko.sign.validation import SignatureCoverageLevel, validate_pdf_signature
+from pyhanko.sign.diff_analysis import ModificationLevel
+from pyhanko.sign.validation import SignatureCoverageLevel, validate_pdf_signature, validate_pdf_timestamp
 from cryptography.hazmat.primitives import serialization
 from pyhanko_certvalidator import ValidationContext
 
@@ -169,12 +170,18 @@ def verify_dossier(pdf_path: str | Path, check_inputs: bool = False, base_dir: s
     except Exception as e:  # noqa: BLE001 -- any parse failure of a damaged file is a verification failure
         result.add("pdf_readable", False, f"the file cannot be parsed as PDF: {e}")
         return result
-    fields = [s.field_name for s in sigs]
+    try:
+        # Document timestamps (PAdES B-LTA) may follow the dossier's signature; nothing else may.
+        stamps = [s for s in sigs if s.sig_object_type == "/DocTimeStamp"]
+        fields = [s.field_name for s in sigs if s not in stamps]
+    except Exception as e:  # noqa: BLE001 -- a crafted signature dictionary can break the parse anywhere
+        result.add("one_signature", False, f"the signature dictionaries cannot be read: {type(e).__name__}: {e}")
+        return result
     if not result.add("one_signature", fields == [SIGNATURE_FIELD],
                       f"one signature, in field {SIGNATURE_FIELD}" if fields == [SIGNATURE_FIELD] else
                       f"signature field(s) found: {fields or 'none'}; expected exactly one, {SIGNATURE_FIELD}"):
         return result
-    sig = sigs[0]
+    sig = next(s for s in sigs if s not in stamps)
     try:
         # The CMS structure is parsed lazily, by these: a damaged one can fail anywhere inside asn1crypto or pyHanko.
         cert = sig.signer_cert
@@ -195,8 +202,10 @@ def verify_dossier(pdf_path: str | Path, check_inputs: bool = False, base_dir: s
     result.add("signature_intact", status.intact and status.valid,
                "the signed bytes are unchanged and the signature matches them" if status.intact and status.valid
                else "the document was changed after signing, or the signature is damaged")
-    result.add("covers_entire_file", status.coverage == SignatureCoverageLevel.ENTIRE_FILE,
-               f"signature coverage: {status.coverage.name}")
+    archived = _document_timestamp(result, stamps, status)
+    result.add("covers_entire_file", status.coverage == SignatureCoverageLevel.ENTIRE_FILE or archived,
+               f"signature coverage: {status.coverage.name}" + (
+                   ", then only a document timestamp covering the entire file (PAdES B-LTA)" if archived else ""))
     _check_trust(result, sig, cert_sha, self_signed, trust_roots, expected_signer)
 
     try:
@@ -231,6 +240,30 @@ def verify_dossier(pdf_path: str | Path, check_inputs: bool = False, base_dir: s
     if check_inputs:
         _check_inputs(result, manifest, Path(base_dir) if base_dir is not None else Path.cwd())
     return result
+
+
+def _document_timestamp(result: VerifyResult, stamps: list, status) -> bool:
+    """Whether everything after the signed revision is one intact document timestamp with only long-term-archival
+    data (DSS) beside it; the timestamp is recorded either way."""
+    if not stamps:
+        return False
+    try:
+        stamp = stamps[-1]
+        with _quiet_pyhanko():
+            ts = validate_pdf_timestamp(stamp, ValidationContext(trust_roots=[stamp.signer_cert],
+                                                                 allow_fetching=False))
+        result.signature["document_timestamp"] = {
+            "time": ts.timestamp.isoformat(), "authority": stamp.signer_cert.subject.human_friendly,
+            "intact": ts.intact, "valid": ts.valid, "coverage": ts.coverage.name}
+    except Exception as e:  # noqa: BLE001 -- a damaged token is a failed check, not a traceback
+        result.signature["document_timestamp"] = {"error": f"{type(e).__name__}: {e}"}
+        return False
+    # pyHanko writes the timestamp's own validation data in a DSS revision after it: also an archival update.
+    covered = ts.coverage == SignatureCoverageLevel.ENTIRE_FILE or (
+        ts.coverage == SignatureCoverageLevel.ENTIRE_REVISION
+        and getattr(ts, "modification_level", None) == ModificationLevel.LTA_UPDATES)
+    return (len(stamps) == 1 and ts.intact and ts.valid and covered
+            and status.modification_level == ModificationLevel.LTA_UPDATES)
 
 
 def _timestamp(status) -> dict | None:
