@@ -28,6 +28,7 @@ from forensics.report.dossier import build_dossier
 from forensics.report.signing import Attachment, SigningConfig, load_signer, sign_pdf
 from forensics.report.verify import EXIT_UNTRUSTED, verify_attestation, verify_dossier
 from tests.test_report import _pdftotext, build_synthetic, needs_poppler, synthetic_case
+from tests.test_signing import _pdf
 
 NOW = dt.datetime.now(dt.timezone.utc)
 
@@ -114,7 +115,7 @@ def test_pdf_whose_attestation_disagrees_with_its_results_fails(built, tmp_path)
     dsse = attestation.envelope(payload, signer.identity.certificate_sha256,
                                 signer.sign_raw(attestation.pae(attestation.PAYLOAD_TYPE, payload)))
     pdf = tmp_path / "other.pdf"
-    pdf.write_bytes(sign_pdf(_blank(), signer, [
+    pdf.write_bytes(sign_pdf(_pdf(), signer, [
         Attachment("manifest.json", manifest_bytes, "application/json", ""),
         Attachment("case.yaml", built["case_yaml"], "application/yaml", ""),
         Attachment("results.json", built["results"], "application/json", ""),
@@ -122,18 +123,6 @@ def test_pdf_whose_attestation_disagrees_with_its_results_fails(built, tmp_path)
     result = verify_dossier(pdf, expected_signer=signer.identity.certificate_sha256)
     failed = {c.name: c.detail for c in result.checks if not c.ok}
     assert set(failed) == {"attestation_agrees"} and "results.json has SHA-256" in failed["attestation_agrees"]
-
-
-def _blank() -> bytes:
-    import io
-
-    from reportlab.pdfgen import canvas
-
-    buf = io.BytesIO()
-    c = canvas.Canvas(buf)
-    c.drawString(72, 720, "a dossier")
-    c.save()
-    return buf.getvalue()
 
 
 # --- timestamps from a local TSA ---------------------------------------------------------------------------------

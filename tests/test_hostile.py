@@ -33,6 +33,7 @@ from forensics.report.verify import verify_dossier
 from forensics.sources import Reads, open_model
 from forensics.sources.vocabulary import vocabulary
 from tests import tiny
+from tests.test_bad_inputs import fails as refused
 from tests.test_report import needs_poppler, synthetic_case
 
 # A run that would hang on a FIFO is stopped here, so the test fails instead of hanging the suite.
@@ -42,15 +43,6 @@ HANG = 120
 def cli(*args, env=None, timeout=HANG) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "forensics.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
-
-
-def refused(path, *words) -> str:
-    with pytest.raises(ForensicsError) as e:
-        fingerprint_model(path, device="cpu")
-    msg = str(e.value)
-    for w in words:
-        assert w in msg, msg
-    return msg
 
 
 def digest(folder: Path) -> dict[str, str]:

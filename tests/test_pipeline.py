@@ -13,19 +13,7 @@ import pytest
 from forensics import pipeline
 from forensics.corpus import load_corpus
 from forensics.errors import ForensicsError
-from tests.test_case_run import family, write_case
-from tests.test_corpus import byte_bpe
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline-models")
-    tok = byte_bpe(load_corpus(show_progress=False).texts[:30])
-    parent = family(root / "parent", tok, seed=1)
-    family(root / "child", tok, seed=2, parent=parent, noise=0.02)
-    for i, seed in enumerate((11, 12, 13)):
-        family(root / f"unrelated{i}", tok, seed=seed)
-    return root
+from tests.test_case_run import models, write_case  # noqa: F401  (the tiny lineage, as a fixture here too)
 
 
 def test_store_round_trips_and_refuses_an_edited_entry(tmp_path, capsys):
