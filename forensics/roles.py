@@ -155,6 +155,17 @@ _BERT = {
     "output.dense.weight": "down", "output.dense.bias": "down_bias",
     "output.LayerNorm.weight": "mlp_norm", "output.LayerNorm.bias": "mlp_norm_bias",
 }
+# MPNet (sentence-transformers' all-mpnet-base-v2): BERT's post-norm block with its own attention names; the relative
+# position bias is one tensor for the whole encoder.
+_MPNET = {
+    "attention.attn.q.weight": "q", "attention.attn.k.weight": "k", "attention.attn.v.weight": "v",
+    "attention.attn.q.bias": "q_bias", "attention.attn.k.bias": "k_bias", "attention.attn.v.bias": "v_bias",
+    "attention.attn.o.weight": "o", "attention.attn.o.bias": "o_bias",
+    "attention.LayerNorm.weight": "attn_norm", "attention.LayerNorm.bias": "attn_norm_bias",
+    "intermediate.dense.weight": "up", "intermediate.dense.bias": "up_bias",
+    "output.dense.weight": "down", "output.dense.bias": "down_bias",
+    "output.LayerNorm.weight": "mlp_norm", "output.LayerNorm.bias": "mlp_norm_bias",
+}
 _GPT2 = {
     "attn.c_attn.weight": "split_c_attn", "attn.c_attn.bias": "split_c_attn_bias",
     "attn.c_proj.weight": "o", "attn.c_proj.bias": "o_bias",
@@ -242,6 +253,9 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     _arch("bert", r"(?:bert\.|roberta\.|model\.|0\.auto_model\.)?encoder\.layer\.{L}\.",
           (r"(bert\.|roberta\.|model\.|0\.auto_model\.)?embeddings\..*", r"(bert\.|roberta\.|model\.|0\.auto_model\.)?pooler\..*",
            r"(cls|lm_head)\..*"), _BERT),
+    _arch("mpnet", r"(?:mpnet\.|0\.auto_model\.)?encoder\.layer\.{L}\.",
+          (r"(mpnet\.|0\.auto_model\.)?embeddings\..*", r"(mpnet\.|0\.auto_model\.)?pooler\..*",
+           r"(mpnet\.|0\.auto_model\.)?encoder\.relative_attention_bias\.weight", r"lm_head\..*"), _MPNET),
     _arch("gguf", r"blk\.{L}\.", _GGUF_IGNORE, _GGUF),
 )}
 
@@ -250,17 +264,18 @@ EMBEDDINGS = {
     "gpt2": r"(transformer\.)?wte\.weight",
     "gpt_neox": r"(gpt_neox\.)?embed_in\.weight",
     "bert": r"(bert\.|roberta\.|model\.|0\.auto_model\.)?embeddings\.word_embeddings\.weight",
+    "mpnet": r"(mpnet\.|0\.auto_model\.)?embeddings\.word_embeddings\.weight",
     "gguf": r"token_embd\.weight",
 }
 DECODER_EMBEDDING = r"(model\.|model\.language_model\.|language_model\.model\.)?embed_tokens\.weight"
 # Which norm's gain scales the input of the FFN and of attention. Pre-norm blocks: their own attn_norm / mlp_norm.
 # Post-norm blocks (BERT): the FFN reads the attention's output LayerNorm ("attn_norm"), attention reads the previous
 # layer's output LayerNorm ("mlp_norm" of layer - 1).
-POST_NORM = {"bert"}
+POST_NORM = {"bert", "mpnet"}
 # Tables whose FFN matrices are stored (in, out) (GPT-2's Conv1D) rather than torch's (out, in).
 IN_OUT_LAYOUT = {"gpt2"}
 # Architectures without grouped-query attention: a num_key_value_heads in their config does not apply.
-MHA_TABLES = {"gpt2", "gpt_neox", "bert"}
+MHA_TABLES = {"gpt2", "gpt_neox", "bert", "mpnet"}
 # Tables with multi-head latent attention, whose q and o sizes follow from LoRA ranks, not from heads x head_dim.
 MLA_TABLES = {"deepseek_v2"}
 # Gemma's RMSNorm multiplies by (1 + weight) in Hugging Face checkpoints; llama.cpp's converter stores 1 + weight.

@@ -7,6 +7,8 @@ The panel is the empirical null's source: fingerprints of real published models 
     D1 intfloat/multilingual-e5-small           (BERT, 12 layers)
     E  HuggingFaceTB/SmolLM2-135M-Instruct      (Llama, 30 layers)
     F  google/gemma-3-270m                      (Gemma3, 18 layers)
+    G  Qwen/Qwen2.5-Coder-0.5B-Instruct         (Qwen2 with QKV biases, 24 layers)
+    H  sentence-transformers/all-mpnet-base-v2  (MPNet, 12 layers; shares MiniLM's tokenizer, no weights)
 
 Left out on purpose: A' and B (copies of A), D2 (a child of D1), and C (paraphrase-MiniLM-L3-v2): docs/models.md
 calls A <-> C ambiguous, so C cannot sit beside A in a set that claims every pair unrelated, and with 3 layers it is
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from forensics import pipeline
 from forensics.case import Statistics
-from forensics.models import A_PKG, D_PKG, E_PKG, F_PKG, MODELS
+from forensics.models import A_PKG, D_PKG, E_PKG, F_PKG, G_PARTS, H_PARTS, MODELS
 from forensics.evidence.atomic import atomic_write_bytes
 from forensics.results import FINGERPRINT_SCHEMA
 
@@ -48,10 +50,12 @@ PANEL = {
     "D1": ("intfloat/multilingual-e5-small", "multilingual-e5-small", D_PKG),
     "E": ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2", E_PKG),
     "F": ("google/gemma-3-270m", "gemma3", F_PKG),
+    "G": ("Qwen/Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder", f"{G_PARTS[0]} (+ 5 more parts)"),
+    "H": ("sentence-transformers/all-mpnet-base-v2", "mpnet", f"{H_PARTS[0]} (+ 4 more parts)"),
 }
 # The file names: sorted, so load_panel's order (file-name order) is the table's order.
 FILE_NAMES = {"A": "a-all-minilm-l6-v2", "D1": "d1-multilingual-e5-small", "E": "e-smollm2-135m-instruct",
-              "F": "f-gemma-3-270m"}
+              "F": "f-gemma-3-270m", "G": "g-qwen2.5-coder-0.5b-instruct", "H": "h-all-mpnet-base-v2"}
 
 
 def model_path(models: Path, mid: str) -> Path:

@@ -35,6 +35,13 @@ BERT = {"q": "encoder.layer.{i}.attention.self.query.weight", "k": "encoder.laye
         "attn_norm": "encoder.layer.{i}.attention.output.LayerNorm.weight",
         "up": "encoder.layer.{i}.intermediate.dense.weight", "down": "encoder.layer.{i}.output.dense.weight",
         "mlp_norm": "encoder.layer.{i}.output.LayerNorm.weight"}
+MPNET = {"q": "encoder.layer.{i}.attention.attn.q.weight", "k": "encoder.layer.{i}.attention.attn.k.weight",
+         "v": "encoder.layer.{i}.attention.attn.v.weight", "o": "encoder.layer.{i}.attention.attn.o.weight",
+         "o_bias": "encoder.layer.{i}.attention.attn.o.bias",
+         "attn_norm": "encoder.layer.{i}.attention.LayerNorm.weight",
+         "attn_norm_bias": "encoder.layer.{i}.attention.LayerNorm.bias",
+         "up": "encoder.layer.{i}.intermediate.dense.weight", "down_bias": "encoder.layer.{i}.output.dense.bias",
+         "mlp_norm": "encoder.layer.{i}.output.LayerNorm.weight"}
 MLA = {"q_a": "model.layers.{i}.self_attn.q_a_proj.weight", "q_b": "model.layers.{i}.self_attn.q_b_proj.weight",
        "kv_a": "model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight",
        "kv_b": "model.layers.{i}.self_attn.kv_b_proj.weight", "o": "model.layers.{i}.self_attn.o_proj.weight"}
@@ -48,7 +55,7 @@ EXPECTED = {
                   "shared_router": "model.layers.{i}.mlp.shared_expert_gate.weight"},
     "qwen3_moe": {**ATTN, **QK_NORM, **MOE},
     "mixtral": {**ATTN, "router": "model.layers.{i}.block_sparse_moe.gate.weight"},
-    "bert": BERT, "roberta": BERT, "xlm-roberta": BERT,
+    "bert": BERT, "roberta": BERT, "xlm-roberta": BERT, "mpnet": MPNET,
     "deepseek_v2": {**MLA, "attn_norm": LLAMA_LIKE["attn_norm"]},
     "deepseek_v3": {**MLA, "mlp_norm": LLAMA_LIKE["mlp_norm"]},
     "gpt2": {"o": "transformer.h.{i}.attn.c_proj.weight", "up": "transformer.h.{i}.mlp.c_fc.weight",

@@ -174,6 +174,9 @@ EXPECTED = {  # model -> (layers, signals in every layer)
               "attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias"} | SPECTRA),
     "E": (30, LLAMA),
     "F": (18, LLAMA | {"q_norm", "k_norm", "post_attn_norm", "post_mlp_norm"}),
+    "G": (24, LLAMA | {"q_bias", "k_bias", "v_bias"}),
+    "H": (12, {"q", "k", "v", "o", "up", "down", "q_bias", "k_bias", "v_bias", "o_bias", "up_bias", "down_bias",
+               "attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias"} | SPECTRA),
 }
 
 

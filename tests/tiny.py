@@ -36,6 +36,7 @@ ARCHITECTURES = {
     "bert": ("BertConfig", ENCODER, True),
     "roberta": ("RobertaConfig", ENCODER, True),
     "xlm-roberta": ("XLMRobertaConfig", ENCODER, True),
+    "mpnet": ("MPNetConfig", ENCODER, True),
     "deepseek_v2": ("DeepseekV2Config", MLA, False),
     "deepseek_v3": ("DeepseekV3Config", MLA, False),
 }
