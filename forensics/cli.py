@@ -68,6 +68,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from forensics.report.verify import EXIT_UNTRUSTED, verify_attestation, verify_dossier
 
     if args.dossier.endswith(".json"):
+        if args.trust:
+            raise ForensicsError(args.dossier, "--trust validates a PDF signature's chain; an attestation is checked "
+                                               "against --cert, and trusted with --signer")
         if not args.cert:
             raise ForensicsError(args.dossier, "an attestation is checked against its signer's certificate: give "
                                                "--cert (signer-certificate.pem beside it, or from the dossier)")
