@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from forensics import settings  # noqa: F401,I001  (first: the offline switches, before datasets is imported)
+import forensics.settings  # noqa: F401,I001  (first: the offline switches, before datasets is imported)
 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402

@@ -95,7 +95,9 @@ class Role(str, Enum):
 # Roles whose std curves enter the comparisons, and the experts' roles (fingerprinted per expert, then averaged).
 COMPARED = tuple(r.value for r in Role if r.compared)
 EXPERT_ROLES = frozenset(r.value for r in Role if r.unit == "expert")
-RESCALABLE = tuple(r.value for r in Role if r.rescalable)
+# Attention matrices, then FFN matrices, then norms: the order the tamper flag has always listed them in.
+RESCALABLE = tuple(r.value for g in (Group.ATTENTION, Group.FFN, Group.NORM) for r in Role
+                   if r.rescalable and r.group == g)
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,9 @@ import transformers
 import yaml
 
 from forensics.pipeline import run_case
-from forensics.corpus import load_corpus
 from forensics.errors import ForensicsError
 from forensics.report.verify import verify_dossier
 from tests import tiny
-from tests.test_corpus import byte_bpe
 
 LAYERS = 24  # real-model depth: the block-permutation null needs enough layers to reach small p
 
@@ -41,17 +39,6 @@ def family(path, tokenizer, seed: int, parent=None, noise: float = 0.0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("case-models")
-    tok = byte_bpe(load_corpus(show_progress=False).texts[:30])
-    parent = family(root / "parent", tok, seed=1)
-    family(root / "child", tok, seed=2, parent=parent, noise=0.02)
-    for i, seed in enumerate((11, 12, 13)):
-        family(root / f"unrelated{i}", tok, seed=seed)
-    return root
 
 
 def write_case(tmp_path, models, **overrides) -> object:

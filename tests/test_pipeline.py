@@ -13,7 +13,7 @@ import pytest
 from forensics import pipeline
 from forensics.corpus import load_corpus
 from forensics.errors import ForensicsError
-from tests.test_case_run import models, write_case  # noqa: F401  (the tiny lineage, as a fixture here too)
+from tests.test_case_run import write_case
 
 
 def test_store_round_trips_and_refuses_an_edited_entry(tmp_path, capsys):

@@ -458,7 +458,7 @@ def _routes(neurons=None, spectra=None, std=None):
     from forensics.stats.decision import Route
 
     def r(name, pf):
-        return Route(name, *(pf or (None, None)), "test", ((pf,),) if pf else ())
+        return Route(name, "test", ((pf,),) if pf else ())
     return {"neurons": r("neurons", neurons), "attention_spectra": r("attention_spectra", spectra),
             "std_curves": r("std_curves", std)}
 
@@ -493,7 +493,7 @@ def test_no_evidence_only_when_every_route_that_could_look_found_nothing():
     assert v["verdict"] == "INCONCLUSIVE" and v["routes"]["neurons"]["role"] == "cannot reach alpha"
     # none can decide, but each one looked and found nothing: NO EVIDENCE (the demo's Gemma3 against SmolLM2)
     from forensics.stats.decision import Route
-    iut = Route("std_curves", 0.9, 0.2, "test", (((0.9, 1e-4), (0.5, 0.2)),))
+    iut = Route("std_curves", "test", (((0.9, 1e-4), (0.5, 0.2)),))
     v = decide({"c": {**_routes(), "std_curves": iut}}, 0.01, "holm")["c"]
     assert v["verdict"] == "NO EVIDENCE" and v["route"] is None
 

@@ -203,7 +203,7 @@ def analyse_pair(task: tuple[str, str, str, str, list[str], dict[str, dict], Des
            "verdict": v.verdict, "route": v.route, "primary": std.primary_signal, "statistic": std.statistic,
            "p_perm": std.pvalue_permutation, "p_emp": std.pvalue_empirical, "p_combined": std.pvalue_combined,
            "n_null": std.n_null, "perm_floor": std.permutation_floor,
-           "routes": {n: {"pvalue": r.pvalue, "floor": r.floor, "what": r.what} for n, r in v.routes.items()},
+           "routes": {n: {"what": r.what, "components": r.components} for n, r in v.routes.items()},
            "signals": {label: e.permutation.pvalue for label, e in cand.signals.items() if e.compared}}
     if kind == "unrelated":
         row["p_shuffle"] = shuffle_pvalue(fps[suspect], fps[candidate], d.n_permutations, seed)
@@ -291,7 +291,8 @@ def _false_positives(rows: list[dict]) -> dict:
 def derived_at(row: dict, alpha: float) -> bool:
     """The product's verdict rule (stats/decision.py) at `alpha`, re-applied to a pair's recorded route evidence so
     one run serves every alpha (the tests themselves do not depend on alpha)."""
-    routes = {n: Route(n, **r) for n, r in row["routes"].items()}
+    routes = {n: Route(n, r["what"], tuple(tuple(map(tuple, g)) for g in r["components"]))
+              for n, r in row["routes"].items()}
     return decide_routes({"candidate": routes}, alpha, "holm")["candidate"]["verdict"] == DERIVED
 
 

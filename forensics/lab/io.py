@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from forensics import settings  # noqa: F401,I001  (first: the offline switches, before transformers is imported)
+import forensics.settings  # noqa: F401,I001  (first: the offline switches, before transformers is imported)
 
 import torch  # noqa: E402
 import transformers  # noqa: E402

@@ -99,9 +99,9 @@ class LoadedSigner:
         return asyncio.run(self.signer.async_sign_raw(data, "sha256"))
 
 
-def verify_raw(certificate_pem: bytes, data: bytes, signature: bytes) -> bool:
+def verify_raw(certificate: x509.Certificate, data: bytes, signature: bytes) -> bool:
     """Whether ``signature`` over ``data`` was made with the key of the certificate (as `LoadedSigner.sign_raw`)."""
-    key = x509.load_pem_x509_certificate(certificate_pem).public_key()
+    key = certificate.public_key()
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
@@ -232,14 +232,16 @@ def _read_key(path: Path, passphrase: bytes | None):
 
 
 def _key_algorithm(key, path: Path) -> str:
-    if isinstance(key, rsa.RSAPrivateKey):
+    """The signing key's algorithm, read off its public key (a token's key is known only by its certificate)."""
+    if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
             raise ForensicsError(path, f"RSA key of {key.key_size} bits is too weak; use at least {MIN_RSA_BITS}")
         return f"RSA {key.key_size}"
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in EC_CURVES:
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in EC_CURVES:
         return EC_CURVES[key.curve.name]
-    raise ForensicsError(path, f"unsupported key type {type(key).__name__.lstrip('_')}: poppler and most PDF "
-                               "readers verify only RSA and ECDSA P-256/P-384 signatures")
+    kind = type(key).__name__.lstrip("_").removesuffix("PublicKey")
+    raise ForensicsError(path, f"unsupported key type {kind}: poppler and most PDF readers verify only RSA and ECDSA "
+                               "P-256/P-384 signatures")
 
 
 def is_self_signed(cert: x509.Certificate) -> bool:
@@ -288,7 +290,7 @@ def load_signer(config: SigningConfig | None = None) -> LoadedSigner:
         cert, *extra = _read_certs(config.certificate)
     for c in config.chain:
         extra += _read_certs(c)
-    algorithm = _key_algorithm(key, key_path)
+    algorithm = _key_algorithm(key.public_key(), key_path)
     pub = serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(serialization.Encoding.DER, pub) != cert.public_key().public_bytes(
             serialization.Encoding.DER, pub):
@@ -348,9 +350,7 @@ def _pkcs11_signer(config: SigningConfig, tsa: str | None) -> LoadedSigner:
     if not _allows_document_signing(cert):
         raise ForensicsError(where, "the token's certificate lacks nonRepudiation (contentCommitment), which PDF "
                                     "validators such as pyHanko require of a document signature")
-    key = cert.public_key()
-    algorithm = (EC_CURVES.get(key.curve.name, key.curve.name) if isinstance(key, ec.EllipticCurvePublicKey)
-                 else f"RSA-{key.key_size}")
+    algorithm = _key_algorithm(cert.public_key(), where)
     chain = [x509.load_der_x509_certificate(c) for c in chain_der]
     return LoadedSigner(identity=_identity(cert, algorithm, False, chain), signer=signer, tsa_url=tsa)
 

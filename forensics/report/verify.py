@@ -284,9 +284,9 @@ def _check_attestation(result: VerifyResult, raw: bytes, cert_der: bytes, cert_s
     except ForensicsError as e:
         result.add("attestation", False, str(e))
         return None
-    pem = x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM)
+    cert = x509.load_der_x509_certificate(cert_der)
     signed = [s for keyid, s in sigs if keyid == cert_sha]
-    good = bool(signed) and any(verify_raw(pem, attestation.pae(attestation.PAYLOAD_TYPE, payload), s)
+    good = bool(signed) and any(verify_raw(cert, attestation.pae(attestation.PAYLOAD_TYPE, payload), s)
                                 for s in signed)
     result.add("attestation_signature", good,
                f"DSSE envelope signed by certificate {cert_sha}" if good else
@@ -316,14 +316,7 @@ def verify_attestation(path: str | Path, certificate: str | Path, check_inputs: 
     cert_sha = sha256_bytes(cert_der)
     result = VerifyResult(path=str(path))
     stmt = _check_attestation(result, raw, cert_der, cert_sha, None, None, where=path)
-    if expected_signer is not None:
-        want = expected_signer.strip().lower().replace(":", "")
-        result.add("signer_is_expected", cert_sha == want,
-                   f"signing certificate SHA-256 {cert_sha}" + ("" if cert_sha == want else f", expected {want}"))
-        result.trust = ("the signing certificate is the one given with --signer" if cert_sha == want else
-                        "the signing certificate is not the one given with --signer")
-    else:
-        result.trust = "not trusted: no --signer was given"
+    _check_trust(result, None, cert_sha, is_self_signed(cert), (), expected_signer)
     if stmt is not None:
         result.manifest = {"dossier_id": stmt["predicate"].get("dossier_id"), "case_id": stmt["predicate"].get(
             "case_id"), "inputs": [{"path": s["name"], "sha256": s["digest"]["sha256"]} for s in stmt["subject"]]}

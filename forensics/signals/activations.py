@@ -19,7 +19,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from forensics import settings  # noqa: F401,I001  (first: the offline switches, before transformers is imported)
+import forensics.settings  # noqa: F401,I001  (first: the offline switches, before transformers is imported)
 
 import torch  # noqa: E402
 import transformers  # noqa: E402

@@ -39,18 +39,30 @@ DECIDED, SUPPORTS, SILENT, CAPPED, NOT_APPLICABLE = ("decided", "supports", "doe
 
 @dataclass(frozen=True)
 class Route:
-    """One route's evidence for one candidate; `pvalue` None where the route does not apply (`what` says why).
+    """One route's evidence for one candidate: its tests, as groups of (p, floor) in `components`; none where the
+    route does not apply (`what` says why).
 
-    `components` holds the route's tests as groups of [p, floor]: the route's p combines them (max within a group,
-    Bonferroni over groups); it *found nothing* when, in every group, some test whose floor is below alpha has
+    The route's p (and its floor, the smallest p it can give) combines them: the intersection-union max within a
+    group, Bonferroni over groups. It *found nothing* when, in every group, some test whose floor is below alpha has
     p >= alpha — a non-rejection that no floor explains, which more permutations or unrelated pairs would not undo.
     """
 
     name: str
-    pvalue: float | None
-    floor: float | None
     what: str
     components: tuple = ()
+
+    def _combined(self, i: int) -> float | None:
+        if not self.components:
+            return None
+        return min(1.0, len(self.components) * min(max(t[i] for t in group) for group in self.components))
+
+    @property
+    def pvalue(self) -> float | None:
+        return self._combined(0)
+
+    @property
+    def floor(self) -> float | None:
+        return self._combined(1)
 
     def found_nothing(self, alpha: float) -> bool:
         return self.pvalue is not None and all(any(p >= alpha > f for p, f in group) for group in self.components)
@@ -58,34 +70,26 @@ class Route:
 
 def neuron_route(test: dict | None) -> Route:
     if not test or test.get("status") != "compared":
-        return Route("neurons", None, None, (test or {}).get("reason", "not run"))
-    return Route("neurons", test["pvalue"], test["floor"],
-                 f"exact joint p over {test['n_permutations']} signed permutations of the residual basis",
+        return Route("neurons", (test or {}).get("reason", "not run"))
+    return Route("neurons", f"exact joint p over {test['n_permutations']} signed permutations of the residual basis",
                  (((test["pvalue"], test["floor"]),),))
 
 
 def spectra_route(signals: dict) -> Route:
     compared = {s: signals[s] for s in SPECTRA if signals.get(s, {}).get("status") == "compared"}
     if not compared:
-        return Route("attention_spectra", None, None, "no attention spectrum was compared (flat, too short or absent)")
-    k = len(compared)
-    p = {s: max(e["permutation"]["pvalue"], e["empirical_null"]["pvalue"]) for s, e in compared.items()}
-    floors = {s: max(e["permutation"]["floor"], e["empirical_null"]["floor"]) for s, e in compared.items()}
+        return Route("attention_spectra", "no attention spectrum was compared (flat, too short or absent)")
     parts = tuple(((e["permutation"]["pvalue"], e["permutation"]["floor"]),
                    (e["empirical_null"]["pvalue"], e["empirical_null"]["floor"])) for e in compared.values())
-    return Route("attention_spectra", min(1.0, k * min(p.values())), min(1.0, k * min(floors.values())),
-                 f"Bonferroni over {', '.join(compared)} of max(p_perm, p_emp)", parts)
+    return Route("attention_spectra", f"Bonferroni over {', '.join(compared)} of max(p_perm, p_emp)", parts)
 
 
 def std_route(verdict: dict) -> Route:
     if verdict.get("primary_signal") is None:
-        return Route("std_curves", None, None, "no informative std signal (every common signal flat, too short or "
-                                               "absent)")
-    emp_floor = 1 / (verdict["n_null"] + 1)
-    return Route("std_curves", verdict["pvalue_combined"], max(verdict["permutation_floor"], emp_floor),
-                 f"max(p_perm, p_emp) of the primary signal {verdict['primary_signal']}",
+        return Route("std_curves", "no informative std signal (every common signal flat, too short or absent)")
+    return Route("std_curves", f"max(p_perm, p_emp) of the primary signal {verdict['primary_signal']}",
                  (((verdict["pvalue_permutation"], verdict["permutation_floor"]),
-                   (verdict["pvalue_empirical"], emp_floor)),))
+                   (verdict["pvalue_empirical"], 1 / (verdict["n_null"] + 1))),))
 
 
 def rule_text(alpha: float, method: str) -> str:
@@ -154,7 +158,7 @@ def decide(routes: dict[str, dict[str, Route]], alpha: float, method: str) -> di
             reasons += [f"{LABELS[n]} supports it (p = {_fmt(rs[n].pvalue)})" for n in seeing if n != route]
         elif applicable and all(rs[n].found_nothing(alpha) for n in applicable):
             verdict = NO_EVIDENCE
-            reasons = [f"every applicable route looked and found nothing: " + "; ".join(
+            reasons = ["every applicable route looked and found nothing: " + "; ".join(
                 f"{LABELS[n]} p = {_fmt(rs[n].pvalue)}" for n in applicable)]
         else:
             verdict = INCONCLUSIVE

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from forensics import roles
 from forensics.stats.multitest import NAMES, adjust, best_adjusted
-from forensics.stats.verdict import DERIVED, INCONCLUSIVE, NO_EVIDENCE
+from forensics.stats.verdict import INCONCLUSIVE, NO_EVIDENCE
 
 EVIDENCE, UNAVAILABLE = "EVIDENCE OF DERIVATION", "UNAVAILABLE"
 # Std roles the flag checks: the matrices and the norms whose curves rescalings redraw.
-STD_ROLES = tuple(r.value for g in (roles.Group.ATTENTION, roles.Group.FFN, roles.Group.NORM) for r in roles.Role
-                  if r.rescalable and r.group == g)
+STD_ROLES = roles.RESCALABLE
 SPECTRA = ("qk_spectrum", "ov_spectrum")
 
 
