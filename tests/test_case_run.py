@@ -89,6 +89,7 @@ def test_case_writes_signed_dossier_that_verifies(ran, models):
         headings = [line for line in text.splitlines() if line.strip().endswith(". Null distribution")]
         assert len(headings) == 1, headings  # each chapter once, its figure with it
         assert "of unrelated pairs, and the observed values" in text
+        assert text.count("Decision rule, fixed before the analysis") == 1  # one rule, whichever route decided
         assert "Evidence that survives permutation and rescaling" in text and "parent: EVIDENCE OF DERIVATION" in text
     if shutil.which("pdftoppm"):
         subprocess.run(["pdftoppm", "-r", "20", "-png", str(out / "dossier.pdf"), str(tmp / "page")], check=True)

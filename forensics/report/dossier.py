@@ -370,12 +370,15 @@ class _Story:
             if c.tamper and c.tamper.statement:
                 block.append(self.para(escape(c.tamper.statement), self.s["notice"]))
             self.flow.append(KeepTogether(block))
-        rules = {(c.rule, c.fpr) for c in v.candidates}
-        for rule, fpr in sorted(rules, key=lambda x: str(x)):
-            self.p(self.text(w["rule_line"], rule=rule or NA), "notice")
-            if fpr.rate is None:
+        # One rule for every candidate; a candidate decided by neuron matching quotes no measured rate (its own
+        # error-rate line says the test is exact), so the rule and its measured rate are printed once.
+        for rule in sorted({c.rule or NA for c in v.candidates}):
+            self.p(self.text(w["rule_line"], rule=rule), "notice")
+            measured = sorted({c.fpr for c in v.candidates if (c.rule or NA) == rule and c.fpr.rate is not None},
+                              key=str)
+            if not measured:
                 self.p(escape(w["fpr_unmeasured"]))
-            else:
+            for fpr in measured:
                 self.p(self.text(w["fpr_line"], fpr=f_rate(fpr, long=True)))
                 if fpr.design:
                     self.p(escape(fpr.design), "small")
