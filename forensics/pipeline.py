@@ -161,42 +161,90 @@ def keep_signals(fp: dict, wanted: tuple[str, ...]) -> dict:
 
 def neuron_test(suspect: Path, candidate: Path, neuron_settings=None, suspect_width: int | None = None,
                 candidate_width: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
-    """Neuron matching of one pair (forensics/stats/neurons.py has the procedure): the vocabularies and embedding
-    rows align the residual streams, one pass per model reads its FFN sketches, the statistics match them."""
-    from forensics.signals.neurons import align_residual, read_embedding_rows, read_sketch
+    """Neuron matching of one pair (forensics/stats/neurons.py has the procedure): the residual streams are aligned
+    (forensics/stats/residual.py: through shared tokens, else through the attention weights), one pass per model reads
+    its FFN sketches on the aligned directions, the statistics match them."""
+    from forensics.signals.neurons import read_embedding_rows, read_profile, read_sketch
     from forensics.sources.vocabulary import shared_tokens, vocabulary
+    from forensics.stats import residual
     from forensics.stats.neurons import NeuronSettings, match_test, unavailable
     from forensics.stats.seeds import rng_for
 
     s = neuron_settings or NeuronSettings()
-    if suspect_width and candidate_width and suspect_width != candidate_width:
-        return unavailable(f"hidden widths differ ({suspect_width} vs {candidate_width}): neurons live in residual "
-                           f"streams of different sizes and cannot be matched one to one")
-    (va, sa), (vb, sb) = vocabulary(Path(suspect)), vocabulary(Path(candidate))
+    suspect, candidate = Path(suspect), Path(candidate)
+    if suspect_width and candidate_width and suspect_width > candidate_width:
+        return unavailable(f"the suspect's residual stream is wider than the candidate's ({suspect_width} vs "
+                           f"{candidate_width}); a narrower suspect is matched into a subset of the candidate's "
+                           f"coordinates, not the other way round (swap the two to test that direction)")
+    tried: list[dict] = []
+    fit, tokens = None, {}
+    (va, sa), (vb, sb) = vocabulary(suspect), vocabulary(candidate)
     pairs = shared_tokens(va, vb, sa, sb)
-    if not pairs:
-        return unavailable("no shared vocabulary: at least one model ships no tokenizer, or the two share no "
-                           "token, so the residual streams cannot be aligned")
-    rng = rng_for(s.seed, "tokens")
-    pairs = np.asarray(pairs)
-    n_shared = len(pairs)
-    if len(pairs) > s.tokens:
-        pairs = pairs[np.sort(rng.choice(len(pairs), s.tokens, replace=False))]
-    es = read_embedding_rows(Path(suspect), pairs[:, 0])
-    ec = read_embedding_rows(Path(candidate), pairs[:, 1])
-    if es.shape[1] != ec.shape[1]:
-        return unavailable(f"hidden widths differ ({es.shape[1]} vs {ec.shape[1]})")
-    d = es.shape[1]
-    alignment = align_residual(es, ec)
-    del es, ec
+    if pairs:
+        rng = rng_for(s.seed, "tokens")
+        pairs = np.asarray(pairs)
+        tokens = {"shared_tokens": len(pairs)}
+        if len(pairs) > s.tokens:
+            pairs = pairs[np.sort(rng.choice(len(pairs), s.tokens, replace=False))]
+        tokens["tokens_used"] = int(len(pairs))
+        es, ec = read_embedding_rows(suspect, pairs[:, 0]), read_embedding_rows(candidate, pairs[:, 1])
+        if es.shape[1] > ec.shape[1]:
+            return unavailable(f"the suspect's embedding is wider than the candidate's ({es.shape[1]} vs "
+                               f"{ec.shape[1]})")
+        fits = residual.by_tokens(es, ec, rng_for(s.seed, "chance", "tokens"))
+        del es, ec
+        tried += [f.as_dict() for f in fits]
+        fit = residual.choose_token_fit(fits)
+    profiles = None
+    if fit is None:
+        profiles = read_profile(suspect), read_profile(candidate)
+        keys = sorted(set(profiles[0].features) & set(profiles[1].features))
+        if profiles[0].num_layers == profiles[1].num_layers and len(keys) >= 8:
+            weights = residual.by_profiles(profiles[0].matrix(keys), profiles[1].matrix(keys),
+                                           rng_for(s.seed, "chance", "weights"))
+            tried.append(weights.as_dict())
+            fit = weights if weights.accepted else None
+        if fit is None:
+            return {**unavailable(_no_alignment(tried, len(pairs))), "alignment": {"how": None, **tokens, "tried": tried}}
+    d = fit.matrix.shape[1]
     dims = np.sort(rng_for(s.seed, "dims").choice(d, min(s.dims, d), replace=False))
-    sus = read_sketch(Path(suspect), dims)
-    cand = read_sketch(Path(candidate), alignment.perm[dims], alignment.signs[dims])
-    result = match_test(sus, cand, s, progress)
-    result["alignment"] = {"how": "tokens spelled the same in both vocabularies", "shared_tokens": n_shared,
-                           "tokens_used": int(len(pairs)), **alignment.as_dict()}
+    weights_route = fit.how == residual.WEIGHTS_PERMUTATION
+    sus = read_sketch(suspect, np.eye(d)[:, dims], readers=weights_route)
+    dense = not fit.signed_permutation
+    cand = read_sketch(candidate, fit.matrix[:, dims], gains=read_profile(candidate).gains if dense else None,
+                       readers=weights_route)
+    if weights_route:
+        keys = sorted(set(sus.readers) & set(cand.readers))
+        signs = residual.gram_signs([sus.readers[k] for k in keys], [cand.readers[k] for k in keys])
+        for parts in cand.units.values():
+            for which in parts:
+                parts[which] = parts[which] * signs.astype(np.float32)
+    result = match_test(sus, cand, s, progress, both_signs=weights_route)
+    result["alignment"] = {"how": fit.how, **tokens, "quality": fit.quality, "z": min(fit.z, 1e9),
+                           "suspect_width": d, "candidate_width": int(fit.matrix.shape[0]), "dims": int(len(dims)),
+                           "tried": tried}
     result["inputs"] = {"suspect": sus.files, "candidate": cand.files}
     return result
+
+
+def _no_alignment(tried: list[dict], shared: int) -> str:
+    from forensics.stats.residual import MIN_QUALITY, WEIGHTS_PERMUTATION
+
+    if not shared:
+        tokens = "the two vocabularies share no token (or a model ships no tokenizer)"
+    else:
+        best = max((t for t in tried if t["how"] != WEIGHTS_PERMUTATION), key=lambda t: t["quality"])
+        tokens = (f"through the {shared} shared tokens the best map ({best['how']}) explains {best['quality']:.2f} "
+                  f"(chance {best['chance_mean']:.2f}; a derived model keeps at least {MIN_QUALITY})")
+    weights = next((t for t in tried if t["how"] == WEIGHTS_PERMUTATION), None)
+    if weights is None:
+        profile = "the attention weights' per-coordinate profiles cannot be compared (different depths, or too few " \
+                  "attention matrices)"
+    else:
+        profile = f"the attention weights' per-coordinate profiles match at {weights['quality']:.2f} " \
+                  f"(chance {weights['chance_mean']:.2f})"
+    return (f"no near-exact alignment of the two residual streams: {tokens}; {profile}. Neuron matching does not "
+            f"apply; a failed alignment is not absence of evidence")
 
 
 def neurons(suspect: Path, candidate: Path, fps: tuple[dict, dict], neuron_settings,

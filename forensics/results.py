@@ -214,14 +214,32 @@ class NeuronSettingsRecord(Record):
     seed: int
 
 
-class ResidualAlignment(Record):
+class AlignmentFit(Record):
+    """One residual map tried (stats/residual.py) and how it compares with its chance level."""
+
     how: str
-    shared_tokens: int
-    tokens_used: int
-    matched_abs_correlation_mean: float
-    matched_abs_correlation_median: float
-    dims_above_half: int = Field(alias="dims_above_0.5")
-    dims: int
+    quality: float
+    chance_mean: float
+    chance_sd: float
+    chance_max: float
+    chance_draws: int
+    z: float
+    min_quality: float
+    accepted: bool
+
+
+class ResidualAlignment(Record):
+    """The map neuron matching used (`how`; None when no map beat chance) and every map tried, in order."""
+
+    how: str | None
+    shared_tokens: int | None = None
+    tokens_used: int | None = None
+    quality: float | None = None
+    z: float | None = None
+    suspect_width: int | None = None
+    candidate_width: int | None = None
+    dims: int | None = None
+    tried: list[AlignmentFit]
 
 
 class Fisher(Record):
@@ -248,6 +266,7 @@ class NeuronTest(Record):
     reason: str | None = None
     settings: NeuronSettingsRecord | None = None
     parts: list[str] | None = None
+    stream_sign: int | None = None
     statistic: float | None = None
     statistic_definition: str | None = None
     pvalue: float | None = None

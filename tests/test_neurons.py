@@ -10,12 +10,13 @@ import torch
 from forensics.corpus import load_corpus
 from forensics.fingerprint import fingerprint_model
 from forensics.lab import transforms as T
-from forensics.signals.neurons import align_residual, read_sketch
+from forensics.signals.neurons import read_sketch, selection
+from forensics.stats import residual
 from forensics.sources.vocabulary import canonical, shared_tokens, vocabulary
 from forensics.stats.compare import Settings, compare_case
 from forensics.stats.lineage import EVIDENCE, tamper_flag
 from forensics.pipeline import neuron_test
-from forensics.stats.neurons import NeuronSettings
+from forensics.stats.neurons import NeuronSettings, match_test
 from tests.test_case_run import family
 from tests.test_corpus import byte_bpe
 
@@ -54,12 +55,25 @@ def lineage(tmp_path_factory, tok):
         "pruned": T.prune_layers(parent, drop=[3, 10, 17])[0],
         "upcycled": T.upcycle(parent, seed=5, experts=2, top_k=1)[0],
     }
+    texts = load_corpus(show_progress=False).texts
+    new_tok = T.new_tokenizer(texts[30:60], vocab_size=400)
+    windows = np.asarray(new_tok(" ".join(texts[:20]))["input_ids"])[:8 * 32].reshape(8, 32)
     for name, child in children.items():
         child.save_pretrained(root / name)
         tok.save_pretrained(root / name)
+    made = {
+        "rotated": (T.rotate_residual(parent, seed=5)[0], tok),
+        "width-pruned": (T.prune_width(parent, seed=5, hidden_keep=0.75, ffn_keep=0.75)[0], tok),
+        "vocab-replaced": (T.replace_vocabulary(parent, new_tok, windows, seed=5)[0], new_tok),
+    }
     for i, seed in enumerate((21, 22, 23, 24, 25, 26)):
-        train(family(root / f"independent{i}", tok, seed=seed), steps=10, seed=seed).save_pretrained(
-            root / f"independent{i}")
+        model = train(family(root / f"independent{i}", tok, seed=seed), steps=10, seed=seed)
+        model.save_pretrained(root / f"independent{i}")
+        if i == 0:
+            made["independent0-rotated"] = (T.rotate_residual(model, seed=9)[0], tok)
+    for name, (child, t) in made.items():
+        child.save_pretrained(root / name)
+        t.save_pretrained(root / name)
     return root
 
 
@@ -76,9 +90,12 @@ def test_alignment_recovers_a_signed_permutation():
     perm, signs = rng.permutation(40), rng.choice([-1.0, 1.0], 40)
     ec = np.empty_like(es)
     ec[:, perm] = es * signs * rng.uniform(0.5, 2.0, 40)  # per-dimension scale: what a norm gain can absorb
-    a = align_residual(es, ec)
-    assert (a.perm == perm).all() and (a.signs == signs).all()
-    assert a.correlation.min() > 0.999
+    fits = residual.by_tokens(es, ec, np.random.default_rng(1))
+    fit = residual.choose_token_fit(fits)
+    assert fit.how == residual.TOKENS_PERMUTATION and fit.accepted
+    idx, found = selection(fit.matrix)
+    assert (idx == perm).all() and (found == signs).all()
+    assert fit.quality > 0.999
 
 
 @pytest.mark.parametrize("child", ["permuted", "updown", "norm", "qk", "finetuned"])
@@ -115,7 +132,7 @@ def test_upcycled_experts_match_the_dense_layer(lineage):
 
 
 def test_sketch_is_invariant_to_output_preserving_edits(lineage):
-    dims = np.arange(0, 32, 2)
+    dims = np.eye(32)[:, ::2]
     parent = read_sketch(lineage / "parent", dims)
     for child in ("updown", "norm"):
         other = read_sketch(lineage / child, dims)
@@ -125,12 +142,14 @@ def test_sketch_is_invariant_to_output_preserving_edits(lineage):
 
 
 def test_independent_pairs_are_significant_no_more_often_than_alpha(lineage):
-    """A small calibration: 15 independently initialised (and briefly trained) pairs, 24 layers each."""
+    """The null of the matching itself, on 15 independently initialised (and briefly trained) 24-layer pairs: their
+    coordinates correspond in no way, so the identity map is as good as any, and the matching runs through it."""
     paths = [lineage / f"independent{i}" for i in range(6)]
+    dims = np.eye(32)
     joint, layers, fisher = [], [], []
     for i, a in enumerate(paths):
         for b in paths[i + 1:]:
-            r = neuron_test(a, b, FAST)
+            r = match_test(read_sketch(a, dims), read_sketch(b, dims), FAST)
             joint.append(r["pvalue"])
             fisher.append(r["fisher"]["pvalue"])
             layers += [layer["pvalue"] for layer in r["layers"]]
@@ -142,24 +161,77 @@ def test_independent_pairs_are_significant_no_more_often_than_alpha(lineage):
     assert (np.array(fisher) <= 0.05).sum() <= 3
 
 
-def test_no_shared_vocabulary_or_width_is_reported_not_guessed(lineage, tmp_path):
-    assert neuron_test(lineage / "parent", lineage / "parent", FAST, 32, 64)["status"] == "unavailable"
+def test_independent_pairs_find_no_alignment_and_are_not_compared(lineage):
+    """Unrelated streams have no near-exact map, by tokens or by weights, also after one of them was rotated: the
+    route is not applicable (a failed alignment is not absence of evidence), and says why."""
+    pairs = [("independent1", "independent2"), ("independent3", "independent4"), ("independent0-rotated", "parent"),
+             ("independent0-rotated", "independent1"), ("vocab-replaced", "independent2")]
+    for a, b in pairs:
+        r = neuron_test(lineage / a, lineage / b, FAST)
+        assert r["status"] == "unavailable" and "no near-exact alignment" in r["reason"], (a, b)
+        tried = {t["how"]: t for t in r["alignment"]["tried"]}
+        assert residual.WEIGHTS_PERMUTATION in tried and not any(t["accepted"] for t in tried.values())
+        assert all(t["quality"] < residual.MIN_QUALITY for t in tried.values())
+
+
+@pytest.mark.parametrize("child, how", [("rotated", residual.TOKENS_ORTHOGONAL),
+                                        ("width-pruned", residual.TOKENS_PERMUTATION),
+                                        ("vocab-replaced", residual.WEIGHTS_PERMUTATION)])
+def test_rotated_narrowed_and_revocabularised_children_are_aligned_and_matched(lineage, child, how):
+    r = neuron_test(lineage / child, lineage / "parent", FAST)
+    assert r["status"] == "compared" and r["alignment"]["how"] == how
+    assert r["alignment"]["quality"] > 0.99
+    assert r["pvalue"] == pytest.approx(FLOOR)
+    assert [layer["units"][0]["matches"]["layer"] for layer in r["layers"]] == list(range(24))
+    assert r["null"]["max"] < 0.5 * r["statistic"]
+    if child == "width-pruned":
+        assert (r["alignment"]["suspect_width"], r["alignment"]["candidate_width"]) == (24, 32)
+    if child == "vocab-replaced":  # no token of the new vocabulary kept its embedding: the tokens' maps failed
+        tried = {t["how"]: t for t in r["alignment"]["tried"]}
+        assert not tried[residual.TOKENS_PERMUTATION]["accepted"] and not tried[residual.TOKENS_ORTHOGONAL]["accepted"]
+
+
+def test_a_child_of_the_independent_model_is_found_through_its_rotation(lineage):
+    r = neuron_test(lineage / "independent0-rotated", lineage / "independent0", FAST)
+    assert r["alignment"]["how"] == residual.TOKENS_ORTHOGONAL and r["pvalue"] == pytest.approx(FLOOR)
+
+
+def test_no_shared_vocabulary_falls_back_to_the_weights_and_a_wider_suspect_is_refused(lineage, tmp_path):
+    r = neuron_test(lineage / "parent", lineage / "parent", FAST, 64, 32)
+    assert r["status"] == "unavailable" and "wider" in r["reason"]
     bare = tmp_path / "bare"
     (bare).mkdir()
     for f in ("config.json", "model.safetensors"):
         (bare / f).write_bytes((lineage / "parent" / f).read_bytes())
-    r = neuron_test(bare, lineage / "parent", FAST)
-    assert r["status"] == "unavailable" and "vocabulary" in r["reason"]
     assert vocabulary(bare) == (None, "")
+    r = neuron_test(bare, lineage / "parent", FAST)
+    assert r["alignment"]["how"] == residual.WEIGHTS_PERMUTATION and r["pvalue"] == pytest.approx(FLOOR)
+    assert "shared_tokens" not in r["alignment"]
+    r = neuron_test(bare, lineage / "independent1", FAST)
+    assert r["status"] == "unavailable" and "share no token" in r["reason"]
 
 
-def _case(lineage, suspect: str):
-    fps = {name: fingerprint_model(lineage / name) for name in (suspect, "parent", "independent0",
-                                                                 "independent1", "independent2")}
-    test = neuron_test(lineage / suspect, lineage / "parent", NeuronSettings(permutations=39, seed=3))
-    return compare_case(fps[suspect], {"parent": fps["parent"]},
-                        {f"c{i}": fps[f"independent{i}"] for i in range(3)}, None,
-                        Settings(n_permutations=999, n_bootstrap=100, alpha=0.05, seed=1), {"parent": test})
+def _case(lineage, suspect: str, candidate: str = "parent"):
+    controls = ("independent3", "independent4", "independent5")
+    fps = {name: fingerprint_model(lineage / name) for name in (suspect, candidate) + controls}
+    test = neuron_test(lineage / suspect, lineage / candidate, NeuronSettings(permutations=39, seed=3))
+    return compare_case(fps[suspect], {candidate: fps[candidate]},
+                        {name: fps[name] for name in controls}, None,
+                        Settings(n_permutations=999, n_bootstrap=100, alpha=0.05, seed=1), {candidate: test})
+
+
+@pytest.mark.parametrize("child", ["rotated", "width-pruned", "vocab-replaced"])
+def test_rotated_narrowed_and_revocabularised_children_are_called_derived(lineage, child):
+    v = _case(lineage, child)["candidates"]["parent"]["verdict"]
+    assert v["verdict"] == "DERIVED" and v["route"] == "neurons"
+
+
+@pytest.mark.parametrize("suspect, candidate", [("independent1", "parent"), ("independent0-rotated", "parent"),
+                                                ("independent0-rotated", "independent1")])
+def test_independent_pairs_are_not_called_derived_rotated_or_not(lineage, suspect, candidate):
+    res = _case(lineage, suspect, candidate)["candidates"][candidate]
+    assert res["verdict"]["verdict"] != "DERIVED"
+    assert res["verdict"]["routes"]["neurons"]["role"] == "not applicable"
 
 
 def test_tamper_flag_fires_on_a_rescaled_child(lineage):

@@ -463,8 +463,12 @@ class _Story:
                 w["result_line"], statistic=f_num(n.statistic), null_mean=f_num(n.null.mean),
                 null_max=f_num(n.null.max), T=n.n_permutations, p=f_p(n.pvalue, n.floor),
                 p_adj=f_p(n.pvalue_adjusted), fisher=f_p(fisher.pvalue), df=fisher.df, parts=", ".join(n.parts),
-                neurons=settings.neurons, dims=settings.dims, shared=a.shared_tokens, used=a.tokens_used,
-                corr=f_num(a.matched_abs_correlation_median), strong=a.dims_above_half, width=a.dims))
+                neurons=settings.neurons, dims=settings.dims, how=a.how, quality=f_num(a.quality),
+                chance=f_num(next(t.chance_mean for t in a.tried if t.how == a.how)),
+                sd=f_num(next(t.chance_sd for t in a.tried if t.how == a.how)),
+                widths=f"{a.suspect_width} of {a.candidate_width}" if a.suspect_width != a.candidate_width
+                else str(a.suspect_width),
+                tokens=f"{a.tokens_used} of {a.shared_tokens} shared tokens" if a.shared_tokens else "no shared token"))
             if c.tamper and c.tamper.statement:
                 self.p(escape(c.tamper.statement), "notice")
             rows = []

@@ -3,12 +3,13 @@
 Zhu, Ahmed, Kuditipudi and Liang ("Independence Tests for Language Models", ICML 2025) test lineage by matching
 neurons: a derived model keeps its parent's neurons (possibly permuted, possibly rescaled), an independently
 initialised one has none in common. Two models only compare neuron by neuron in one residual basis, so first the two
-residual streams are aligned through the embedding rows of the tokens both vocabularies spell the same way
-(`align_residual`: a signed permutation of the residual dimensions, found with linear_sum_assignment).
+residual streams are aligned (forensics/stats/residual.py), from the embedding rows of the tokens both vocabularies
+spell the same way (`read_embedding_rows`) or from per-coordinate profiles of the attention weights (`read_profile`).
 
 A neuron is described by its gate row, its up row and its down column: three vectors in the residual basis. A sketch
-keeps, per FFN unit (a dense FFN, an expert, a shared expert), every neuron restricted to `dims`, a seeded sample of
-the residual dimensions: that is all the matching needs, and it keeps a 7B model's sketch near 1/30 of its size, so
+keeps, per FFN unit (a dense FFN, an expert, a shared expert), every neuron projected on `k` directions of the
+residual stream (the suspect's: a seeded sample of its coordinates; the candidate's: those coordinates through the
+alignment, a signed selection or, after a rotation, dense directions): that is all the matching needs, and it keeps a 7B model's sketch near 1/30 of its size, so
 two models are never held whole. Before matching, each part of each neuron is made invariant to what an evader can do
 without changing the model's outputs:
 
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from forensics import roles
 from forensics.errors import ForensicsError
@@ -61,6 +61,7 @@ class Sketch:
     architecture: str
     hidden_size: int
     units: dict[UnitKey, dict[str, np.ndarray]] = field(default_factory=dict)
+    readers: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (role, layer) -> (rows, k), if asked
     files: list[dict] = field(default_factory=list)  # every file of the model read in full: path, size, SHA-256
 
     def parts(self) -> set[str]:
@@ -109,28 +110,117 @@ def read_embedding_rows(path: Path, ids: np.ndarray) -> np.ndarray:
                                f"{m.embedding.pattern!r}); neuron matching needs it to align the residual streams")
 
 
-def read_sketch(path: Path, dims: np.ndarray, signs: np.ndarray | None = None) -> Sketch:
-    """Every FFN neuron restricted to residual dimensions `dims` (times `signs`), in one pass over the model."""
+@dataclass
+class Profile:
+    """Per residual coordinate, what the layers that read and write it say about it (forensics/stats/residual.py)."""
+
+    features: dict[tuple[str, int], np.ndarray]  # (role, layer) -> (hidden,) log norm of the coordinate's column/row
+    gains: dict[tuple[str, int], np.ndarray]  # (norm role, layer) -> (hidden,) gain as the model applies it
+    num_layers: int
+
+    def matrix(self, keys: list[tuple[str, int]]) -> np.ndarray:
+        return np.stack([self.features[k] for k in keys], axis=1)
+
+
+PROFILE_READERS = {"q", "k", "v"}  # read the attention norm's output: their columns carry its gain
+PROFILE_ROLES = PROFILE_READERS | {"o"} | GAIN_ROLES
+FUSED_QKV = {"split_qkv_rows", "split_c_attn", "split_neox_qkv"}  # role-table targets that split into q, k, v
+
+
+def read_profile(path: Path) -> Profile:
+    """Log column norms of q, k, v (gain folded in) and log row norms of o, per coordinate and layer, and the gains.
+
+    Reordering heads or neurons, rescaling q·c with k/c per head or folding a gain into the readers leaves the
+    products of a coordinate's gain and column norms where they were (up to the per-head factor, common to all
+    coordinates). Reads only the attention and norm tensors; the sketch pass hashes the model.
+    """
     m = _Model(path)
     d = m.info.hidden_size
-    signs = np.ones(len(dims)) if signs is None else signs
-    raw: dict[UnitKey, dict[str, np.ndarray]] = {}
+    norms: dict[tuple[str, int], np.ndarray] = {}
     gains: dict[tuple[str, int], np.ndarray] = {}
+    layers = set()
     try:
         for ref in m.source.tensors():
             match = m.matches.get(ref.name)
-            if match is None or match.target not in NEEDED:
+            if match is None or match.target not in PROFILE_ROLES | FUSED_QKV | set(roles.STACKED):
+                continue
+            for part in m.table.parts(ref.name, match, ref.load(), m.info):
+                if part.layer is None or part.role not in PROFILE_ROLES:
+                    continue
+                w = np.asarray(part.tensor, dtype=np.float64)
+                layers.add(part.layer)
+                if part.role in GAIN_ROLES:
+                    if w.reshape(-1).shape[0] == d:
+                        gains[(part.role, part.layer)] = m.gain(w.reshape(-1))
+                    continue
+                if w.ndim != 2:
+                    continue
+                if m.key in roles.IN_OUT_LAYOUT:
+                    w = w.T
+                residual_axis = 1 if part.role in PROFILE_READERS else 0  # torch layout (out, in)
+                if w.shape[residual_axis] == d:
+                    norms[(part.role, part.layer)] = np.linalg.norm(w, axis=1 - residual_axis)
+    finally:
+        m.close()
+    fold = m.key not in roles.POST_NORM  # post-norm layers read the previous layer's output norm, not attn_norm
+    features = {}
+    for (role, layer), n in norms.items():
+        gain = gains.get(("attn_norm", layer)) if fold and role in PROFILE_READERS else None
+        value = n * np.abs(gain) if gain is not None else n
+        features[(role, layer)] = np.log(np.maximum(value, 1e-30))
+    return Profile(features, gains, len(layers))
+
+
+def read_sketch(path: Path, projection: np.ndarray, gains: dict | None = None, readers: bool = False) -> Sketch:
+    """Every FFN neuron projected on the columns of `projection` (hidden, k), in one pass over the model.
+
+    A signed selection (one ±1 per column) is read by indexing; any other projection needs the input norms' gains
+    (`gains`, from `read_profile`) before it, since a gain must be folded into the full rows it scales. With `readers`,
+    the q, k, v matrices' columns on the same directions are kept too (the weights alignment's signs need them).
+    """
+    m = _Model(path)
+    d = m.info.hidden_size
+    if projection.shape[0] != d:
+        raise ForensicsError(path, f"a projection of {projection.shape[0]} coordinates for a hidden size of {d}")
+    chosen = selection(projection)
+    if chosen is None and gains is None:
+        raise ValueError("a dense projection needs the model's gains")
+    raw: dict[UnitKey, dict[str, np.ndarray]] = {}
+    seen: dict[tuple[str, int], np.ndarray] = {}
+    kept: dict[tuple[str, int], np.ndarray] = {}
+    post_norm = m.key in roles.POST_NORM
+
+    def project(rows: np.ndarray, gain: np.ndarray | None) -> np.ndarray:
+        """(n, hidden) -> (n, k); gain, when given, scales the coordinates first."""
+        if chosen is not None:
+            idx, signs = chosen
+            out = rows[:, idx] * signs
+            return out * gain[idx] if gain is not None else out
+        rows = rows.astype(np.float64)
+        return (rows * gain if gain is not None else rows) @ projection
+
+    try:
+        for ref in m.source.tensors():
+            match = m.matches.get(ref.name)
+            wanted = NEEDED | (PROFILE_READERS | FUSED_QKV if readers else set())
+            if match is None or match.target not in wanted:
                 continue
             for part in m.table.parts(ref.name, match, ref.load(), m.info):
                 if part.role in GAIN_ROLES:
                     g = np.asarray(part.tensor).reshape(-1)
                     if g.shape[0] == d:
-                        gains[(part.role, part.layer)] = m.gain(g)[dims]
+                        seen[(part.role, part.layer)] = m.gain(g)
                 elif part.role in FFN_ROLES:
                     kind, which = FFN_ROLES[part.role]
                     unit = UnitKey(part.layer, kind, -1 if part.expert is None else part.expert)
-                    raw.setdefault(unit, {})[which] = _restrict(np.asarray(part.tensor), which, dims, d, m,
-                                                                ref.name) * signs
+                    gain = None
+                    if chosen is None and which != "down":
+                        gain = gains.get(("attn_norm" if post_norm else "mlp_norm", part.layer))
+                    raw.setdefault(unit, {})[which] = np.ascontiguousarray(
+                        project(_rows(np.asarray(part.tensor), which, d, m, ref.name), gain), dtype=np.float32)
+                elif readers and part.role in PROFILE_READERS:
+                    kept[(part.role, part.layer)] = project(_rows(np.asarray(part.tensor), part.role, d, m, ref.name),
+                                                            None)
         # Read to the end and hashed, so the bytes matched can be checked against the fingerprinted evidence.
         files = m.reads.finish(m.path)
     except BaseException:
@@ -139,26 +229,37 @@ def read_sketch(path: Path, dims: np.ndarray, signs: np.ndarray | None = None) -
     if not raw:
         raise ForensicsError(path, "no FFN matrices found for neuron matching")
     sketch = Sketch(m.path, m.info.architecture, d, files=files)
-    post_norm = m.key in roles.POST_NORM
     for unit in sorted(raw):
-        gain = gains.get(("attn_norm" if post_norm else "mlp_norm", unit.layer))
-        sketch.units[unit] = {which: _invariant(rows, gain if which != "down" else None)
-                              for which, rows in raw[unit].items()}
+        # A selection read the rows unscaled: its gain (at the selected coordinates) is folded in here.
+        gain = seen.get(("attn_norm" if post_norm else "mlp_norm", unit.layer)) if chosen is not None else None
+        sketch.units[unit] = {which: _invariant(rows, gain[chosen[0]] if gain is not None else None)
+                              if which != "down" else _invariant(rows, None) for which, rows in raw[unit].items()}
+    for (role, layer), cols in kept.items():
+        gain = seen.get(("attn_norm", layer)) if not post_norm and chosen is not None else None
+        sketch.readers[(role, layer)] = (cols * gain[chosen[0]] if gain is not None else cols).astype(np.float32)
     return sketch
 
 
-def _restrict(w: np.ndarray, which: str, dims: np.ndarray, d: int, m: _Model, name: str) -> np.ndarray:
-    """(neurons, len(dims)) float32 (cosines need no more): gate/up rows or down columns at the chosen dimensions."""
+def selection(m: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(index, sign) per column when M is a signed selection (one ±1 per column, nothing else), else None."""
+    nonzero = m != 0
+    if not (nonzero.sum(axis=0) == 1).all() or not np.all(np.abs(m[nonzero]) == 1.0):
+        return None
+    idx = np.argmax(nonzero, axis=0)
+    return idx, m[idx, np.arange(m.shape[1])]
+
+
+def _rows(w: np.ndarray, which: str, d: int, m: _Model, name: str) -> np.ndarray:
+    """(n, hidden) rows in the residual basis: gate/up/q/k/v rows as stored, down columns transposed."""
     if w.ndim != 2:
-        raise ForensicsError(m.path, f"{name}: FFN matrix of shape {w.shape}")
+        raise ForensicsError(m.path, f"{name}: matrix of shape {w.shape}")
     if m.key in roles.IN_OUT_LAYOUT:
         w = w.T
-    # torch layout: gate/up (neurons, d), down (d, neurons)
-    rows = w[:, dims] if which != "down" else w[dims, :].T
-    if (w.shape[1] if which != "down" else w.shape[0]) != d:
-        raise ForensicsError(m.path, f"{name}: FFN matrix of shape {w.shape} does not have the hidden size {d} "
+    rows = w.T if which == "down" else w  # torch layout: readers (n, d), down (d, n)
+    if rows.shape[1] != d:
+        raise ForensicsError(m.path, f"{name}: matrix of shape {w.shape} does not have the hidden size {d} "
                                      f"where a {which} projection should")
-    return np.ascontiguousarray(rows, dtype=np.float32)
+    return rows
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -171,39 +272,3 @@ def _invariant(rows: np.ndarray, gain: np.ndarray | None) -> np.ndarray:
         rows = rows * gain
     rows = _unit_rows(rows)
     return _unit_rows(rows - rows.mean(axis=0)).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class Alignment:
-    """Suspect residual dimension i corresponds to candidate dimension perm[i], with sign signs[i]."""
-
-    perm: np.ndarray
-    signs: np.ndarray
-    correlation: np.ndarray  # |corr| of each matched pair of dimensions over the shared tokens
-
-    def as_dict(self) -> dict:
-        c = self.correlation
-        return {"matched_abs_correlation_mean": float(c.mean()), "matched_abs_correlation_median": float(np.median(c)),
-                "dims_above_0.5": int((c > 0.5).sum()), "dims": int(len(c))}
-
-
-def align_residual(es: np.ndarray, ec: np.ndarray) -> Alignment:
-    """Signed permutation of the residual dimensions that best matches the two embeddings' columns.
-
-    Columns are compared by Pearson correlation over the shared tokens (centred, so a dimension's offset or scale,
-    which norms and rescalings change freely, plays no part); the matching maximises the summed |correlation|.
-    """
-    if es.shape != ec.shape:
-        raise ValueError(f"embedding rows of different shapes {es.shape} and {ec.shape}")
-
-    def standard(x):
-        x = x - x.mean(axis=0)
-        n = np.linalg.norm(x, axis=0)
-        x /= np.where(n > 0, n, 1.0)
-        return x
-
-    corr = standard(es).T @ standard(ec)
-    rows, cols = linear_sum_assignment(np.abs(corr), maximize=True)
-    perm = cols[np.argsort(rows)]
-    matched = corr[np.arange(len(perm)), perm]
-    return Alignment(perm, np.where(matched < 0, -1.0, 1.0), np.abs(matched))

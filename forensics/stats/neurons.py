@@ -1,9 +1,9 @@
 """Neuron matching with an exact permutation test: does the suspect hold the candidate's FFN neurons?
 
-Procedure (docs/statistics.md, "Neuron matching"), for a suspect and a candidate of the same hidden width; steps 1
-and 2 read the models and run in forensics.pipeline.neuron_test, steps 3-5 are `match_test` here:
+Procedure (docs/statistics.md, "Neuron matching"), for a suspect at most as wide as the candidate; steps 1 and 2 read
+the models and run in forensics.pipeline.neuron_test, steps 3-5 are `match_test` here:
 
-1. Align the residual streams through the tokens both vocabularies share (`signals.neurons.align_residual`).
+1. Align the residual streams (`stats.residual`: through shared tokens, else through the attention weights).
 2. Sketch both models' FFN neurons at `dims` residual dimensions (the candidate's through the alignment).
 3. For every suspect unit (dense FFN, expert or shared expert of a layer) draw `neurons` of its neurons, match them
    one to one to the neurons of every candidate unit with `scipy.optimize.linear_sum_assignment` on their similarity
@@ -13,7 +13,8 @@ and 2 read the models and run in forensics.pipeline.neuron_test, steps 3-5 are `
 4. A layer's statistic is the mean of its units'; the model's is the sum over layers.
 5. Null "trained from independent initialisations": such a model's residual dimensions are exchangeable (its
    initialisation is, and training treats them alike), so under the null the alignment found in step 1 is no better
-   than a random signed permutation of the candidate's dimensions. Each of T draws applies one such permutation (the
+   than a random signed permutation of the candidate's dimensions (step 1 accepts only near-exact maps, which
+   unrelated models do not share: stats/residual.py). Each of T draws applies one such permutation (the
    same to every layer) and recomputes everything from step 3 on; p = (1 + #{null >= observed}) / (T + 1), per unit,
    per layer and for the sum (exact, whatever the dependence between layers). Fisher's method
    (`scipy.stats.combine_pvalues`) also combines the layers' p, as Zhu et al. do; it assumes independent layers and
@@ -110,10 +111,13 @@ class _Matcher:
         index = np.concatenate([p * self.k + perm for p in range(len(self.parts))])
         return index, np.tile(signs, len(self.parts)).astype(np.float32)
 
-    def unit_stats(self, index: np.ndarray | None = None, signs: np.ndarray | None = None, detail: bool = False):
+    def unit_stats(self, index: np.ndarray | None = None, signs: np.ndarray | None = None, detail: bool = False,
+                   flip: bool = False):
         # Permuting the suspect's columns by the inverse is the same as permuting the candidate's (cosines are
         # invariant to one orthogonal map applied to both), and the suspect side is the small one.
         sus = self.sus if index is None else self.sus[:, np.argsort(index)] * signs[np.argsort(index)]
+        if flip:
+            sus = -sus
         bound = np.empty((len(self.sus_units), len(self.cand)))
         for j, c in enumerate(self.cand):
             best = (sus @ c.T).max(axis=1)
@@ -136,8 +140,19 @@ class _Matcher:
         return stats_, where, details
 
 
+def _best_sign(mt: _Matcher, per_layer, draw: tuple = (), both_signs: bool = False, detail: bool = False):
+    """Unit and layer statistics of one draw; with `both_signs`, of whichever sign of the whole stream sums higher."""
+    best = None
+    for flip in ((False, True) if both_signs else (False,)):
+        units, where, details = mt.unit_stats(*draw, detail=detail, flip=flip)
+        layers = per_layer(units)
+        if best is None or layers.sum() > best[1].sum():
+            best = (units, layers, where, details, flip)
+    return best if detail else best[:2]
+
+
 def _null(mt: _Matcher, s: NeuronSettings, observed: np.ndarray, obs_layers: np.ndarray, per_layer,
-          progress: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray, int, list[float]]:
+          progress: Callable[[int], None] | None, both_signs: bool) -> tuple[np.ndarray, np.ndarray, int, list[float]]:
     """How many of the T null draws reach the observed unit, layer and total statistics."""
     rng = rng_for(s.seed, "null")
     ge_units = np.zeros(len(observed), int)
@@ -145,8 +160,7 @@ def _null(mt: _Matcher, s: NeuronSettings, observed: np.ndarray, obs_layers: np.
     ge_total = 0
     null_totals = []
     for t in range(s.permutations):
-        null, _, _ = mt.unit_stats(*mt.draw(rng))
-        null_layers = per_layer(null)
+        null, null_layers = _best_sign(mt, per_layer, mt.draw(rng), both_signs)
         ge_units += null >= observed
         ge_layers += null_layers >= obs_layers
         ge_total += int(null_layers.sum() >= obs_layers.sum())
@@ -156,19 +170,25 @@ def _null(mt: _Matcher, s: NeuronSettings, observed: np.ndarray, obs_layers: np.
     return ge_units, ge_layers, ge_total, null_totals
 
 
-def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[[int], None] | None = None) -> dict:
-    """Steps 3–5 of the module's procedure on two sketches already in one residual basis."""
+def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[[int], None] | None = None,
+               both_signs: bool = False) -> dict:
+    """Steps 3–5 of the module's procedure on two sketches already in one residual basis.
+
+    `both_signs`: the alignment fixed the coordinates' relative signs but not the sign of the whole stream (the
+    weights alignment cannot: -h is as good a stream as h), so the observed and every null draw take the better of
+    the two; the null keeps its exactness because each draw is treated exactly as the observation is.
+    """
     mt = _Matcher(sus, cand, s)
-    observed, where, same_index = mt.unit_stats(detail=True)
     layers = sorted({u.layer for u in mt.sus_units})
     of_layer = [np.array([u.layer == layer for u in mt.sus_units]) for layer in layers]
 
     def per_layer(unit_values: np.ndarray) -> np.ndarray:
         return np.array([unit_values[mask].mean() for mask in of_layer])
 
-    obs_layers = per_layer(observed)
+    observed, obs_layers, where, same_index, flipped = _best_sign(mt, per_layer, (), both_signs, detail=True)
     with threadpool_limits(limits=1 if mt.small() else None, user_api="blas"):
-        ge_units, ge_layers, ge_total, null_totals = _null(mt, s, observed, obs_layers, per_layer, progress)
+        ge_units, ge_layers, ge_total, null_totals = _null(mt, s, observed, obs_layers, per_layer, progress,
+                                                           both_signs)
     T = s.permutations
     p_units = (1 + ge_units) / (T + 1)
     p_layers = (1 + ge_layers) / (T + 1)
@@ -182,7 +202,7 @@ def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[
     null_totals = np.asarray(null_totals)
     return {
         "schema": SCHEMA, "status": "compared",
-        "settings": asdict(s), "parts": mt.parts,
+        "settings": asdict(s), "parts": mt.parts, "stream_sign": -1 if flipped else 1,
         "statistic": float(obs_layers.sum()),
         "statistic_definition": "sum over suspect layers of the mean, over the layer's FFN units, of the best "
                                 "one-to-one neuron matching's mean cosine (gate, up, down)",

@@ -1,0 +1,169 @@
+"""Which suspect residual coordinate is which candidate coordinate: the map neuron matching compares neurons through.
+
+A derived model may hold its parent's residual stream as it was, with its coordinates reordered or sign-flipped,
+turned by an output-preserving orthogonal rotation (SliceGPT, QuaRot), restricted to a subset (width pruning), or
+behind a new vocabulary whose embeddings were re-initialised. Three maps, tried in a fixed order (docs/statistics.md,
+"Neuron matching", step 1); each is a (candidate width, suspect width) matrix M with x_suspect ≈ x_candidate · M:
+
+1. `tokens, signed permutation`: embedding columns correlated over the tokens both vocabularies spell the same way,
+   matched one to one on |r| (`linear_sum_assignment`; rectangular when the suspect is narrower).
+2. `tokens, orthogonal`: the orthogonal Procrustes map of the same embedding rows (columns orthonormal, so also a
+   subspace when the suspect is narrower), for a stream that was rotated rather than reordered. Used when it explains
+   clearly more than the signed permutation (`ROTATION_MARGIN`), since the signed permutation is exact for every
+   coordinate-wise edit and cheaper to apply.
+3. `weights, signed permutation`: when no token map holds (no shared spelling, or shared spellings whose embeddings
+   were re-initialised), each coordinate's profile over the layers (log column norm of q, k, v with the input norm's
+   gain folded in, log row norm of o: all invariant to neuron and head reordering and to gain folding), matched one to
+   one on the profiles' correlation; signs from the readers' Gram matrices (`gram_signs`). The FFN matrices neuron
+   matching compares are kept out of the profiles, so the map is not fitted to the statistic it serves.
+
+Every map's quality (mean correlation of matched coordinates) is set against its own chance level: the same fit after
+the correspondence it relies on is destroyed (token rows shuffled; each profile feature shuffled across coordinates),
+`CHANCE_DRAWS` times. A map is accepted only if its quality exceeds every chance draw, lies `MIN_Z` chance standard
+deviations above their mean, and reaches `MIN_QUALITY` (a near-exact map, as derivation leaves it, not the loose one
+unrelated models share): an alignment that fails makes neuron matching not applicable instead of finding nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+CHANCE_DRAWS = 9
+MIN_Z = 6.0
+# Unrelated models trained on similar text share a loose, semantic map of their streams: on the published models
+# (docs/statistics.md) the orthogonal token map of unrelated pairs explains 0.41-0.60, far above chance yet far from
+# the >= 0.99 of every derived pair. A loose map may line up features two models both learned, which the neuron null
+# (random reorderings after the map) does not account for, so only a near-exact map is used.
+MIN_QUALITY = 0.8
+ROTATION_MARGIN = 0.1  # orthogonal quality must exceed the signed permutation's by this much to be preferred
+
+TOKENS_PERMUTATION = "tokens, signed permutation"
+TOKENS_ORTHOGONAL = "tokens, orthogonal"
+WEIGHTS_PERMUTATION = "weights, signed permutation"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One map and how it compares with chance."""
+
+    how: str
+    matrix: np.ndarray  # (candidate width, suspect width)
+    quality: float  # mean over suspect coordinates of the matched correlation
+    chance_mean: float
+    chance_sd: float
+    chance_max: float
+
+    @property
+    def z(self) -> float:
+        return (self.quality - self.chance_mean) / self.chance_sd if self.chance_sd > 0 else float("inf")
+
+    @property
+    def accepted(self) -> bool:
+        return self.quality >= MIN_QUALITY and self.quality > self.chance_max and self.z >= MIN_Z
+
+    @property
+    def signed_permutation(self) -> bool:
+        return self.how != TOKENS_ORTHOGONAL
+
+    def as_dict(self) -> dict:
+        return {"how": self.how, "quality": self.quality, "chance_mean": self.chance_mean,
+                "chance_sd": self.chance_sd, "chance_max": self.chance_max, "chance_draws": CHANCE_DRAWS,
+                "z": min(self.z, 1e9), "min_quality": MIN_QUALITY, "accepted": self.accepted}
+
+
+def _standard(x: np.ndarray) -> np.ndarray:
+    """Columns centred and scaled to unit length (x.T @ y is then Pearson's r per pair of columns)."""
+    x = x - x.mean(axis=0)
+    n = np.linalg.norm(x, axis=0)
+    return x / np.where(n > 0, n, 1.0)
+
+
+def signed_assignment(corr: np.ndarray) -> tuple[np.ndarray, float]:
+    """M (columns x rows of corr) placing ±1 at each row's one-to-one match on |corr|, and the mean matched |r|."""
+    rows, cols = linear_sum_assignment(np.abs(corr), maximize=True)
+    m = np.zeros((corr.shape[1], corr.shape[0]))
+    matched = corr[rows, cols]
+    m[cols, rows] = np.where(matched < 0, -1.0, 1.0)
+    return m, float(np.abs(matched).mean())
+
+
+def _permutation_quality(zs: np.ndarray, zc: np.ndarray) -> tuple[np.ndarray, float]:
+    return signed_assignment(zs.T @ zc)
+
+
+def _orthogonal(es: np.ndarray, ec: np.ndarray) -> tuple[np.ndarray, float]:
+    """Procrustes: the M with orthonormal columns maximising tr(Mᵀ ecᵀ es); quality = mean column correlation."""
+    u, _, vt = np.linalg.svd(ec.T @ es, full_matrices=False)
+    m = u @ vt
+    r = np.sum(_standard(es) * _standard(ec @ m), axis=0)
+    return m, float(r.mean())
+
+
+def _chance(fit_quality, rng: np.random.Generator, shuffle) -> tuple[float, float, float]:
+    draws = np.array([fit_quality(shuffle(rng)) for _ in range(CHANCE_DRAWS)])
+    return float(draws.mean()), float(draws.std(ddof=1)), float(draws.max())
+
+
+def by_tokens(es: np.ndarray, ec: np.ndarray, rng: np.random.Generator) -> list[Fit]:
+    """Both token maps from embedding rows of the same tokens, es (tokens, d_s), ec (tokens, d_c), d_s <= d_c."""
+    es, ec = es.astype(np.float64), ec.astype(np.float64)
+    zs, zc = _standard(es), _standard(ec)
+    cs, cc = es - es.mean(axis=0), ec - ec.mean(axis=0)
+    n = len(es)
+    fits = []
+    m, q = _permutation_quality(zs, zc)
+    fits.append(Fit(TOKENS_PERMUTATION, m, q, *_chance(lambda z: _permutation_quality(zs, z)[1], rng,
+                                                       lambda g: zc[g.permutation(n)])))
+    m, q = _orthogonal(cs, cc)
+    fits.append(Fit(TOKENS_ORTHOGONAL, m, q, *_chance(lambda c: _orthogonal(cs, c)[1], rng,
+                                                      lambda g: cc[g.permutation(n)])))
+    return fits
+
+
+def choose_token_fit(fits: list[Fit]) -> Fit | None:
+    """The signed permutation unless the orthogonal map is accepted and explains clearly more; None if neither holds."""
+    perm, orth = fits
+    if orth.accepted and (not perm.accepted or orth.quality > perm.quality + ROTATION_MARGIN):
+        return orth
+    return perm if perm.accepted else None
+
+
+def by_profiles(ps: np.ndarray, pc: np.ndarray, rng: np.random.Generator) -> Fit:
+    """Signed-permutation map (signs still +1: `gram_signs` sets them) from coordinate profiles (d, features)."""
+    def standard_rows(p):
+        p = p - p.mean(axis=0)
+        p = p / np.where(p.std(axis=0) > 0, p.std(axis=0), 1.0)  # every feature counts alike
+        return _standard(p.T)  # per coordinate: centred, unit length over the features
+
+    def assign(zc: np.ndarray) -> tuple[np.ndarray, float]:
+        corr = zs.T @ zc  # a profile anti-correlated with another is no match: maximise r itself, not |r|
+        rows, cols = linear_sum_assignment(corr, maximize=True)
+        m = np.zeros((corr.shape[1], corr.shape[0]))
+        m[cols, rows] = 1.0
+        return m, float(corr[rows, cols].mean())
+
+    zs = standard_rows(ps)
+    m, q = assign(standard_rows(pc))
+
+    def shuffled(g):
+        return standard_rows(np.stack([g.permutation(col) for col in pc.T], axis=1))
+
+    return Fit(WEIGHTS_PERMUTATION, m, q, *_chance(lambda z: assign(z)[1], rng, shuffled))
+
+
+def gram_signs(readers_s: list[np.ndarray], readers_c: list[np.ndarray]) -> np.ndarray:
+    """Signs s of the matched coordinates from reader matrices restricted to them (rows, k), suspect and candidate.
+
+    If the suspect's coordinate i is s_i times the candidate's, every Gram entry obeys Gs_ij = s_i s_j Gc_ij, so
+    A = Σ Gs ∘ Gc = (s sᵀ) ∘ Σ Gc∘Gc: s sᵀ times a non-negative matrix, whose leading eigenvector has the signs of s.
+    The whole stream's sign (s and -s) cannot be told from the weights: the matching statistic tries both.
+    """
+    a = sum((s.T.astype(np.float64) @ s) * (c.T.astype(np.float64) @ c) for s, c in zip(readers_s, readers_c))
+    a = a / np.abs(a).max() if np.abs(a).max() > 0 else a
+    _, vectors = np.linalg.eigh(a)
+    lead = vectors[:, -1]
+    signs = np.where(lead < 0, -1.0, 1.0)
+    return signs * (1.0 if signs[0] > 0 else -1.0)
