@@ -1,3 +1,3 @@
 """llm-forensics: evidence on whether one language model was derived from another."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -24,6 +24,19 @@ def test_small_calibration_holds_its_false_positive_rate(table):
             assert stats.binomtest(entry["hits"], entry["n"], float(alpha), alternative="greater").pvalue > 0.001
 
 
+def test_small_calibration_neuron_route_applies_to_derived_pairs_only(table):
+    """No unrelated pair, same width or not, has the near-exact alignment neuron matching needs; every child has,
+    the rotated, width-pruned and vocab-replaced ones included, and each is at the route's floor."""
+    for group in ("unrelated", "unrelated_widths"):
+        assert table["routes"][group]["neurons"]["applies"]["hits"] == 0
+    assert table["rule_widths"]["0.05"]["hits"] == 0 and table["rule_widths"]["0.05"]["n"] == SMALL.bases
+    for transform in ("rotated", "width-pruned", "vocab-replaced", "noised", "pruned"):
+        neurons = table["routes"][transform]["neurons"]
+        assert neurons["applies"]["rate"] == 1.0 and neurons["0.05"]["rate"] == 1.0, transform
+    assert set(table["alignment"]["rotated"]) == {"tokens, orthogonal"}
+    assert set(table["alignment"]["vocab-replaced"]) == {"weights, signed permutation"}
+
+
 def test_small_calibration_finds_the_untrained_children(table):
     for transform in UNTRAINED:
         entry = table["tpr"][transform]["0.05"]

@@ -39,17 +39,19 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from forensics import __version__
 from forensics.stats.compare import Settings
 from forensics.stats.normalise import curve
 from forensics.stats.similarity import QKVO, pearson
-from forensics.stats.decision import Route
+from forensics.stats.decision import LABELS, ROUTES, Route
 from forensics.stats.decision import decide as decide_routes
 from forensics.stats.verdict import DERIVED, PrimaryEvidence, decide
 
 SCHEMA = "llm-forensics.calibration/1"
 ALPHAS = (0.01, 0.05)
-UNTRAINED = ("noised", "int8", "int4", "pruned")
-TRAINED = ("fine-tuned", "continued", "moe-upcycled")
+UNTRAINED = ("noised", "int8", "int4", "pruned", "rotated", "width-pruned")
+TRAINED = ("fine-tuned", "continued", "moe-upcycled", "vocab-replaced")
+NEW_VOCABULARY = 320  # tokens of the vocab-replaced child's byte-level BPE (256 bytes, one special, 63 merges)
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,14 @@ class Design:
     lr: float = 2e-3
     n_permutations: int = 9999
     n_bootstrap: int = 199  # the interval does not enter the verdict; kept small to save time
+    neuron_permutations: int = 199  # T of neuron matching: floor 1/200, below both alphas
 
 
 FULL = Design("full", ("llama", "qwen2"), bases=21, trained_children=10, steps=300, finetune_steps=100,
               continued_steps=200, moe_steps=100)
 # CI: enough to run every code path and catch a grossly broken null, in well under two minutes on two cores.
 SMALL = Design("small", ("llama",), bases=7, trained_children=1, steps=40, finetune_steps=10, continued_steps=20,
-               moe_steps=10, n_permutations=999)
+               moe_steps=10, n_permutations=999, neuron_permutations=39)
 
 
 def corpus_text() -> str:
@@ -113,21 +116,57 @@ def _train(model, data: np.ndarray, steps: int, lr: float, seed: int, d: Design)
     return continue_pretraining(model, _windows(data, steps, seed, d), seed=seed, batch_size=d.batch, lr=lr)
 
 
-def _fingerprint(model, workdir: Path, name: str) -> dict:
+def byte_tokenizer():
+    """The bases' tokenizer: byte-level BPE without merges, token id = byte value (the bases read bytes as tokens).
+    Saved with every model, so neuron matching can align two models through the tokens they both spell."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from forensics.sources.vocabulary import byte_level_alphabet
+
+    tok = Tokenizer(models.BPE(vocab=byte_level_alphabet(), merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def _save(model, tokenizer, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _fingerprint(folder: Path, name: str) -> dict:
     from forensics import pipeline
 
-    folder = workdir / name
-    model.save_pretrained(folder)
     fp = pipeline.fingerprint(folder, "cpu", name, show_progress=False)
-    shutil.rmtree(folder)
     fp["model"]["path"] = name  # the temporary folder means nothing to a reader
     fp["run"] = {}  # timings vary from run to run
     return fp
 
 
-def build_family(task: tuple[str, int, int, Design]) -> dict:
-    """Train one base model and make its children with the lineage lab's transforms; returns {name: fingerprint}
-    and the base's final loss."""
+def neuron_summary(suspect: Path, candidate: Path, d: Design, seed: int) -> dict:
+    """Neuron matching of one pair as the pipeline runs it, kept as the case's results keep it."""
+    from forensics import pipeline
+    from forensics.stats.neurons import NeuronSettings
+
+    result = pipeline.neuron_test(suspect, candidate, NeuronSettings(permutations=d.neuron_permutations, seed=seed))
+    result.pop("inputs", None)  # file paths of a temporary folder
+    return result
+
+
+def model_dir(store: Path, name: str) -> Path:
+    """Where a model the cross-family pairs need is kept (bases and width-pruned children)."""
+    return store / "models" / name.replace("/", "--")
+
+
+KEPT = ("width-pruned",)  # children besides the bases that unrelated pairs use
+
+
+def build_family(task: tuple[str, int, int, Design, str]) -> dict:
+    """Train one base model and make its children with the lineage lab's transforms; returns {name: fingerprint},
+    each child's neuron test against the base, and the base's final loss. The base and the children named in
+    `KEPT` stay in `store` for the pairs across families."""
     import torch
     import transformers
 
@@ -136,19 +175,32 @@ def build_family(task: tuple[str, int, int, Design]) -> dict:
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    arch, index, seed, d = task
-    text = np.frombuffer(corpus_text().encode("utf-8"), dtype=np.uint8).astype(np.int64)
+    arch, index, seed, d, store = task
+    store = Path(store)
+    raw = corpus_text()
+    text = np.frombuffer(raw.encode("utf-8"), dtype=np.uint8).astype(np.int64)
     split = int(len(text) * 0.8)
     pretrain, heldout = text[:split], text[split:]
     base_name = f"{arch}-{index:02d}"
-    out = {}
+    tokenizer = byte_tokenizer()
+    out, neurons = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base, trace = _train(_model(arch, d, seed), pretrain, d.steps, d.lr, seed, d)
-        out[base_name] = _fingerprint(base, work, base_name)
+        base_dir = _save(base, tokenizer, model_dir(store, base_name))
+        out[base_name] = _fingerprint(base_dir, base_name)
         # The first and last layers stay (pruning studies drop redundant middle and late layers).
         dropped = np.random.default_rng(seed + 2).choice(np.arange(1, d.layers - 1), size=d.layers // 4,
                                                          replace=False)
+
+        def new_vocabulary():
+            """A byte-level BPE trained on the held-out text, embeddings re-initialised, then trained briefly."""
+            new_tok = T.new_tokenizer([raw[:split]], vocab_size=NEW_VOCABULARY)
+            ids = np.asarray(new_tok(raw[:split])["input_ids"], dtype=np.int64)
+            model = T.replace_vocabulary(base, new_tok, _windows(ids, d.finetune_steps, seed + 8, d), seed=seed + 8,
+                                         batch_size=d.batch, lr=d.lr / 2)[0]
+            return model, new_tok
+
         # Children train at half the base's learning rate, as fine-tuning usually does.
         children = {
             # Half the median weight std as one absolute sigma: the curve's shape is really perturbed.
@@ -156,6 +208,8 @@ def build_family(task: tuple[str, int, int, Design]) -> dict:
             "int8": lambda: T.requantise(base, bits=8, granularity="tensor")[0],
             "int4": lambda: T.requantise(base, bits=4, granularity="row")[0],
             "pruned": lambda: T.prune_layers(base, drop=dropped.tolist())[0],
+            "rotated": lambda: T.rotate_residual(base, seed=seed + 7)[0],
+            "width-pruned": lambda: T.prune_width(base, seed=seed + 7, hidden_keep=0.75, ffn_keep=0.75)[0],
         }
         if index < d.trained_children:
             children["fine-tuned"] = lambda: _train(base, heldout, d.finetune_steps, d.lr / 2, seed + 3, d)[0]
@@ -163,10 +217,17 @@ def build_family(task: tuple[str, int, int, Design]) -> dict:
             if arch == "llama":
                 children["moe-upcycled"] = lambda: _train(T.upcycle(base, seed=seed + 5, experts=4)[0], pretrain,
                                                           d.moe_steps, d.lr / 2, seed + 6, d)[0]
+            children["vocab-replaced"] = new_vocabulary
         for transform, make in children.items():
             name = f"{base_name}/{transform}"
-            out[name] = _fingerprint(make(), work, name)
-    return {"fingerprints": out, "base_loss": trace["losses"][-1]}
+            made = make()
+            model, tok = made if isinstance(made, tuple) else (made, tokenizer)
+            folder = _save(model, tok, model_dir(store, name) if transform in KEPT else work / transform)
+            out[name] = _fingerprint(folder, name)
+            neurons[name] = neuron_summary(folder, base_dir, d, seed)
+            if transform not in KEPT:
+                shutil.rmtree(folder)
+    return {"fingerprints": out, "neurons": neurons, "base_loss": trace["losses"][-1]}
 
 
 # --- analysis -------------------------------------------------------------------------------------------------
@@ -189,23 +250,27 @@ def shuffle_pvalue(suspect: dict, candidate: dict, n_resamples: int, seed: int) 
     return float(res.pvalue)
 
 
-def analyse_pair(task: tuple[str, str, str, str, list[str], dict[str, dict], Design, int]) -> dict:
-    """One case: `suspect` against `candidate`, with `controls` as the declared unrelated models."""
-    kind, transform, suspect, candidate, controls, fps, d, seed = task
+def analyse_pair(task: tuple[str, str, str, str, list[str], dict[str, dict], Design, int, dict | str]) -> dict:
+    """One case: `suspect` against `candidate`, with `controls` as the declared unrelated models; `neurons` is the
+    pair's neuron test, or the store where both models are kept for it to be run here."""
+    kind, transform, suspect, candidate, controls, fps, d, seed, neurons = task
     from forensics import pipeline
 
+    if not isinstance(neurons, dict):
+        neurons = neuron_summary(model_dir(Path(neurons), suspect), model_dir(Path(neurons), candidate), d, seed)
     settings = Settings(n_permutations=d.n_permutations, n_bootstrap=d.n_bootstrap, seed=seed)
     res, _ = pipeline.compare(fps[suspect], {candidate: fps[candidate]}, {c: fps[c] for c in controls}, [],
-                              settings)
+                              settings, {candidate: neurons})
     cand = res.candidates[candidate]
     v, std = cand.verdict, cand.verdict.std
     row = {"kind": kind, "transform": transform, "suspect": suspect, "candidate": candidate,
            "verdict": v.verdict, "route": v.route, "primary": std.primary_signal, "statistic": std.statistic,
            "p_perm": std.pvalue_permutation, "p_emp": std.pvalue_empirical, "p_combined": std.pvalue_combined,
-           "n_null": std.n_null, "perm_floor": std.permutation_floor,
+           "n_null": std.n_null, "perm_floor": std.permutation_floor, 
+           "alignment": (cand.neurons.alignment.how if cand.neurons and cand.neurons.alignment else None),
            "routes": {n: {"what": r.what, "components": r.components} for n, r in v.routes.items()},
            "signals": {label: e.permutation.pvalue for label, e in cand.signals.items() if e.compared}}
-    if kind == "unrelated":
+    if kind == "unrelated" and transform == "none":
         row["p_shuffle"] = shuffle_pvalue(fps[suspect], fps[candidate], d.n_permutations, seed)
     return row
 
@@ -224,8 +289,24 @@ def auroc(derived: list[float], unrelated: list[float]) -> float:
     return float(u / (len(derived) * len(unrelated)))
 
 
+def route_p(row: dict, name: str) -> float | None:
+    """The route's own p for the pair (stats/decision.py), None where it does not apply."""
+    r = row["routes"].get(name)
+    return Route(name, r["what"], tuple(tuple(map(tuple, g)) for g in r["components"])).pvalue if r else None
+
+
+def _route_rates(rows: list[dict]) -> dict:
+    out = {}
+    for name in ROUTES:
+        ps = [p for p in (route_p(r, name) for r in rows) if p is not None]
+        out[name] = {"applies": rate(len(ps), len(rows)),
+                     **{repr(a): rate(sum(p < a for p in ps), len(ps)) for a in ALPHAS}}
+    return out
+
+
 def summarise(rows: list[dict], d: Design, timing: dict, losses: list[float]) -> dict:
-    null = [r for r in rows if r["kind"] == "unrelated"]
+    null = [r for r in rows if r["kind"] == "unrelated" and r["transform"] == "none"]
+    widths = [r for r in rows if r["kind"] == "unrelated" and r["transform"] != "none"]
     derived = [r for r in rows if r["kind"] == "derived"]
     tested = [r for r in null if r["p_perm"] is not None]
     table = {
@@ -233,13 +314,24 @@ def summarise(rows: list[dict], d: Design, timing: dict, losses: list[float]) ->
         "design": {
             "summary": (f"{len(null)} unrelated same-architecture pairs of {d.layers}-layer "
                         f"{'/'.join(d.archs)} models (hidden {d.hidden}, {d.steps} AdamW steps each, different "
-                        f"seeds, same text), one candidate per case, the other bases of the architecture as "
-                        f"controls; {d.n_permutations} permutations"),
+                        f"seeds, same text, a byte-level tokenizer), one candidate per case, the other bases of the "
+                        f"architecture as controls, and {len(widths)} unrelated pairs of different widths (a base's "
+                        f"width-pruned child against another base); {d.n_permutations} permutations, neuron "
+                        f"matching with {d.neuron_permutations}"),
             **asdict(d),
             "final_training_loss_mean": float(np.mean(losses)),
             "timing": timing,
         },
         "rule": {repr(a): rate(sum(derived_at(r, a) for r in null), len(null)) for a in ALPHAS},
+        "rule_widths": {repr(a): rate(sum(derived_at(r, a) for r in widths), len(widths)) for a in ALPHAS},
+        "routes": {"unrelated": _route_rates(null), "unrelated_widths": _route_rates(widths),
+                   **{t: _route_rates([r for r in derived if r["transform"] == t]) for t in UNTRAINED + TRAINED
+                      if any(r["transform"] == t for r in derived)}},
+        "alignment": {t: {how: sum(str(r["alignment"]) == how for r in group)
+                          for how in sorted({str(r["alignment"]) for r in group})}
+                      for t, group in (("unrelated", null), ("unrelated, different widths", widths),
+                                       *((t, [r for r in derived if r["transform"] == t]) for t in UNTRAINED + TRAINED))
+                      if group},
         "std_rule": {repr(a): rate(sum(std_derived_at(r, a) for r in null), len(null)) for a in ALPHAS},
         "permutation": {repr(a): rate(sum(r["p_perm"] < a for r in tested), len(tested)) for a in ALPHAS},
         "empirical_null": {repr(a): rate(sum(r["p_emp"] < a for r in tested), len(tested)) for a in ALPHAS},
@@ -309,7 +401,9 @@ def markdown(t: dict) -> str:
     d = t["design"]
 
     def cell(entry: dict) -> str:
-        lo, hi = entry["ci95"] or (float("nan"), float("nan"))
+        if not entry["n"]:
+            return "n/a (no pair)"
+        lo, hi = entry["ci95"]
         return f"{entry['rate']:.3f} ({entry['hits']}/{entry['n']}; {lo:.3f}-{hi:.3f})"
 
     lines = [
@@ -329,19 +423,29 @@ def markdown(t: dict) -> str:
         f"{d['trained_children']} bases of each architecture also `fine-tuned` ({d['finetune_steps']} steps on "
         f"held-out text, the last 20 % of the corpus), `continued` ({d['continued_steps']} more steps on the "
         f"training text, new order), both at half the learning rate, and for Llama `moe-upcycled` (Mixtral with 4 "
-        f"experts, top 2, each expert the dense FFN plus 1 % noise, then {d['moe_steps']} steps). The suspect is the "
-        f"child, the candidate its base.",
+        f"experts, top 2, each expert the dense FFN plus 1 % noise, then {d['moe_steps']} steps). Output-preserving "
+        f"and width edits of every base: `rotated` (a random orthogonal rotation of the residual stream, gains "
+        f"folded), `width-pruned` (a quarter of the residual dimensions and of each layer's FFN neurons dropped, by "
+        f"weight norm); of the first {d['trained_children']} also `vocab-replaced` (a new {NEW_VOCABULARY}-token "
+        f"byte-level BPE, embeddings re-initialised, {d['finetune_steps']} steps). The suspect is the child, the "
+        f"candidate its base.",
         "",
         "## False-positive rate on unrelated pairs",
         "",
-        "The verdict rule is the one of docs/statistics.md §5. Neuron matching, first in its order, is not run in this "
-        "design (its null is exact; tests/test_neurons.py measures it on independently initialised pairs), so here "
-        "the attention spectra decide where they can reach alpha and the std curves otherwise.",
+        "The verdict rule is the one of docs/statistics.md §5, with all three routes (neuron matching, attention "
+        "spectra, std curves) as a case runs them. Each route's own rate counts the pairs it applies to; neuron "
+        "matching applies only where a near-exact alignment of the residual streams exists (docs/statistics.md, "
+        "step 1), which unrelated models are not expected to have.",
         "",
         "| test | FPR at alpha = 0.01 | FPR at alpha = 0.05 |",
         "|---|---|---|",
-        f"| verdict rule (DERIVED; routes: attention spectra, then std curves) | {cell(t['rule']['0.01'])} | "
-        f"{cell(t['rule']['0.05'])} |",
+        f"| verdict rule (DERIVED), same width | {cell(t['rule']['0.01'])} | {cell(t['rule']['0.05'])} |",
+        f"| verdict rule (DERIVED), different widths | {cell(t['rule_widths']['0.01'])} | "
+        f"{cell(t['rule_widths']['0.05'])} |",
+        *[f"| {LABELS[name]} route alone (p < alpha; applies to {cell(e['applies'])}) | {cell(e['0.01'])} | "
+          f"{cell(e['0.05'])} |" for name, e in t["routes"]["unrelated"].items()],
+        *[f"| {LABELS[name]} route alone, different widths (applies to {cell(e['applies'])}) | {cell(e['0.01'])} | "
+          f"{cell(e['0.05'])} |" for name, e in t["routes"]["unrelated_widths"].items()],
         f"| std-curve route's own rule (the verdict rule of 0.2) | {cell(t['std_rule']['0.01'])} | "
         f"{cell(t['std_rule']['0.05'])} |",
         f"| block-permutation test alone (primary signal) | {cell(t['permutation']['0.01'])} | "
@@ -369,6 +473,14 @@ def markdown(t: dict) -> str:
               "| transform | TPR at alpha = 0.01 | TPR at alpha = 0.05 |", "|---|---|---|"]
     lines += [f"| {name} | {cell(t['tpr'][name]['0.01'])} | {cell(t['tpr'][name]['0.05'])} |"
               for name in UNTRAINED + TRAINED if name in t["tpr"]]
+    lines += ["", "Each route alone on the derived pairs (p < alpha, over the pairs it applies to):", "",
+              "| transform | route | applies to | TPR at 0.01 | TPR at 0.05 |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {LABELS[route]} | {cell(e['applies'])} | {cell(e['0.01'])} | {cell(e['0.05'])} |"
+              for name in UNTRAINED + TRAINED if name in t["routes"] for route, e in t["routes"][name].items()]
+    lines += ["", "Residual alignment neuron matching used (None: no near-exact map, the route does not apply):", "",
+              "| pairs | alignments |", "|---|---|"]
+    lines += [f"| {group} | " + ", ".join(f"{how}: {n}" for how, n in counts.items()) + " |"
+              for group, counts in t["alignment"].items()]
     a = t["auroc"]
     lines += ["", "## AUROC, derived vs unrelated", "",
               f"Over {a['n_derived']} derived and {a['n_unrelated']} unrelated pairs:", "",
@@ -393,24 +505,33 @@ def markdown(t: dict) -> str:
     return "\n".join(lines)
 
 
-def families(d: Design, pool, cache: Path | None) -> tuple[list[dict], int]:
-    """Every family and how many had to be built: those already in `cache` are reused (keyed by the design's
-    training parameters and the corpus, so a cached fingerprint is always the one this design would train)."""
+def families(d: Design, pool, cache: Path) -> tuple[list[dict], int, Path]:
+    """Every family, how many had to be built, and the store of kept models: families already in `cache` are reused
+    (keyed by the design's training parameters, the corpus and the package version, so a cached fingerprint or
+    neuron test is always the one this design and this code would produce)."""
     # The file name carries the architecture and index; the key carries everything else a family depends on.
     training = {k: v for k, v in asdict(d).items()
                 if k not in ("name", "archs", "bases", "n_permutations", "n_bootstrap")}
-    key = hashlib.sha256(json.dumps([training, corpus_text()], sort_keys=True).encode()).hexdigest()[:16]
-    tasks = [(arch, i, 1000 * (k + 1) + i, d) for k, arch in enumerate(d.archs) for i in range(d.bases)]
-    paths = [cache / f"{key}-{arch}-{i:02d}.json" if cache else None for arch, i, _, _ in tasks]
-    todo = [(t, p) for t, p in zip(tasks, paths) if p is None or not p.exists()]
+    key = hashlib.sha256(json.dumps([training, corpus_text(), __version__], sort_keys=True).encode()).hexdigest()[:16]
+    store = cache / key
+    tasks = [(arch, i, 1000 * (k + 1) + i, d, str(store)) for k, arch in enumerate(d.archs) for i in range(d.bases)]
+    paths = [store / f"{arch}-{i:02d}.json" for arch, i, *_ in tasks]
+    # A family is reused only with the models the pairs across families read (a cache may have lost them).
+    todo = [(t, p) for t, p in zip(tasks, paths)
+            if not (p.exists() and all(model_dir(store, n).is_dir() for n in _kept_names(t[0], t[1])))]
     built = {}
     # Each family is stored as soon as it is built, so an interrupted run resumes where it stopped.
     for (task, path), fam in zip(todo, pool.imap(build_family, [t for t, _ in todo])):
         built[task[:2]] = fam
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(fam, sort_keys=True))
-    return [built[t[:2]] if t[:2] in built else json.loads(p.read_text()) for t, p in zip(tasks, paths)], len(todo)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(fam, sort_keys=True))
+    fams = [built[t[:2]] if t[:2] in built else json.loads(p.read_text()) for t, p in zip(tasks, paths)]
+    return fams, len(todo), store
+
+
+def _kept_names(arch: str, index: int) -> list[str]:
+    base = f"{arch}-{index:02d}"
+    return [base] + [f"{base}/{child}" for child in KEPT]
 
 
 def _timing(t: dict) -> str:
@@ -426,20 +547,26 @@ def _timing(t: dict) -> str:
 def run(d: Design, workers: int, cache: Path | None = None) -> dict:
     started = time.perf_counter()
     # One pool for both phases: a spawned worker pays for importing torch and transformers once.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        fams, n_built = families(d, pool, cache)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool, tempfile.TemporaryDirectory() as tmp:
+        fams, n_built, store = families(d, pool, cache or Path(tmp))
         built_s = time.perf_counter() - started
         fps = {name: fp for fam in fams for name, fp in fam["fingerprints"].items()}
+        tested = {name: test for fam in fams for name, test in fam["neurons"].items()}
         bases = {arch: [f"{arch}-{i:02d}" for i in range(d.bases)] for arch in d.archs}
         cases = []
         for names in bases.values():
             for a, b in combinations(names, 2):
-                cases.append(("unrelated", "none", a, b, [n for n in names if n not in (a, b)]))
+                cases.append(("unrelated", "none", a, b, [n for n in names if n not in (a, b)], str(store)))
+            # Different widths: each base's width-pruned child against the next base of its architecture.
+            for a, b in zip(names, names[1:] + names[:1]):
+                cases.append(("unrelated", "width-pruned", f"{a}/width-pruned", b,
+                              [n for n in names if n not in (a, b)], str(store)))
             for base in names:
                 for child in sorted(n for n in fps if n.startswith(base + "/")):
-                    cases.append(("derived", child.split("/")[1], child, base, [n for n in names if n != base]))
-        tasks = [(kind, transform, sus, cand, controls, {n: fps[n] for n in (sus, cand, *controls)}, d, 7 + i)
-                 for i, (kind, transform, sus, cand, controls) in enumerate(cases)]
+                    cases.append(("derived", child.split("/")[1], child, base, [n for n in names if n != base],
+                                  tested[child]))
+        tasks = [(kind, transform, sus, cand, controls, {n: fps[n] for n in (sus, cand, *controls)}, d, 7 + i, neurons)
+                 for i, (kind, transform, sus, cand, controls, neurons) in enumerate(cases)]
         rows = pool.map(analyse_pair, tasks, chunksize=4)
     timing = {"build_s": round(built_s, 1), "analysis_s": round(time.perf_counter() - started - built_s, 1),
               "families_built": n_built, "families_cached": len(fams) - n_built, "workers": workers}

@@ -22,7 +22,7 @@ from forensics.files import model_root, open_regular
 
 
 @lru_cache(maxsize=1)
-def _byte_level_decoder() -> dict[str, int]:
+def byte_level_alphabet() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: printable bytes stand for themselves, the rest are shifted past 255."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
@@ -39,7 +39,7 @@ def _byte_level_decoder() -> dict[str, int]:
 def canonical(token: str, spelling: str) -> str | None:
     """The text a token stands for; None for tokens with no text of their own (byte fallbacks, undecodable bytes)."""
     if spelling == "byte_level":
-        table = _byte_level_decoder()
+        table = byte_level_alphabet()
         try:
             return bytes(table[c] for c in token).decode("utf-8")
         except (KeyError, UnicodeDecodeError):

@@ -33,11 +33,12 @@ from scipy.optimize import linear_sum_assignment
 
 CHANCE_DRAWS = 9
 MIN_Z = 6.0
-# Unrelated models trained on similar text share a loose, semantic map of their streams: on the published models
-# (docs/statistics.md) the orthogonal token map of unrelated pairs explains 0.41-0.60, far above chance yet far from
-# the >= 0.99 of every derived pair. A loose map may line up features two models both learned, which the neuron null
-# (random reorderings after the map) does not account for, so only a near-exact map is used.
+# Unrelated models trained on similar text share a loose map of their streams, far above chance yet far from the
+# near-exact map of a derived pair (docs/statistics.md has the measured qualities). A loose map may line up features
+# two models both learned, which the neuron null (random reorderings after the map) does not account for, so only a
+# near-exact map is used.
 MIN_QUALITY = 0.8
+SHARED_COMPONENTS = 4  # principal components of each embedding removed before the token maps (see below)
 ROTATION_MARGIN = 0.1  # orthogonal quality must exceed the signed permutation's by this much to be preferred
 
 TOKENS_PERMUTATION = "tokens, signed permutation"
@@ -107,9 +108,24 @@ def _chance(fit_quality, rng: np.random.Generator, shuffle) -> tuple[float, floa
     return float(draws.mean()), float(draws.std(ddof=1)), float(draws.max())
 
 
+def without_shared_components(e: np.ndarray, k: int = SHARED_COMPONENTS) -> np.ndarray:
+    """Rows centred, the top k principal components removed.
+
+    Independently trained models share the dominant directions of their embeddings (tokens the text never uses all
+    drift the same way; frequency dominates the next few), and matching coordinates on those lines up structure the
+    two models share without being related. The components come from each model's own rows, so the map of a derived
+    model, an orthogonal M, carries them onto each other: its fit is unchanged.
+    """
+    e = e - e.mean(axis=0)
+    u, s, vt = np.linalg.svd(e, full_matrices=False)
+    k = min(k, len(s) - 1)
+    return e - (u[:, :k] * s[:k]) @ vt[:k]
+
+
 def by_tokens(es: np.ndarray, ec: np.ndarray, rng: np.random.Generator) -> list[Fit]:
     """Both token maps from embedding rows of the same tokens, es (tokens, d_s), ec (tokens, d_c), d_s <= d_c."""
-    es, ec = es.astype(np.float64), ec.astype(np.float64)
+    es = without_shared_components(es.astype(np.float64))
+    ec = without_shared_components(ec.astype(np.float64))
     zs, zc = _standard(es), _standard(ec)
     cs, cc = es - es.mean(axis=0), ec - ec.mean(axis=0)
     n = len(es)
