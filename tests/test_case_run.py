@@ -115,7 +115,8 @@ def test_results_tell_parent_from_stranger(ran):
     assert stranger["verdict"]["verdict"] != "DERIVED"
     # neuron matching (case defaults, T = 199): the noised child holds the parent's neurons, not the stranger's
     assert parent["neurons"]["conclusion"] == "EVIDENCE OF DERIVATION" and parent["neurons"]["pvalue"] == 1 / 200
-    assert stranger["neurons"]["conclusion"] == "NO EVIDENCE"
+    # an unrelated model has no near-exact map of the child's residual stream: the route does not apply to it
+    assert stranger["neurons"]["conclusion"] == "UNAVAILABLE" and "no near-exact alignment" in stranger["neurons"]["reason"]
     assert not parent["tamper"]["raised"] and not stranger["tamper"]["raised"]
 
 
