@@ -227,6 +227,18 @@ def neuron_test(suspect: Path, candidate: Path, neuron_settings=None, suspect_wi
     return result
 
 
+def _neuron_code() -> str:
+    """SHA-256 of the modules that compute a neuron test: a cached test is reused only by the code that made it."""
+    import forensics.signals.neurons
+    import forensics.stats.neurons
+    import forensics.stats.residual
+
+    h = hashlib.sha256()
+    for module in (forensics.signals.neurons, forensics.stats.neurons, forensics.stats.residual):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
 def _no_alignment(tried: list[dict], shared: int) -> str:
     from forensics.stats.residual import MIN_QUALITY, WEIGHTS_PERMUTATION
 
@@ -251,7 +263,7 @@ def neurons(suspect: Path, candidate: Path, fps: tuple[dict, dict], neuron_setti
             store: Store | None = None) -> dict:
     """`neuron_test` with a progress bar, cached by both models' file hashes; the bytes it read are checked against
     the fingerprint pass."""
-    key = digest([[file_key(fp) for fp in fps], asdict(neuron_settings), __version__])
+    key = digest([[file_key(fp) for fp in fps], asdict(neuron_settings), __version__, _neuron_code()])
     if store and (cached := store.get("neurons", key)) is not None:
         err.print(f"[dim]neuron matching against {Path(candidate).name}: cached[/]")
     else:
