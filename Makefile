@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup test test-slow bench bench-ci bench-weights bench-neurons bench-stats calibrate fingerprint models lab panel panel-check case verify device-check
+.PHONY: setup test test-slow bench bench-ci bench-weights bench-neurons bench-stats calibrate fingerprint models lab panel panel-check case verify device-check registry
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,28 @@ bench-neurons: $(STAMP)
 # Derived checkpoints made from SmolLM2-135M (models/lab/*, each with its recipe.json): the lineage lab's standard set.
 lab: models
 	$(VENV)/bin/forensics lab make-set --source models/E-smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf --out models/lab
+
+# The default registry: every model `make models` fetches, with the lineage ../shared/models.md gives (built aside,
+# then moved into place, so an interrupted build leaves the old registry whole).
+REGISTRY := out/registry/default.sqlite
+REG = $(VENV)/bin/forensics registry add --registry $(REGISTRY).tmp
+registry: $(REGISTRY)
+$(REGISTRY): $(MODELS_STAMP)
+	rm -f $(REGISTRY).tmp
+	$(REG) models/A-minilm-l6 --name A-minilm-l6 --base --source "PyPI (../shared/models.md A)" > /dev/null
+	$(REG) models/A2-minilm-copy --name A2-minilm-copy --derived-from A-minilm-l6 > /dev/null
+	$(REG) models/B-minilm-int8/model.onnx --name B-minilm-int8 --derived-from A-minilm-l6 > /dev/null
+	$(REG) models/C-paraphrase-minilm-l3/model.onnx --name C-paraphrase-minilm-l3 \
+		--unrelated-to D1-e5-small --unrelated-to D2-e5-small-enpt > /dev/null
+	$(REG) models/D1-e5-small/e5-small-q4.bin --name D1-e5-small --base > /dev/null
+	$(REG) models/D2-e5-small-enpt/e5-small-enpt-q4.bin --name D2-e5-small-enpt --derived-from D1-e5-small > /dev/null
+	$(REG) models/E-smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf --name E-smollm2-135m --base > /dev/null
+	$(REG) models/F-gemma3-270m/gemma-3-270m-q4_k_m.gguf --name F-gemma3-270m --base > /dev/null
+	$(REG) models/G-qwen2.5-coder-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --name G-qwen2.5-coder-0.5b --base > /dev/null
+	$(REG) models/H-all-mpnet-base-v2 --name H-all-mpnet-base-v2 --base > /dev/null
+	mv $(REGISTRY).tmp $(REGISTRY)
+	$(VENV)/bin/forensics registry list --registry $(REGISTRY) | $(PY) -c "import json,sys; d=json.load(sys.stdin); \
+		print(len(d['references']), 'references,', len(d['unrelated_pairs']), 'declared-unrelated pairs')"
 
 # GPU checks, run on a machine with CUDA (its own python3 may hold CUDA torch: make device-check PY=python3).
 # Weight signals on CPU and CUDA compared; then the activation pass of a real model with tokens/s and TFLOP/s.

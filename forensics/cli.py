@@ -88,6 +88,161 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return result.exit_status
 
 
+def _declared(args: argparse.Namespace):
+    from forensics.evidence.registry import Declared
+
+    return Declared(source=args.source or "", licence=args.licence or "", base=args.base,
+                    derived_from=tuple(args.derived_from or ()), unrelated_to=tuple(args.unrelated_to or ()))
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=1, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def cmd_registry_add(args: argparse.Namespace) -> int:
+    from forensics.evidence.registry import Registry
+    from forensics.pipeline import Reference, build_entries
+
+    if args.name and len(args.models) > 1:
+        raise ForensicsError(None, "--name names one model; give one model per `registry add` to name each")
+    refs = [Reference(Path(m), args.name or Path(m).name, _declared(args)) for m in args.models]
+    _check_registry_target(args.registry, refs)
+    entries = build_entries(refs, engine=args.engine, address=args.address, workers=args.workers)
+    with Registry.create(args.registry) as reg:
+        reg.add(entries, replace=args.replace)
+    _print_json({"registry": args.registry, "added": [e.summary() for e in entries]})
+    return 0
+
+
+def _check_registry_target(registry: str, refs) -> None:
+    """Before anything is read: the registry is not one of the inputs, and an existing one opens."""
+    from forensics.evidence.registry import Registry
+
+    target = Path(registry).resolve()
+    for ref in refs:
+        root = ref.path.resolve()
+        if target == root or root in target.parents:
+            raise ForensicsError(registry, f"the registry would be written inside the model {ref.path}; inputs "
+                                           f"are read-only")
+    if Path(registry).exists():
+        Registry(registry).close()
+
+
+def cmd_registry_build(args: argparse.Namespace) -> int:
+    from forensics.evidence.registry import Declared, Registry
+    from forensics.pipeline import Reference, build_entries
+
+    refs = []
+    for n, line in enumerate(Path(args.from_list).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        path, _, name = line.partition(" ")
+        if not Path(path).exists():
+            raise ForensicsError(args.from_list, f"line {n}: no model at {path}")
+        refs.append(Reference(Path(path), name.strip() or Path(path).name, Declared(base=args.base)))
+    if not refs:
+        raise ForensicsError(args.from_list, "lists no model (one path per line, optionally followed by a name)")
+    _check_registry_target(args.registry, refs)
+    entries = build_entries(refs, engine=args.engine, address=args.address, workers=args.workers,
+                            memory_gb=args.memory_gb)
+    with Registry.create(args.registry) as reg:
+        reg.add(entries, replace=args.replace)
+    _print_json({"registry": args.registry, "engine": args.engine, "added": [e.name for e in entries]})
+    return 0
+
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    from forensics.evidence.registry import Registry
+
+    with Registry(args.registry) as reg:
+        _print_json({"registry": args.registry, "sha256_of_contents": reg.digest(),
+                     "references": [e.summary() for e in reg.entries()],
+                     "unrelated_pairs": sorted(sorted(p) for p in reg.unrelated_pairs())})
+    return 0
+
+
+def cmd_registry_remove(args: argparse.Namespace) -> int:
+    from forensics.evidence.registry import Registry
+
+    with Registry(args.registry, writable=True) as reg:
+        reg.remove(args.names)
+    _print_json({"registry": args.registry, "removed": args.names})
+    return 0
+
+
+def cmd_registry_export(args: argparse.Namespace) -> int:
+    from forensics.evidence.atomic import check_output, write_output
+    from forensics.evidence.registry import Registry
+
+    check_output(args.output, [Path(args.registry)])
+    with Registry(args.registry) as reg:
+        write_output(args.output, reg.export(), [Path(args.registry)])
+    err.print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_registry_import(args: argparse.Namespace) -> int:
+    from forensics.evidence.registry import Registry, read_export
+
+    entries = read_export(Path(args.export))
+    with Registry.create(args.registry) as reg:
+        reg.add(entries, replace=args.replace)
+        digest = reg.digest()
+    _print_json({"registry": args.registry, "imported": [e.name for e in entries], "sha256_of_contents": digest})
+    return 0
+
+
+def cmd_registry_verify(args: argparse.Namespace) -> int:
+    """Re-hash every reference's files where its fingerprint found them."""
+    from forensics.evidence.hashing import sha256_file
+    from forensics.evidence.registry import Registry
+
+    report, bad = [], 0
+    with Registry(args.registry) as reg:
+        for entry in reg.entries():
+            model = entry.fp()["model"]
+            root = Path(model["path"])
+            folder = root if root.is_dir() else root.parent
+            for f in model["files"]:
+                where = folder / f["path"]
+                found = sha256_file(where) if where.is_file() else None
+                ok = found == f["sha256"]
+                bad += not ok
+                report.append({"reference": entry.name, "file": str(where), "ok": ok,
+                               "problem": None if ok else ("missing" if found is None else "SHA-256 differs")})
+    _print_json({"registry": args.registry, "ok": not bad, "files": report})
+    if bad:
+        err.print(f"[bold red]{bad} file(s) no longer match the registry[/]", highlight=False)
+    return 1 if bad else 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from forensics.evidence.atomic import check_output, write_output
+    from forensics.pipeline import Store, scan
+    from forensics.reference import load_calibration_table
+    from forensics.stats.compare import Settings
+
+    suspect = Path(args.suspect)
+    out = Path(args.out) / "scan.json" if args.out else None
+    if out:
+        check_output(out, [suspect, Path(args.registry)])
+    settings = Settings(alpha=args.alpha, n_permutations=args.permutations, n_bootstrap=args.bootstrap, seed=args.seed,
+                        calibration=load_calibration_table())
+    results, _, ranking, scanned = scan(suspect, Path(args.registry), settings, args.device,
+                                        Store(Path(args.cache)) if args.cache else None)
+    doc = {"schema": "llm-forensics.scan/1", "suspect": str(suspect), "registry": scanned,
+           "alpha": args.alpha, "multitest": results.multitest.model_dump(mode="json"),
+           "null_pairs": results.null.n_pairs, "ranking": ranking[:args.top] if args.top else ranking}
+    text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
+    if out:
+        write_output(out, text.encode(), [suspect, Path(args.registry)])
+        err.print(f"wrote {out}")
+    sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forensics", description="Evidence on whether one language model was derived "
                                                               "from another, from weights and activations.")
@@ -149,6 +304,85 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--signer", help="the signing certificate's SHA-256 that must have signed it")
     ver.add_argument("--trust", action="append", help="a trusted root certificate (PEM), repeatable")
     ver.set_defaults(func=cmd_verify)
+
+    reg = sub.add_parser("registry", help="a registry of reference models (SQLite): add, build, list, remove, "
+                                          "export, import, verify",
+                         description="Reference models' fingerprints, files' SHA-256 and declared lineage in one "
+                                     "SQLite file, the null and the candidates of scans and cases.")
+    reg_sub = reg.add_subparsers(dest="registry_command", required=True)
+
+    def registry_arg(p, *, writes: bool = False):
+        p.add_argument("--registry", required=True, help="the registry file (.sqlite)" +
+                       ("; made if absent" if writes else ""))
+
+    def engine_args(p):
+        p.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="fingerprint in this process, or as Ray tasks (one per model)")
+        p.add_argument("--address", help="with --engine ray: join this Ray cluster (default: start a local one)")
+        p.add_argument("--workers", type=int, help="with a local Ray cluster: its CPUs (default: all cores)")
+
+    add = reg_sub.add_parser("add", help="fingerprint models and add them",
+                             description="Fingerprint each MODEL (every file read and hashed) and add it, with what "
+                                         "you declare about it, in one transaction.")
+    add.add_argument("models", nargs="+", metavar="MODEL")
+    registry_arg(add, writes=True)
+    add.add_argument("--name", help="the reference's name (one model only; default: the file or directory name)")
+    add.add_argument("--source", help="where it came from (a URL, a package)")
+    add.add_argument("--licence")
+    add.add_argument("--base", action="store_true", help="declare it a base model (trained from scratch)")
+    add.add_argument("--derived-from", action="append", metavar="NAME", help="declare it derived from NAME")
+    add.add_argument("--unrelated-to", action="append", metavar="NAME", help="declare it unrelated to NAME")
+    add.add_argument("--replace", action="store_true", help="replace references of the same name")
+    engine_args(add)
+    add.set_defaults(func=cmd_registry_add)
+
+    build = reg_sub.add_parser("build", help="fingerprint a list of checkpoints into a registry, locally or on Ray",
+                               description="Each line of LIST: a model path, optionally a space and a name. Models "
+                                           "are fingerprinted as tasks (one per model, memory reserved per task, "
+                                           "retried if a worker dies); the driver alone writes the registry.")
+    build.add_argument("--from", dest="from_list", required=True, metavar="LIST")
+    registry_arg(build, writes=True)
+    build.add_argument("--base", action="store_true", help="declare every listed model a base model")
+    build.add_argument("--memory-gb", type=float, default=4.0, help="memory reserved per task (default: 4)")
+    build.add_argument("--replace", action="store_true")
+    engine_args(build)
+    build.set_defaults(func=cmd_registry_build)
+
+    ls = reg_sub.add_parser("list", help="the references, their declarations and unrelated pairs (JSON)")
+    registry_arg(ls)
+    ls.set_defaults(func=cmd_registry_list)
+    rm = reg_sub.add_parser("remove", help="remove references by name")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    registry_arg(rm)
+    rm.set_defaults(func=cmd_registry_remove)
+    ex = reg_sub.add_parser("export", help="write a portable JSON file another analyst can import and verify")
+    registry_arg(ex)
+    ex.add_argument("-o", "--output", required=True)
+    ex.set_defaults(func=cmd_registry_export)
+    im = reg_sub.add_parser("import", help="add the entries of an exported registry, after checking its hashes")
+    im.add_argument("export")
+    registry_arg(im, writes=True)
+    im.add_argument("--replace", action="store_true")
+    im.set_defaults(func=cmd_registry_import)
+    vf = reg_sub.add_parser("verify", help="re-hash every reference's files; exit 1 if one changed or is missing")
+    registry_arg(vf)
+    vf.set_defaults(func=cmd_registry_verify)
+
+    sc = sub.add_parser("scan", help="screen a suspect against every reference of a registry",
+                        description="Compare the suspect with every reference of the registry (the verdict rule, "
+                                    "adjusted over all references; the null: the pairs the registry declares "
+                                    "unrelated) and rank the references by the evidence. Prints JSON.")
+    sc.add_argument("suspect", help="the suspect model (directory or file)")
+    registry_arg(sc)
+    sc.add_argument("--top", type=int, help="keep the K best-ranked references")
+    sc.add_argument("--out", help="also write DIR/scan.json")
+    sc.add_argument("--alpha", type=float, default=0.01)
+    sc.add_argument("--permutations", type=int, default=9999)
+    sc.add_argument("--bootstrap", type=int, default=999, help="bootstrap draws of each interval (default: 999)")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--cache", help="fingerprint cache directory (e.g. out/.cache)")
+    sc.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    sc.set_defaults(func=cmd_scan)
 
     from forensics.lab.cli import add_parser as add_lab
     add_lab(sub)

@@ -325,11 +325,12 @@ def gather(models: dict[str, Path], device: str, store: Store | None = None, pla
 
 
 def compare(suspect: dict, candidates: dict[str, dict], controls: dict[str, dict], panel: list[dict], stats_settings,
-            neuron_tests: dict[str, dict] | None = None) -> tuple[CaseResults, bytes]:
+            neuron_tests: dict[str, dict] | None = None, null_pairs: list | None = None) -> tuple[CaseResults, bytes]:
     """The statistics over gathered evidence: typed results and the exact bytes of results.json."""
     from forensics.stats.compare import compare_case, to_json
 
-    raw = to_json(compare_case(suspect, candidates, controls, panel, stats_settings, neuron_tests)).encode()
+    raw = to_json(compare_case(suspect, candidates, controls, panel, stats_settings, neuron_tests,
+                               null_pairs)).encode()
     return CaseResults.from_json(raw), raw
 
 
@@ -350,6 +351,12 @@ def case_panel(case) -> list[dict]:
     panel = case.statistics.panel
     if panel == "none":
         return []
+    if isinstance(panel, Path) and panel.is_file():
+        from forensics.evidence.registry import Registry
+
+        # A registry: the references every two of which it declares unrelated.
+        with Registry(panel) as reg:
+            return [e.fp() for e in reg.null_members()]
     return load_panel(None if panel == "default" else panel)
 
 
@@ -413,3 +420,116 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# -- the registry -----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reference:
+    """A model to put in a registry: where it is, what to call it, what the analyst declares about it."""
+
+    path: Path
+    name: str
+    declared: object  # evidence.registry.Declared
+
+
+def reference_entry(ref: Reference, device: str = "cpu", show_progress: bool = False):
+    """The registry entry of one model: its fingerprint (every file read and hashed), canonical."""
+    from forensics.evidence.registry import Entry, canonical
+
+    fp = fingerprint(ref.path, device, ref.name, show_progress=show_progress)
+    return Entry(ref.name, canonical(fp), ref.declared)
+
+
+def _ray_entry(ref: Reference):
+    """One Ray task: a worker process fingerprints one model; BLAS stays on one thread, since tasks share the cores."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return reference_entry(ref)
+
+
+def build_entries(refs: list[Reference], engine: str = "local", address: str | None = None,
+                  workers: int | None = None, memory_gb: float = 4.0, retries: int = 3) -> list:
+    """Registry entries of `refs`, in their order: in this process (`local`), or as Ray tasks, one per model, each
+    with `memory_gb` reserved and retried up to `retries` times if its worker dies. The driver alone writes."""
+    if engine == "local":
+        with step_progress() as bar:
+            task = bar.add_task("fingerprinting references", total=len(refs))
+            out = []
+            for ref in refs:
+                out.append(reference_entry(ref))
+                bar.advance(task)
+        return out
+    if engine != "ray":
+        raise ForensicsError(None, f"engine must be 'local' or 'ray', not {engine!r}")
+    import os
+
+    # Keep the GPUs Ray's tasks see as they are (Ray's coming default; said now, so Ray does not warn about it).
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, num_cpus=None if address else (workers or None), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    try:
+        remote = ray.remote(max_retries=retries, num_cpus=1, memory=int(memory_gb * 2**30))(_ray_entry)
+        pending = {remote.remote(ref): i for i, ref in enumerate(refs)}
+        out: list = [None] * len(refs)
+        with step_progress() as bar:
+            task = bar.add_task(f"fingerprinting references on Ray ({len(refs)} tasks)", total=len(refs))
+            waiting = list(pending)
+            while waiting:
+                done, waiting = ray.wait(waiting, num_returns=1)
+                try:
+                    out[pending[done[0]]] = ray.get(done[0])
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.as_instanceof_cause()
+                    if isinstance(cause, ForensicsError):
+                        raise cause from None
+                    raise ForensicsError(refs[pending[done[0]]].path, f"fingerprinting failed on Ray: {e}") from None
+                except ray.exceptions.RayError as e:
+                    raise ForensicsError(refs[pending[done[0]]].path, f"the Ray task failed after {retries} retries: "
+                                                                      f"{e}") from None
+                bar.advance(task)
+        return out
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def scan(suspect: Path, registry_path: Path, stats_settings, device: str = "auto",
+         store: Store | None = None) -> tuple[CaseResults, bytes, list[dict], dict]:
+    """The suspect against every reference of a registry: one comparison with every reference a candidate (so the
+    verdict rule's adjustment runs over all of them) and the registry's declared-unrelated pairs as the whole null.
+    Returns the typed results, their bytes, the references ranked by the evidence, and what was scanned."""
+    from forensics.evidence.registry import Registry
+
+    with Registry(registry_path) as reg:
+        entries = reg.entries()
+        pairs = sorted(tuple(sorted(p)) for p in reg.unrelated_pairs())
+        scanned = {"path": str(registry_path), "sha256_of_contents": reg.digest(), "references": len(entries),
+                   "unrelated_pairs": len(pairs)}
+    if not entries:
+        raise ForensicsError(registry_path, "the registry holds no reference to scan against")
+    fp = fingerprint(Path(suspect), device, Path(suspect).name, store)
+    fps = {e.name: e.fp() for e in entries}
+    null = [(a, fps[a], b, fps[b]) for a, b in pairs]
+    results, raw = compare(fp, fps, {}, [], stats_settings, None, null)
+    return results, raw, rank(results), scanned
+
+
+def rank(results: CaseResults) -> list[dict]:
+    """Candidates ordered by the verdict (DERIVED first), then by the deciding or smallest route p, then by name."""
+    order = {"DERIVED": 0, "INCONCLUSIVE": 1, "NO EVIDENCE": 2}
+    rows = []
+    for name, c in results.candidates.items():
+        v = c.verdict
+        ps = [r.pvalue for r in v.routes.values() if r.pvalue is not None]
+        rows.append({"reference": name, "verdict": v.verdict, "decided_by": v.route,
+                     "pvalue_adjusted": v.pvalue_adjusted, "smallest_route_pvalue": min(ps) if ps else None,
+                     "error_rate": v.error_rate})
+    rows.sort(key=lambda r: (order.get(r["verdict"], 3), 1.0 if r["pvalue_adjusted"] is None else r["pvalue_adjusted"],
+                             1.0 if r["smallest_route_pvalue"] is None else r["smallest_route_pvalue"], r["reference"]))
+    return [{"rank": i + 1, **r} for i, r in enumerate(rows)]

@@ -294,13 +294,16 @@ def _check_fingerprint(fp: dict, what: str) -> None:
 
 def compare_case(suspect_fp: dict, candidates: dict[str, dict], controls: dict[str, dict] | None = None,
                  panel: list[dict] | None = None, settings: Settings | None = None,
-                 neurons: dict[str, dict] | None = None) -> dict:
+                 neurons: dict[str, dict] | None = None,
+                 null_pairs: list[tuple[str, dict, str, dict]] | None = None) -> dict:
     """Compare the suspect with every candidate; controls and the panel supply the empirical null.
 
     Controls are models the case declares unrelated to the suspect and to every candidate; panel fingerprints are
     reference models unrelated to each other. A panel entry with the same weights as a case model is left out (it
     would put a related pair into the null), and the reason is recorded. `neurons` holds each candidate's neuron
-    test (stats/neurons.py), read beside the verdict with the tamper flag (stats/lineage.py).
+    test (stats/neurons.py), read beside the verdict with the tamper flag (stats/lineage.py). `null_pairs` (name,
+    fingerprint, name, fingerprint), when given, is the whole empirical null instead: a scan's, where the suspect's
+    relation to every reference is the question, so no pair involving a case model may enter it.
     """
     s = settings or Settings()
     if not candidates:
@@ -334,9 +337,13 @@ def compare_case(suspect_fp: dict, candidates: dict[str, dict], controls: dict[s
 
     cache = Cache(s)
     # Unrelated pairs: within the controls and panel, and each case model against each of them.
-    null_pairs = [(a, b) for i, a in enumerate(null_members) for b in null_members[i + 1:]]
-    null_pairs += [(m, c) for m in case for c in null_members]
-    null_sims = [pair_similarities(cache, a, b) for a, b in null_pairs]
+    if null_pairs is None:
+        pairs = [(a, b) for i, a in enumerate(null_members) for b in null_members[i + 1:]]
+        pairs += [(m, c) for m in case for c in null_members]
+    else:
+        pairs = [(Model(f"registry:{a}", "panel", fa), Model(f"registry:{b}", "panel", fb))
+                 for a, fa, b, fb in null_pairs]
+    null_sims = [pair_similarities(cache, a, b) for a, b in pairs]
 
     suspect = case[0]
     results, family = {}, []
@@ -416,7 +423,8 @@ def compare_case(suspect_fp: dict, candidates: dict[str, dict], controls: dict[s
         "models": {m.name: {"kind": m.kind, "path": model_label(m.fp),
                             "architecture": (m.fp.get("model") or {}).get("architecture"),
                             "num_layers": (m.fp.get("model") or {}).get("num_layers")} for m in case + null_members},
-        "null": {"members": [m.name for m in null_members], "excluded": excluded, "n_pairs": len(null_pairs)},
+        "null": {"members": [m.name for m in null_members] if null_pairs is None else
+                 sorted({m.name for pair in pairs for m in pair}), "excluded": excluded, "n_pairs": len(pairs)},
         "curves": {m.name: _curves(cache, m) for m in case},
         "candidates": results,
     })

@@ -1,0 +1,258 @@
+"""The registry: reference models' fingerprints, their files' SHA-256 and what the analyst declares about them, in one
+SQLite file (no server) that cases and scans read as their null and their candidates.
+
+* Schema: `PRAGMA user_version` = SCHEMA_VERSION and `meta.schema` = SCHEMA; a file with another version, or no
+  registry at all, is refused with one message naming it.
+* Entries are byte-stable: the fingerprint is stored as canonical JSON (sorted keys, the run's timings left out),
+  so the same model gives the same entry whichever machine or process fingerprinted it.
+* Writes are transactions: an add, a remove or an import commits whole or not at all (SQLite's journal rolls an
+  interrupted writer back on the next open). Readers open the file read-only; SQLite's locking lets any number of
+  them read at once, and a writer waits for them only while it commits.
+* Export is one JSON document (entries sorted by name) carrying the SHA-256 of its body; import checks that hash
+  and every entry's fingerprint hash before it writes anything.
+* Lineage: each entry may be declared a `base`, `derived_from` some entries, `unrelated_to` others. Two entries are
+  unrelated when declared so, or when their roots (followed through `derived_from`) are different declared bases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from forensics.errors import ForensicsError
+from forensics.results import FINGERPRINT_SCHEMA
+
+SCHEMA = "llm-forensics.registry/1"
+SCHEMA_VERSION = 1
+EXPORT_SCHEMA = "llm-forensics.registry-export/1"
+
+_TABLES = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE reference (
+    name TEXT PRIMARY KEY, architecture TEXT, hidden_size INTEGER, num_layers INTEGER,
+    fingerprint BLOB NOT NULL, fingerprint_sha256 TEXT NOT NULL, declared TEXT NOT NULL);
+CREATE TABLE file (
+    reference TEXT NOT NULL REFERENCES reference(name) ON DELETE CASCADE, path TEXT NOT NULL,
+    size INTEGER NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (reference, path));
+"""
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What the analyst says about a reference; none of it is checked against the weights."""
+
+    source: str = ""
+    licence: str = ""
+    base: bool = False
+    derived_from: tuple[str, ...] = ()
+    unrelated_to: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "licence": self.licence, "base": self.base,
+                "derived_from": sorted(self.derived_from), "unrelated_to": sorted(self.unrelated_to)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Declared:
+        return cls(d.get("source", ""), d.get("licence", ""), bool(d.get("base", False)),
+                   tuple(d.get("derived_from", ())), tuple(d.get("unrelated_to", ())))
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    fingerprint: bytes  # canonical JSON
+    declared: Declared = field(default_factory=Declared)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.fingerprint).hexdigest()
+
+    def fp(self) -> dict:
+        return json.loads(self.fingerprint)
+
+    def files(self) -> list[dict]:
+        return self.fp()["model"]["files"]
+
+    def summary(self) -> dict:
+        model = self.fp()["model"]
+        return {"name": self.name, "architecture": model.get("architecture"), "hidden_size": model.get("hidden_size"),
+                "num_layers": model.get("num_layers"), "fingerprint_sha256": self.sha256,
+                "files": len(model["files"]), "bytes": sum(f["size"] for f in model["files"]),
+                **self.declared.as_dict()}
+
+
+def canonical(fp: dict) -> bytes:
+    """A fingerprint as the registry stores it: sorted keys, compact, without the run's timings (they differ from
+    one run to the next)."""
+    if not isinstance(fp, dict) or fp.get("schema") != FINGERPRINT_SCHEMA:
+        raise ValueError(f"not a fingerprint (schema must be {FINGERPRINT_SCHEMA!r})")
+    return json.dumps({k: v for k, v in fp.items() if k != "run"}, sort_keys=True, separators=(",", ":")).encode()
+
+
+class Registry:
+    """One registry file. `Registry.create` makes a new one; opening checks that it is one, of this schema."""
+
+    def __init__(self, path: str | Path, writable: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ForensicsError(self.path, "registry not found (make one with `forensics registry add`)")
+        uri = f"file:{self.path.resolve()}?mode={'rw' if writable else 'ro'}"
+        try:
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None)  # transactions are explicit
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            schema = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise ForensicsError(self.path, f"not a registry (SQLite says: {e})") from None
+        if schema is None or schema[0] != SCHEMA or version != SCHEMA_VERSION:
+            found = schema[0] if schema else "none"
+            raise ForensicsError(self.path, f"registry of schema {found!r} version {version}; this tool reads "
+                                            f"{SCHEMA!r} version {SCHEMA_VERSION}")
+        self.db.execute("PRAGMA foreign_keys = ON")
+
+    @classmethod
+    def create(cls, path: str | Path) -> Registry:
+        path = Path(path)
+        if path.exists():
+            return cls(path, writable=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path)
+        try:
+            with db:
+                db.executescript(_TABLES)
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA,))
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        finally:
+            db.close()
+        return cls(path, writable=True)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading --
+
+    def names(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM reference ORDER BY name")]
+
+    def entries(self) -> list[Entry]:
+        rows = self.db.execute("SELECT name, fingerprint, fingerprint_sha256, declared FROM reference ORDER BY name")
+        out = []
+        for name, blob, sha, declared in rows:
+            entry = Entry(name, bytes(blob), Declared.from_dict(json.loads(declared)))
+            if entry.sha256 != sha:
+                raise ForensicsError(self.path, f"entry {name!r}: its fingerprint does not hash to the SHA-256 "
+                                                f"stored with it (the file was altered)")
+            out.append(entry)
+        return out
+
+    def get(self, name: str) -> Entry:
+        for entry in self.entries():
+            if entry.name == name:
+                return entry
+        raise ForensicsError(self.path, f"no reference named {name!r}")
+
+    def unrelated_pairs(self) -> set[frozenset[str]]:
+        """Pairs of entries the declarations make unrelated (the module's docstring says how)."""
+        entries = {e.name: e.declared for e in self.entries()}
+
+        def roots(name: str, seen: frozenset = frozenset()) -> set[str]:
+            parents = [p for p in entries.get(name, Declared()).derived_from if p not in seen]
+            if not parents:
+                return {name}
+            return set().union(*(roots(p, seen | {name}) for p in parents))
+
+        root = {n: roots(n) for n in entries}
+        pairs = set()
+        names = sorted(entries)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                declared = b in entries[a].unrelated_to or a in entries[b].unrelated_to
+                bases = all(entries.get(r, Declared()).base for r in root[a] | root[b])
+                if declared or (bases and not root[a] & root[b]):
+                    pairs.add(frozenset((a, b)))
+        return pairs
+
+    def null_members(self) -> list[Entry]:
+        """The largest set of entries every two of which are unrelated, greedily in name order: the empirical null's
+        members (a case's panel) when the registry is named as one."""
+        pairs = self.unrelated_pairs()
+        chosen: list[Entry] = []
+        for entry in self.entries():
+            if all(frozenset((entry.name, c.name)) in pairs for c in chosen):
+                chosen.append(entry)
+        return chosen
+
+    def digest(self) -> str:
+        """SHA-256 of the export body: what the registry holds, independent of SQLite's page layout."""
+        return hashlib.sha256(_body(self.entries())).hexdigest()
+
+    # -- writing (each one transaction) --
+
+    def add(self, entries: list[Entry], replace: bool = False) -> None:
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):
+            raise ForensicsError(self.path, f"two references would have the same name: {sorted(names)}")
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for entry in entries:
+                exists = self.db.execute("SELECT 1 FROM reference WHERE name = ?", (entry.name,)).fetchone()
+                if exists and not replace:
+                    raise ForensicsError(self.path, f"a reference named {entry.name!r} is already in the registry "
+                                                    f"(remove it first, or add with --replace)")
+                fp = entry.fp()
+                model = fp["model"]
+                self.db.execute("DELETE FROM reference WHERE name = ?", (entry.name,))
+                self.db.execute("INSERT INTO reference VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                (entry.name, model.get("architecture"), model.get("hidden_size"),
+                                 model.get("num_layers"), entry.fingerprint, entry.sha256,
+                                 json.dumps(entry.declared.as_dict(), sort_keys=True)))
+                self.db.executemany("INSERT INTO file VALUES (?, ?, ?, ?)",
+                                    [(entry.name, f["path"], f["size"], f["sha256"]) for f in model["files"]])
+
+    def remove(self, names: list[str]) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for name in names:
+                if self.db.execute("DELETE FROM reference WHERE name = ?", (name,)).rowcount == 0:
+                    raise ForensicsError(self.path, f"no reference named {name!r}")
+
+    def export(self) -> bytes:
+        entries = self.entries()
+        body = _body(entries)
+        return json.dumps({"schema": EXPORT_SCHEMA, "registry_schema": SCHEMA,
+                           "sha256": hashlib.sha256(body).hexdigest(), "entries": json.loads(body)},
+                          sort_keys=True, indent=1).encode() + b"\n"
+
+
+def _body(entries: list[Entry]) -> bytes:
+    return json.dumps([{"name": e.name, "declared": e.declared.as_dict(), "fingerprint_sha256": e.sha256,
+                        "fingerprint": e.fp()} for e in sorted(entries, key=lambda e: e.name)],
+                      sort_keys=True, separators=(",", ":")).encode()
+
+
+def read_export(path: Path) -> list[Entry]:
+    """The entries of an exported registry, after checking the document's hash and every entry's."""
+    try:
+        doc = json.loads(Path(path).read_bytes())
+        if doc.get("schema") != EXPORT_SCHEMA:
+            raise ForensicsError(path, f"not a registry export (schema must be {EXPORT_SCHEMA!r})")
+        body = json.dumps(doc["entries"], sort_keys=True, separators=(",", ":")).encode()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ForensicsError(path, f"cannot read the registry export: {e}") from None
+    if hashlib.sha256(body).hexdigest() != doc.get("sha256"):
+        raise ForensicsError(path, "the export's entries do not hash to the SHA-256 it carries (altered or cut)")
+    entries = []
+    for item in doc["entries"]:
+        entry = Entry(item["name"], canonical(item["fingerprint"]), Declared.from_dict(item["declared"]))
+        if entry.sha256 != item["fingerprint_sha256"]:
+            raise ForensicsError(path, f"entry {item['name']!r}: fingerprint does not match its SHA-256")
+        entries.append(entry)
+    return entries

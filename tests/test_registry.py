@@ -1,0 +1,200 @@
+"""The registry on tiny real checkpoints: add, list, remove, export and import through the command line; its
+declarations as a null; a scan; bad registry files; an interrupted writer; and the Ray build with a killed worker."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from forensics.cli import main
+from forensics.errors import ForensicsError
+from forensics.evidence.registry import SCHEMA, Declared, Registry
+from forensics.pipeline import Reference, build_entries
+
+
+def cli(capsys, *argv) -> tuple[int, dict | None, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out) if captured.out.strip() else None, captured.err
+
+
+@pytest.fixture(scope="module")
+def registry(models, tmp_path_factory):
+    path = tmp_path_factory.mktemp("registry") / "r.sqlite"
+    assert main(["registry", "add", str(models / "parent"), "--name", "parent", "--base", "--registry",
+                 str(path), "--source", "tests", "--licence", "Apache-2.0"]) == 0
+    assert main(["registry", "add", str(models / "child"), "--name", "child", "--derived-from", "parent",
+                 "--registry", str(path)]) == 0
+    for i in range(3):
+        assert main(["registry", "add", str(models / f"unrelated{i}"), "--name", f"unrelated{i}", "--base",
+                     "--registry", str(path)]) == 0
+    return path
+
+
+def test_declarations_make_the_null(registry, capsys):
+    code, listing, _ = cli(capsys, "registry", "list", "--registry", str(registry))
+    assert code == 0
+    assert [r["name"] for r in listing["references"]] == ["child", "parent", "unrelated0", "unrelated1", "unrelated2"]
+    parent = next(r for r in listing["references"] if r["name"] == "parent")
+    assert parent["base"] and parent["licence"] == "Apache-2.0" and parent["files"] >= 2
+    pairs = {tuple(p) for p in listing["unrelated_pairs"]}
+    # the child shares the parent's root: every other pair of the five is unrelated
+    assert ("child", "parent") not in pairs and len(pairs) == 10 - 1
+    with Registry(registry) as reg:
+        assert [e.name for e in reg.null_members()] == ["child", "unrelated0", "unrelated1", "unrelated2"]
+
+
+def test_scan_ranks_the_parent_first_and_calls_no_stranger_derived(registry, models, capsys):
+    code, doc, _ = cli(capsys, "scan", str(models / "child"), "--registry", str(registry), "--alpha", "0.05",
+                       "--permutations", "999", "--bootstrap", "100")
+    assert code == 0
+    ranking = doc["ranking"]
+    assert ranking[0]["reference"] in ("child", "parent")  # the child itself is in the registry
+    assert {r["reference"] for r in ranking[:2]} == {"child", "parent"}
+    assert all(r["verdict"] != "DERIVED" for r in ranking if r["reference"].startswith("unrelated"))
+    assert doc["null_pairs"] == 9 and doc["registry"]["references"] == 5
+
+
+def test_export_import_round_trip_keeps_every_byte(registry, tmp_path, capsys):
+    export = tmp_path / "r.json"
+    assert main(["registry", "export", "--registry", str(registry), "-o", str(export)]) == 0
+    copy = tmp_path / "copy.sqlite"
+    code, doc, _ = cli(capsys, "registry", "import", str(export), "--registry", str(copy))
+    with Registry(registry) as a, Registry(copy) as b:
+        assert code == 0 and doc["sha256_of_contents"] == a.digest() == b.digest()
+        assert a.export() == b.export()
+    body = json.loads(export.read_text())
+    body["entries"][0]["declared"]["base"] = not body["entries"][0]["declared"]["base"]
+    export.write_text(json.dumps(body))
+    code, _, message = cli(capsys, "registry", "import", str(export), "--registry", str(tmp_path / "x.sqlite"))
+    assert code == 2 and "do not hash" in message and not (tmp_path / "x.sqlite").exists()
+
+
+def test_remove_and_duplicate_names(registry, tmp_path, capsys):
+    copy = tmp_path / "r.sqlite"
+    shutil.copy(registry, copy)
+    assert main(["registry", "remove", "unrelated2", "--registry", str(copy)]) == 0
+    with Registry(copy) as reg:
+        assert "unrelated2" not in reg.names()
+    code, _, message = cli(capsys, "registry", "remove", "nobody", "--registry", str(copy))
+    assert code == 2 and "nobody" in message
+    code, _, message = cli(capsys, "registry", "add", str(copy.parent), "--name", "parent", "--registry", str(copy))
+    assert code == 2
+
+
+def test_bad_registry_files_are_named_and_refused(registry, tmp_path, capsys):
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database at all" * 100)
+    other = tmp_path / "other.sqlite"
+    shutil.copy(registry, other)
+    db = sqlite3.connect(other)
+    db.execute("PRAGMA user_version = 7")
+    db.commit()
+    db.close()
+    for path, problem in ((junk, "not a registry"), (other, "version 7"), (tmp_path / "none.sqlite", "not found")):
+        code, out, message = cli(capsys, "registry", "list", "--registry", str(path))
+        assert code == 2 and out is None and problem in message and str(path.name) in message
+        code, out, message = cli(capsys, "scan", str(tmp_path), "--registry", str(path))
+        assert code == 2 and out is None
+
+
+def test_a_changed_reference_file_is_found_by_verify(models, tmp_path, capsys):
+    model = tmp_path / "m"
+    shutil.copytree(models / "unrelated0", model)
+    reg = tmp_path / "r.sqlite"
+    assert main(["registry", "add", str(model), "--registry", str(reg)]) == 0
+    capsys.readouterr()
+    code, report, _ = cli(capsys, "registry", "verify", "--registry", str(reg))
+    assert code == 0 and report["ok"]
+    (model / "config.json").write_text((model / "config.json").read_text() + " ")
+    code, report, message = cli(capsys, "registry", "verify", "--registry", str(reg))
+    assert code == 1 and not report["ok"] and "no longer match" in message
+    assert [f["problem"] for f in report["files"] if not f["ok"]] == ["SHA-256 differs"]
+
+
+def test_an_interrupted_writer_leaves_no_half_entry(registry, tmp_path):
+    copy = tmp_path / "r.sqlite"
+    shutil.copy(registry, copy)
+    with Registry(copy) as reg:
+        before = reg.export()
+    # A writer killed between its inserts and its commit (SIGKILL: no cleanup runs).
+    code = ("import os, signal, sqlite3, sys; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "db.execute('BEGIN IMMEDIATE'); "
+            "db.execute(\"INSERT INTO reference VALUES ('half', 'llama', 1, 1, x'7b7d', 'x', '{}')\"); "
+            "db.execute(\"INSERT INTO file VALUES ('half', 'a', 1, 'b')\"); os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code, str(copy)])
+    assert proc.returncode == -9
+    with Registry(copy) as reg:
+        assert reg.export() == before and "half" not in reg.names()
+
+
+def test_readers_share_the_file(registry):
+    with Registry(registry) as a, Registry(registry) as b:
+        assert a.digest() == b.digest()
+        with pytest.raises(sqlite3.OperationalError):
+            a.db.execute("DELETE FROM reference")  # a reader's connection is read-only
+
+
+def test_registry_as_a_case_panel(registry, models):
+    from forensics.case import load_case
+    from forensics.pipeline import case_panel
+    from tests.test_case_run import write_case
+
+    path = write_case(registry.parent, models, statistics={"permutations": 999, "bootstrap": 100, "alpha": 0.05,
+                                                           "seed": 1, "panel": str(registry)})
+    case, _ = load_case(path)
+    assert [fp["model"]["path"] for fp in case_panel(case)] == [
+        str(models / n) for n in ("child", "unrelated0", "unrelated1", "unrelated2")]
+
+
+def _ray_workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any("_ray_entry" in part for part in (p.info["cmdline"] or [])):
+            found.append(p)
+    return found
+
+
+def test_ray_build_survives_a_killed_worker_and_matches_a_local_build(models):
+    refs = [Reference(models / n, n, Declared(base=True)) for n in ("parent", "unrelated0", "unrelated1",
+                                                                   "unrelated2", "child")]
+    killed = []
+
+    def kill_first_worker():
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for proc in _ray_workers():
+                proc.kill()
+                killed.append(proc.pid)
+                break
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    remote = build_entries(refs, engine="ray", workers=2, memory_gb=0.5)
+    killer.join()
+    assert killed, "no Ray worker was seen running a task"
+    local = build_entries(refs)
+    assert [e.fingerprint for e in remote] == [e.fingerprint for e in local]
+    assert [e.name for e in remote] == [r.name for r in refs]
+
+
+def test_ray_build_reports_a_bad_model_by_name(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{")
+    with pytest.raises(ForensicsError, match="bad"):
+        build_entries([Reference(bad, "bad", Declared())], engine="ray", workers=1, memory_gb=0.5)
+
+
+def test_schema_is_recorded(registry):
+    db = sqlite3.connect(f"file:{registry}?mode=ro", uri=True)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == SCHEMA
