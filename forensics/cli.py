@@ -126,7 +126,7 @@ def _check_registry_target(registry: str, refs) -> None:
             raise ForensicsError(registry, f"the registry would be written inside the model {ref.path}; inputs "
                                            f"are read-only")
     if Path(registry).exists():
-        Registry(registry).close()
+        Registry(registry, writable=True).close()
 
 
 def cmd_registry_build(args: argparse.Namespace) -> int:
@@ -134,7 +134,11 @@ def cmd_registry_build(args: argparse.Namespace) -> int:
     from forensics.pipeline import Reference, build_entries
 
     refs = []
-    for n, line in enumerate(Path(args.from_list).read_text().splitlines(), 1):
+    try:
+        lines = Path(args.from_list).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ForensicsError(args.from_list, f"cannot read the list of models: {e}") from None
+    for n, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue

@@ -12,3 +12,7 @@ class ForensicsError(Exception):
         self.path = str(path) if path is not None else None
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+    def __reduce__(self):
+        # Rebuilt from its two fields, so it crosses process boundaries (a Ray task's error reaches the driver whole).
+        return type(self), (self.path, self.problem)

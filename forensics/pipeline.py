@@ -199,8 +199,12 @@ def neuron_test(suspect: Path, candidate: Path, neuron_settings=None, suspect_wi
     if fit is None:
         profiles = read_profile(suspect), read_profile(candidate)
         keys = sorted(set(profiles[0].features) & set(profiles[1].features))
+        ps, pc = profiles[0].matrix(keys) if keys else None, profiles[1].matrix(keys) if keys else None
+        if keys and ps.shape[0] > pc.shape[0]:
+            return unavailable(f"the suspect's residual stream is wider than the candidate's ({ps.shape[0]} vs "
+                               f"{pc.shape[0]}); a narrower suspect is matched into the candidate, not the other way")
         if profiles[0].num_layers == profiles[1].num_layers and len(keys) >= 8:
-            weights = residual.by_profiles(profiles[0].matrix(keys), profiles[1].matrix(keys),
+            weights = residual.by_profiles(ps, pc, np.array([layer for _, layer in keys]),
                                            rng_for(s.seed, "chance", "weights"))
             tried.append(weights.as_dict())
             fit = weights if weights.accepted else None
@@ -215,6 +219,9 @@ def neuron_test(suspect: Path, candidate: Path, neuron_settings=None, suspect_wi
                        readers=weights_route)
     if weights_route:
         keys = sorted(set(sus.readers) & set(cand.readers))
+        if not keys:
+            return unavailable("the weights alignment found no q, k or v matrices in both models to set the "
+                               "coordinates' signs from")
         signs = residual.gram_signs([sus.readers[k] for k in keys], [cand.readers[k] for k in keys])
         for parts in cand.units.values():
             for which in parts:
@@ -227,14 +234,18 @@ def neuron_test(suspect: Path, candidate: Path, neuron_settings=None, suspect_wi
     return result
 
 
-def _neuron_code() -> str:
-    """SHA-256 of the modules that compute a neuron test: a cached test is reused only by the code that made it."""
+def neuron_code() -> str:
+    """SHA-256 of the modules that compute a neuron test (this one included): a cached test is reused only by the
+    code that made it."""
+    import forensics.roles
     import forensics.signals.neurons
+    import forensics.sources.vocabulary
     import forensics.stats.neurons
     import forensics.stats.residual
 
     h = hashlib.sha256()
-    for module in (forensics.signals.neurons, forensics.stats.neurons, forensics.stats.residual):
+    for module in (forensics.signals.neurons, forensics.stats.neurons, forensics.stats.residual,
+                   forensics.sources.vocabulary, forensics.roles, sys.modules[__name__]):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 
@@ -263,7 +274,7 @@ def neurons(suspect: Path, candidate: Path, fps: tuple[dict, dict], neuron_setti
             store: Store | None = None) -> dict:
     """`neuron_test` with a progress bar, cached by both models' file hashes; the bytes it read are checked against
     the fingerprint pass."""
-    key = digest([[file_key(fp) for fp in fps], asdict(neuron_settings), __version__, _neuron_code()])
+    key = digest([[file_key(fp) for fp in fps], asdict(neuron_settings), __version__, neuron_code()])
     if store and (cached := store.get("neurons", key)) is not None:
         err.print(f"[dim]neuron matching against {Path(candidate).name}: cached[/]")
     else:
@@ -485,10 +496,10 @@ def build_entries(refs: list[Reference], engine: str = "local", address: str | N
                 try:
                     out[pending[done[0]]] = ray.get(done[0])
                 except ray.exceptions.RayTaskError as e:
-                    cause = e.as_instanceof_cause()
-                    if isinstance(cause, ForensicsError):
-                        raise cause from None
-                    raise ForensicsError(refs[pending[done[0]]].path, f"fingerprinting failed on Ray: {e}") from None
+                    if isinstance(e.cause, ForensicsError):
+                        raise ForensicsError(e.cause.path, e.cause.problem) from None
+                    raise ForensicsError(refs[pending[done[0]]].path, f"fingerprinting failed on Ray: "
+                                                                      f"{e.cause!r}") from None
                 except ray.exceptions.RayError as e:
                     raise ForensicsError(refs[pending[done[0]]].path, f"the Ray task failed after {retries} retries: "
                                                                       f"{e}") from None

@@ -224,6 +224,7 @@ class AlignmentFit(Record):
     chance_max: float
     chance_draws: int
     z: float
+    excess: float
     min_quality: float
     accepted: bool
 

@@ -6,8 +6,9 @@ SQLite file (no server) that cases and scans read as their null and their candid
 * Entries are byte-stable: the fingerprint is stored as canonical JSON (sorted keys, the run's timings left out),
   so the same model gives the same entry whichever machine or process fingerprinted it.
 * Writes are transactions: an add, a remove or an import commits whole or not at all (SQLite's journal rolls an
-  interrupted writer back on the next open). Readers open the file read-only; SQLite's locking lets any number of
-  them read at once, and a writer waits for them only while it commits.
+  interrupted writer back on the next open, which is then made with write access). Readers otherwise open the file
+  read-only; SQLite's locking lets any number of them read at once, and a writer waits for them only while it
+  commits.
 * Export is one JSON document (entries sorted by name) carrying the SHA-256 of its body; import checks that hash
   and every entry's fingerprint hash before it writes anything.
 * Lineage: each entry may be declared a `base`, `derived_from` some entries, `unrelated_to` others. Two entries are
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,17 +101,28 @@ class Registry:
         self.path = Path(path)
         if not self.path.is_file():
             raise ForensicsError(self.path, "registry not found (make one with `forensics registry add`)")
-        uri = f"file:{self.path.resolve()}?mode={'rw' if writable else 'ro'}"
+        # A journal left by an interrupted writer is rolled back on the first open, which must be able to write it:
+        # that restores the last committed state and changes nothing that was committed.
+        journal = self.path.with_name(self.path.name + "-journal")
+        hot = journal.is_file() and journal.stat().st_size > 0
+        uri = f"file:{self.path.resolve()}?mode={'rw' if writable or hot else 'ro'}"
         try:
             self.db = sqlite3.connect(uri, uri=True, isolation_level=None)  # transactions are explicit
+        except sqlite3.DatabaseError as e:
+            raise ForensicsError(self.path, f"cannot open the registry (SQLite says: {e})") from None
+        try:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             schema = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if schema is None or schema[0] != SCHEMA or version != SCHEMA_VERSION:
+                found = schema[0] if schema else "none"
+                raise ForensicsError(self.path, f"registry of schema {found!r} version {version}; this tool reads "
+                                                f"{SCHEMA!r} version {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
+            self.db.close()
             raise ForensicsError(self.path, f"not a registry (SQLite says: {e})") from None
-        if schema is None or schema[0] != SCHEMA or version != SCHEMA_VERSION:
-            found = schema[0] if schema else "none"
-            raise ForensicsError(self.path, f"registry of schema {found!r} version {version}; this tool reads "
-                                            f"{SCHEMA!r} version {SCHEMA_VERSION}")
+        except ForensicsError:
+            self.db.close()
+            raise
         self.db.execute("PRAGMA foreign_keys = ON")
 
     @classmethod
@@ -118,14 +131,17 @@ class Registry:
         if path.exists():
             return cls(path, writable=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path)
+        # Made aside and renamed into place: an interrupted create leaves no file that is half a registry.
+        staging = path.with_name(f".{path.name}.{os.getpid()}.new")
+        db = sqlite3.connect(staging)
         try:
-            with db:
-                db.executescript(_TABLES)
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA,))
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.executescript(_TABLES)
+            db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA,))
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.commit()
         finally:
             db.close()
+        os.replace(staging, path)
         return cls(path, writable=True)
 
     def close(self) -> None:
@@ -181,8 +197,8 @@ class Registry:
         return pairs
 
     def null_members(self) -> list[Entry]:
-        """The largest set of entries every two of which are unrelated, greedily in name order: the empirical null's
-        members (a case's panel) when the registry is named as one."""
+        """A set of entries every two of which are unrelated, chosen greedily in name order (not necessarily the
+        largest): the empirical null's members (a case's panel) when the registry is named as one."""
         pairs = self.unrelated_pairs()
         chosen: list[Entry] = []
         for entry in self.entries():

@@ -40,6 +40,7 @@ import numpy as np
 from scipy import stats
 
 from forensics import __version__
+from forensics.pipeline import neuron_code
 from forensics.stats.compare import Settings
 from forensics.stats.normalise import curve
 from forensics.stats.similarity import QKVO, pearson
@@ -507,12 +508,13 @@ def markdown(t: dict) -> str:
 
 def families(d: Design, pool, cache: Path) -> tuple[list[dict], int, Path]:
     """Every family, how many had to be built, and the store of kept models: families already in `cache` are reused
-    (keyed by the design's training parameters, the corpus and the package version, so a cached fingerprint or
-    neuron test is always the one this design and this code would produce)."""
+    (keyed by the design's training parameters, the corpus, the package version and the neuron-matching code, so a
+    cached fingerprint or neuron test is always the one this design and this code would produce)."""
     # The file name carries the architecture and index; the key carries everything else a family depends on.
     training = {k: v for k, v in asdict(d).items()
                 if k not in ("name", "archs", "bases", "n_permutations", "n_bootstrap")}
-    key = hashlib.sha256(json.dumps([training, corpus_text(), __version__], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([training, corpus_text(), __version__, neuron_code()],
+                                    sort_keys=True).encode()).hexdigest()[:16]
     store = cache / key
     tasks = [(arch, i, 1000 * (k + 1) + i, d, str(store)) for k, arch in enumerate(d.archs) for i in range(d.bases)]
     paths = [store / f"{arch}-{i:02d}.json" for arch, i, *_ in tasks]

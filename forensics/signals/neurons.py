@@ -142,7 +142,7 @@ def read_profile(path: Path) -> Profile:
     try:
         for ref in m.source.tensors():
             match = m.matches.get(ref.name)
-            if match is None or match.target not in PROFILE_ROLES | FUSED_QKV | set(roles.STACKED):
+            if match is None or match.target not in PROFILE_ROLES | FUSED_QKV:
                 continue
             for part in m.table.parts(ref.name, match, ref.load(), m.info):
                 if part.layer is None or part.role not in PROFILE_ROLES:
@@ -194,8 +194,7 @@ def read_sketch(path: Path, projection: np.ndarray, gains: dict | None = None, r
         """(n, hidden) -> (n, k); gain, when given, scales the coordinates first."""
         if chosen is not None:
             idx, signs = chosen
-            out = rows[:, idx] * signs
-            return out * gain[idx] if gain is not None else out
+            return rows[:, idx] * signs  # the gain, at the selected coordinates, is folded in with the sketch
         rows = rows.astype(np.float64)
         return (rows * gain if gain is not None else rows) @ projection
 

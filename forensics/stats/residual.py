@@ -20,8 +20,9 @@ behind a new vocabulary whose embeddings were re-initialised. Three maps, tried 
 Every map's quality (mean correlation of matched coordinates) is set against its own chance level: the same fit after
 the correspondence it relies on is destroyed (token rows shuffled; each profile feature shuffled across coordinates),
 `CHANCE_DRAWS` times. A map is accepted only if its quality exceeds every chance draw, lies `MIN_Z` chance standard
-deviations above their mean, and reaches `MIN_QUALITY` (a near-exact map, as derivation leaves it, not the loose one
-unrelated models share): an alignment that fails makes neuron matching not applicable instead of finding nothing.
+deviations above their mean, and covers `MIN_QUALITY` of the way from chance to a perfect map (`Fit.excess`: a
+near-exact map, as derivation leaves it, not the loose one unrelated models share): an alignment that fails makes
+neuron matching not applicable instead of finding nothing.
 """
 
 from __future__ import annotations
@@ -62,8 +63,14 @@ class Fit:
         return (self.quality - self.chance_mean) / self.chance_sd if self.chance_sd > 0 else float("inf")
 
     @property
+    def excess(self) -> float:
+        """How far the quality goes from chance towards a perfect map, (q - chance) / (1 - chance): a fit overfits
+        when the coordinates are many for its rows, and its chance draws overfit alike, so the threshold reads this."""
+        return (self.quality - self.chance_mean) / (1.0 - self.chance_mean) if self.chance_mean < 1 else 0.0
+
+    @property
     def accepted(self) -> bool:
-        return self.quality >= MIN_QUALITY and self.quality > self.chance_max and self.z >= MIN_Z
+        return self.excess >= MIN_QUALITY and self.quality > self.chance_max and self.z >= MIN_Z
 
     @property
     def signed_permutation(self) -> bool:
@@ -72,7 +79,7 @@ class Fit:
     def as_dict(self) -> dict:
         return {"how": self.how, "quality": self.quality, "chance_mean": self.chance_mean,
                 "chance_sd": self.chance_sd, "chance_max": self.chance_max, "chance_draws": CHANCE_DRAWS,
-                "z": min(self.z, 1e9), "min_quality": MIN_QUALITY, "accepted": self.accepted}
+                "z": min(self.z, 1e9), "excess": self.excess, "min_quality": MIN_QUALITY, "accepted": self.accepted}
 
 
 def _standard(x: np.ndarray) -> np.ndarray:
@@ -91,16 +98,22 @@ def signed_assignment(corr: np.ndarray) -> tuple[np.ndarray, float]:
     return m, float(np.abs(matched).mean())
 
 
-def _permutation_quality(zs: np.ndarray, zc: np.ndarray) -> tuple[np.ndarray, float]:
-    return signed_assignment(zs.T @ zc)
+def _permutation_fit(fit: tuple[np.ndarray, np.ndarray], judge: tuple[np.ndarray, np.ndarray]) -> tuple:
+    """Signed permutation fitted on `fit` (standardised columns of both sides), its quality read on `judge`."""
+    m, _ = signed_assignment(fit[0].T @ fit[1])
+    return m, _quality(judge[0], judge[1] @ m)
 
 
-def _orthogonal(es: np.ndarray, ec: np.ndarray) -> tuple[np.ndarray, float]:
-    """Procrustes: the M with orthonormal columns maximising tr(Mᵀ ecᵀ es); quality = mean column correlation."""
-    u, _, vt = np.linalg.svd(ec.T @ es, full_matrices=False)
+def _orthogonal_fit(fit: tuple[np.ndarray, np.ndarray], judge: tuple[np.ndarray, np.ndarray]) -> tuple:
+    """Procrustes: the M with orthonormal columns maximising tr(Mᵀ ecᵀ es) on `fit`, its quality read on `judge`."""
+    u, _, vt = np.linalg.svd(fit[1].T @ fit[0], full_matrices=False)
     m = u @ vt
-    r = np.sum(_standard(es) * _standard(ec @ m), axis=0)
-    return m, float(r.mean())
+    return m, _quality(judge[0], judge[1] @ m)
+
+
+def _quality(target: np.ndarray, mapped: np.ndarray) -> float:
+    """Mean over the suspect's coordinates of the correlation of each with what the map puts there."""
+    return float(np.sum(_standard(target) * _standard(mapped), axis=0).mean())
 
 
 def _chance(fit_quality, rng: np.random.Generator, shuffle) -> tuple[float, float, float]:
@@ -114,7 +127,7 @@ def without_shared_components(e: np.ndarray, k: int = SHARED_COMPONENTS) -> np.n
     Independently trained models share the dominant directions of their embeddings (tokens the text never uses all
     drift the same way; frequency dominates the next few), and matching coordinates on those lines up structure the
     two models share without being related. The components come from each model's own rows, so the map of a derived
-    model, an orthogonal M, carries them onto each other: its fit is unchanged.
+    model, an orthogonal M, carries them onto each other, so its quality read without them is unchanged.
     """
     e = e - e.mean(axis=0)
     u, s, vt = np.linalg.svd(e, full_matrices=False)
@@ -123,19 +136,24 @@ def without_shared_components(e: np.ndarray, k: int = SHARED_COMPONENTS) -> np.n
 
 
 def by_tokens(es: np.ndarray, ec: np.ndarray, rng: np.random.Generator) -> list[Fit]:
-    """Both token maps from embedding rows of the same tokens, es (tokens, d_s), ec (tokens, d_c), d_s <= d_c."""
-    es = without_shared_components(es.astype(np.float64))
-    ec = without_shared_components(ec.astype(np.float64))
-    zs, zc = _standard(es), _standard(ec)
+    """Both token maps from embedding rows of the same tokens, es (tokens, d_s), ec (tokens, d_c), d_s <= d_c.
+
+    Each map is fitted on the whole centred embeddings (so a rotation is recovered in every direction) and judged on
+    the embeddings without their shared components (`without_shared_components`), where only lineage lines up."""
+    es, ec = es.astype(np.float64), ec.astype(np.float64)
     cs, cc = es - es.mean(axis=0), ec - ec.mean(axis=0)
+    js, jc = without_shared_components(es), without_shared_components(ec)
+    zs, zc = _standard(cs), _standard(cc)
     n = len(es)
     fits = []
-    m, q = _permutation_quality(zs, zc)
-    fits.append(Fit(TOKENS_PERMUTATION, m, q, *_chance(lambda z: _permutation_quality(zs, z)[1], rng,
-                                                       lambda g: zc[g.permutation(n)])))
-    m, q = _orthogonal(cs, cc)
-    fits.append(Fit(TOKENS_ORTHOGONAL, m, q, *_chance(lambda c: _orthogonal(cs, c)[1], rng,
-                                                      lambda g: cc[g.permutation(n)])))
+    for how, fitter, fs, fc in ((TOKENS_PERMUTATION, _permutation_fit, zs, zc),
+                                (TOKENS_ORTHOGONAL, _orthogonal_fit, cs, cc)):
+        m, q = fitter((fs, fc), (js, jc))
+
+        def shuffled(order, fitter=fitter, fs=fs, fc=fc):
+            return fitter((fs, fc[order]), (js, jc[order]))[1]
+
+        fits.append(Fit(how, m, q, *_chance(shuffled, rng, lambda g: g.permutation(n))))
     return fits
 
 
@@ -147,8 +165,13 @@ def choose_token_fit(fits: list[Fit]) -> Fit | None:
     return perm if perm.accepted else None
 
 
-def by_profiles(ps: np.ndarray, pc: np.ndarray, rng: np.random.Generator) -> Fit:
-    """Signed-permutation map (signs still +1: `gram_signs` sets them) from coordinate profiles (d, features)."""
+def by_profiles(ps: np.ndarray, pc: np.ndarray, layers: np.ndarray, rng: np.random.Generator) -> Fit:
+    """Signed-permutation map (signs still +1: `gram_signs` sets them) from coordinate profiles (d, features), the
+    features' layers in `layers`.
+
+    Chance: the candidate's layers reordered at random (one order for every coordinate, each layer's features kept
+    together), which breaks the correspondence but keeps what every layer of a model shares, such as coordinates
+    that are large throughout: unrelated models line those up too."""
     def standard_rows(p):
         p = p - p.mean(axis=0)
         p = p / np.where(p.std(axis=0) > 0, p.std(axis=0), 1.0)  # every feature counts alike
@@ -164,8 +187,16 @@ def by_profiles(ps: np.ndarray, pc: np.ndarray, rng: np.random.Generator) -> Fit
     zs = standard_rows(ps)
     m, q = assign(standard_rows(pc))
 
+    groups = [np.flatnonzero(layers == layer) for layer in np.unique(layers)]
+
     def shuffled(g):
-        return standard_rows(np.stack([g.permutation(col) for col in pc.T], axis=1))
+        # Layer i's features take the values of layer order[i] (layers with fewer features keep their own).
+        order = g.permutation(len(groups))
+        out = pc.copy()
+        for dst, src in zip(groups, (groups[k] for k in order)):
+            if len(dst) == len(src):
+                out[:, dst] = pc[:, src]
+        return standard_rows(out)
 
     return Fit(WEIGHTS_PERMUTATION, m, q, *_chance(lambda z: assign(z)[1], rng, shuffled))
 
