@@ -50,7 +50,8 @@ from forensics.stats.verdict import DERIVED, PrimaryEvidence, decide
 
 SCHEMA = "llm-forensics.calibration/1"
 ALPHAS = (0.01, 0.05)
-UNTRAINED = ("noised", "int8", "int4", "pruned", "rotated", "width-pruned")
+UNTRAINED = ("noised", "int8", "int4", "pruned", "rotated", "width-pruned", "neuron-permuted", "head-permuted",
+             "qk-rescaled", "vo-rescaled", "updown-rescaled", "norm-rescaled")
 TRAINED = ("fine-tuned", "continued", "moe-upcycled", "vocab-replaced")
 NEW_VOCABULARY = 320  # tokens of the vocab-replaced child's byte-level BPE (256 bytes, one special, 63 merges)
 
@@ -211,6 +212,13 @@ def build_family(task: tuple[str, int, int, Design, str]) -> dict:
             "pruned": lambda: T.prune_layers(base, drop=dropped.tolist())[0],
             "rotated": lambda: T.rotate_residual(base, seed=seed + 7)[0],
             "width-pruned": lambda: T.prune_width(base, seed=seed + 7, hidden_keep=0.75, ffn_keep=0.75)[0],
+            # The output-preserving edits that redraw std curves or reorder units (the lab's defaults).
+            "neuron-permuted": lambda: T.permute_neurons(base, seed=seed + 9)[0],
+            "head-permuted": lambda: T.permute_heads(base, seed=seed + 9)[0],
+            "qk-rescaled": lambda: T.rescale_qk(base, seed=seed + 9)[0],
+            "vo-rescaled": lambda: T.rescale_vo(base, seed=seed + 9)[0],
+            "updown-rescaled": lambda: T.rescale_updown(base, seed=seed + 9)[0],
+            "norm-rescaled": lambda: T.rescale_norm(base, seed=seed + 9)[0],
         }
         if index < d.trained_children:
             children["fine-tuned"] = lambda: _train(base, heldout, d.finetune_steps, d.lr / 2, seed + 3, d)[0]
@@ -427,7 +435,9 @@ def markdown(t: dict) -> str:
         f"experts, top 2, each expert the dense FFN plus 1 % noise, then {d['moe_steps']} steps). Output-preserving "
         f"and width edits of every base: `rotated` (a random orthogonal rotation of the residual stream, gains "
         f"folded), `width-pruned` (a quarter of the residual dimensions and of each layer's FFN neurons dropped, by "
-        f"weight norm); of the first {d['trained_children']} also `vocab-replaced` (a new {NEW_VOCABULARY}-token "
+        f"weight norm), and the lab's output-preserving reorderings and rescalings at their defaults "
+        f"(`neuron-permuted`, `head-permuted`, `qk-rescaled`, `vo-rescaled`, `updown-rescaled`, `norm-rescaled`); "
+        f"of the first {d['trained_children']} also `vocab-replaced` (a new {NEW_VOCABULARY}-token "
         f"byte-level BPE, embeddings re-initialised, {d['finetune_steps']} steps). The suspect is the child, the "
         f"candidate its base.",
         "",
