@@ -303,6 +303,7 @@ def evaluate(pair: Pair, fps: dict[str, dict], families: dict[str, str], panel: 
         verdict["neurons"] = {"conclusion": n.conclusion, "reason": n.reason, "p": n.pvalue,
                               "fisher_p": n.fisher.pvalue if n.fisher else None, "statistic": n.statistic,
                               "null_max": n.null.max if n.null else None,
+                              "alignment": n.alignment.how if n.alignment else None,
                               "layer_map": [sorted({u.matches.layer for u in layer.units})
                                             for layer in n.layers or []]}
         verdict["tamper"] = {"raised": tamper.raised, "roles": list(tamper.roles)}
@@ -553,17 +554,19 @@ def render(result: BenchResult, meta: dict) -> str:
     w("")
     largest = max((r["n_null"] for r in result.rows if r.get("n_null") is not None), default=0)
     capped = largest < need
-    w(f"* **Verdicts {'are' if capped else 'may be'} capped by the size of the null.** DERIVED needs the "
-      f"empirical-null p below alpha, and with n unrelated pairs in the null that p is at least 1/(n+1): at alpha = "
-      f"{alpha} with one candidate the null needs at least {need} unrelated pairs. The shipped panel has "
-      f"{len(result.panel)} models and a pair's null here holds at most {largest} pairs"
-      + (": **no pair can be called DERIVED in this bench**, whatever the signal. Derived pairs end INCONCLUSIVE "
-         "(not wrong, but capped); an unrelated pair can still get NO EVIDENCE from a permutation test that "
-         "reaches alpha. The rule works as designed: it does not convict on a null too small to trust."
+    w(f"* **The std-curve and spectra routes {'are' if capped else 'may be'} capped by the size of the null.** "
+      f"Their DERIVED needs the empirical-null p below alpha, and with n unrelated pairs in the null that p is at "
+      f"least 1/(n+1): at alpha = {alpha} with one candidate the null needs at least {need} unrelated pairs. The "
+      f"shipped panel has {len(result.panel)} models and a pair's null here holds at most {largest} pairs"
+      + (": **neither route can decide DERIVED in this bench**, whatever the signal. The verdicts DERIVED below "
+         "come from neuron matching, whose null is exact and needs no panel; where it does not apply (no "
+         "near-exact alignment of the residual streams, a wider suspect) a derived pair would end INCONCLUSIVE, "
+         "capped, not wrong."
          if capped else "."))
-    w("* **So read the separation columns.** Whether a signal *can* tell derived from unrelated shows in r "
-      "(AUC, lowest derived r vs highest unrelated r) and in the block-permutation p, whose null does not need a "
-      "panel. Those columns are what a larger panel would turn into verdicts.")
+    w("* **So read the separation columns** for the std curves and spectra. Whether a signal *can* tell derived "
+      "from unrelated shows in r (AUC, lowest derived r vs highest unrelated r) and in the block-permutation p, "
+      "whose null does not need a panel. Those columns are what a larger panel (a registry, `make registry`) would "
+      "turn into verdicts of those routes.")
     w("* **Short curves cannot be permutation-tested.** The test permutes blocks of the candidate's interior layers: "
       "6 layers (MiniLM-L6) leave nothing to permute (p = 1), 12 (e5-small) give 4 blocks, 4! = 24 orders, so "
       "p >= 0.042 > alpha; 18 (Gemma3) likewise. Only the 30-layer SmolLM2 (8 blocks, floor 1e-4) can reach alpha. "
@@ -705,8 +708,9 @@ def render_invariant(result: BenchResult, w) -> None:
     w(f"Neuron matching as a case runs it (case defaults: T = {ns['permutations']} signed permutations of the "
       f"residual basis, {ns['neurons']} neurons per FFN unit, {ns['dims']} residual dimensions, up to {ns['tokens']} "
       f"shared tokens for the alignment); its rule: exact joint p < alpha = {x['alpha']} (one candidate). It needs "
-      f"equal hidden widths and a shared vocabulary: it ran on {x['ran']} scored pairs and was not applicable to "
-      f"{x['unavailable']}. The attention-spectrum signals (qk_spectrum, ov_spectrum) are in the per-signal table "
+      f"a near-exact alignment of the residual streams (through shared tokens, else the attention weights; "
+      f"docs/statistics.md) and a suspect no wider than the candidate: it ran on {x['ran']} scored pairs and was "
+      f"not applicable to {x['unavailable']}. The attention-spectrum signals (qk_spectrum, ov_spectrum) are in the per-signal table "
       f"above.")
     w("")
     w(f"* TPR (exact joint p): {_rate(x['tp'], x['derived'])}; FPR: {_rate(x['fp'], x['unrelated'])}. "
@@ -715,9 +719,9 @@ def render_invariant(result: BenchResult, w) -> None:
     w(f"* Tamper flag on the lab's output-preserving rescalings: raised on {_rate(x['tamper_on_rescaled'], x['rescaled'])}"
       f"; raised on any other pair: {', '.join(x['tamper_elsewhere']) or 'none'}.")
     w("")
-    w("| pair | truth | neuron matching | joint p | Fisher p | matched / best null (sum over layers) "
+    w("| pair | truth | neuron matching | alignment | joint p | Fisher p | matched / best null (sum over layers) "
       "| suspect layer -> candidate layer | tamper flag |")
-    w("|---|---|---|---|---|---|---|---|")
+    w("|---|---|---|---|---|---|---|---|---|")
     for v in result.verdicts:
         n = v.get("neurons")
         if n is None:
@@ -729,7 +733,7 @@ def render_invariant(result: BenchResult, w) -> None:
         stat = f"{_f(n['statistic'], 2)} / {_f(n['null_max'], 2)}" if n["statistic"] is not None else "–"
         tamper = ("raised: " + ", ".join(v["tamper"]["roles"])) if v["tamper"]["raised"] else "–"
         label = n["conclusion"] if n["p"] is not None else f"n/a ({n['reason']})"
-        w(f"| {v['pair']} | {v['truth']} | {label} | {_p(n['p'])} | {_p(n['fisher_p'])} | {stat} | {where} "
+        w(f"| {v['pair']} | {v['truth']} | {label} | {n.get('alignment') or '–'} | {_p(n['p'])} | {_p(n['fisher_p'])} | {stat} | {where} "
           f"| {tamper} |")
     w("")
 
