@@ -256,16 +256,17 @@ def _no_alignment(tried: list[dict], shared: int) -> str:
     if not shared:
         tokens = "the two vocabularies share no token (or a model ships no tokenizer)"
     else:
-        best = max((t for t in tried if t["how"] != WEIGHTS_PERMUTATION), key=lambda t: t["quality"])
-        tokens = (f"through the {shared} shared tokens the best map ({best['how']}) explains {best['quality']:.2f} "
-                  f"(chance {best['chance_mean']:.2f}; a derived model keeps at least {MIN_QUALITY})")
+        best = max((t for t in tried if t["how"] != WEIGHTS_PERMUTATION), key=lambda t: t["excess"])
+        tokens = (f"through the {shared} shared tokens the best map ({best['how']}, quality {best['quality']:.2f} "
+                  f"against {best['chance_mean']:.2f} by chance) goes {best['excess']:.2f} of the way from chance to "
+                  f"a perfect map; acceptance needs {MIN_QUALITY}")
     weights = next((t for t in tried if t["how"] == WEIGHTS_PERMUTATION), None)
     if weights is None:
         profile = "the attention weights' per-coordinate profiles cannot be compared (different depths, or too few " \
                   "attention matrices)"
     else:
-        profile = f"the attention weights' per-coordinate profiles match at {weights['quality']:.2f} " \
-                  f"(chance {weights['chance_mean']:.2f})"
+        profile = f"the attention weights' per-coordinate profiles go {weights['excess']:.2f} of the way " \
+                  f"(quality {weights['quality']:.2f} against {weights['chance_mean']:.2f})"
     return (f"no near-exact alignment of the two residual streams: {tokens}; {profile}. Neuron matching does not "
             f"apply; a failed alignment is not absence of evidence")
 
