@@ -87,7 +87,7 @@ def test_summary_and_render_are_deterministic(bench):
     meta = {"git": {"commit": "abc", "dirty": 0}, "date": "2025-01-01", "subset": "all", "models": Path("m")}
     text = bench.render(result, meta)
     assert text == bench.render(result, meta)
-    assert "| q | 1 / 1 |" in text and "no pair can be called DERIVED" in text
+    assert "| q | 1 / 1 |" in text and "neither route can decide DERIVED in this bench" in text
 
 
 @pytest.mark.slow
