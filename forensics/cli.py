@@ -101,18 +101,27 @@ def _print_json(obj) -> None:
 
 
 def cmd_registry_add(args: argparse.Namespace) -> int:
-    from forensics.evidence.registry import Registry
-    from forensics.pipeline import Reference, build_entries
+    from forensics.pipeline import Reference
 
     if args.name and len(args.models) > 1:
         raise ForensicsError(None, "--name names one model; give one model per `registry add` to name each")
     refs = [Reference(Path(m), args.name or Path(m).name, _declared(args)) for m in args.models]
-    _check_registry_target(args.registry, refs)
-    entries = build_entries(refs, engine=args.engine, address=args.address, workers=args.workers)
-    with Registry.create(args.registry) as reg:
-        reg.add(entries, replace=args.replace)
+    entries = _add_references(args, refs)
     _print_json({"registry": args.registry, "added": [e.summary() for e in entries]})
     return 0
+
+
+def _add_references(args: argparse.Namespace, refs, memory_gb: float = 4.0) -> list:
+    """Check the target, fingerprint `refs` (the --engine's way) and add them in one transaction."""
+    from forensics.evidence.registry import Registry
+    from forensics.pipeline import build_entries
+
+    _check_registry_target(args.registry, refs)
+    entries = build_entries(refs, engine=args.engine, address=args.address, workers=args.workers,
+                            memory_gb=memory_gb)
+    with Registry.create(args.registry) as reg:
+        reg.add(entries, replace=args.replace)
+    return entries
 
 
 def _check_registry_target(registry: str, refs) -> None:
@@ -130,8 +139,8 @@ def _check_registry_target(registry: str, refs) -> None:
 
 
 def cmd_registry_build(args: argparse.Namespace) -> int:
-    from forensics.evidence.registry import Declared, Registry
-    from forensics.pipeline import Reference, build_entries
+    from forensics.evidence.registry import Declared
+    from forensics.pipeline import Reference
 
     refs = []
     try:
@@ -148,11 +157,7 @@ def cmd_registry_build(args: argparse.Namespace) -> int:
         refs.append(Reference(Path(path), name.strip() or Path(path).name, Declared(base=args.base)))
     if not refs:
         raise ForensicsError(args.from_list, "lists no model (one path per line, optionally followed by a name)")
-    _check_registry_target(args.registry, refs)
-    entries = build_entries(refs, engine=args.engine, address=args.address, workers=args.workers,
-                            memory_gb=args.memory_gb)
-    with Registry.create(args.registry) as reg:
-        reg.add(entries, replace=args.replace)
+    entries = _add_references(args, refs, args.memory_gb)
     _print_json({"registry": args.registry, "engine": args.engine, "added": [e.name for e in entries]})
     return 0
 

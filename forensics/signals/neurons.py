@@ -9,8 +9,8 @@ spell the same way (`read_embedding_rows`) or from per-coordinate profiles of th
 A neuron is described by its gate row, its up row and its down column: three vectors in the residual basis. A sketch
 keeps, per FFN unit (a dense FFN, an expert, a shared expert), every neuron projected on `k` directions of the
 residual stream (the suspect's: a seeded sample of its coordinates; the candidate's: those coordinates through the
-alignment, a signed selection or, after a rotation, dense directions): that is all the matching needs, and it keeps a 7B model's sketch near 1/30 of its size, so
-two models are never held whole. Before matching, each part of each neuron is made invariant to what an evader can do
+alignment, a signed selection or, after a rotation, dense directions): that is all the matching needs, and it keeps
+a 7B model's sketch near 1/30 of its size, so two models are never held whole. Before matching, each part of each neuron is made invariant to what an evader can do
 without changing the model's outputs:
 
 * the input norm's gain is folded into the gate and up columns (a gain moved into the projections changes nothing);
@@ -198,10 +198,10 @@ def read_sketch(path: Path, projection: np.ndarray, gains: dict | None = None, r
         rows = rows.astype(np.float64)
         return (rows * gain if gain is not None else rows) @ projection
 
+    wanted = NEEDED | (PROFILE_READERS | FUSED_QKV if readers else set())
     try:
         for ref in m.source.tensors():
             match = m.matches.get(ref.name)
-            wanted = NEEDED | (PROFILE_READERS | FUSED_QKV if readers else set())
             if match is None or match.target not in wanted:
                 continue
             for part in m.table.parts(ref.name, match, ref.load(), m.info):
