@@ -228,27 +228,34 @@ def cmd_registry_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from forensics.evidence.atomic import check_output, write_output
-    from forensics.pipeline import Store, scan
+    from forensics.case import Signing
+    from forensics.pipeline import Store, run_scan
     from forensics.reference import load_calibration_table
     from forensics.stats.compare import Settings
 
-    suspect = Path(args.suspect)
-    out = Path(args.out) / "scan.json" if args.out else None
-    if out:
-        check_output(out, [suspect, Path(args.registry)])
+    signing = {}
+    if args.signing:
+        import yaml
+        from pydantic import ValidationError
+
+        try:
+            data = yaml.safe_load(Path(args.signing).read_text())
+            signing = Signing.model_validate(data or {}).model_dump(exclude_none=True)
+        except (OSError, yaml.YAMLError) as e:
+            raise ForensicsError(args.signing, f"cannot read the signing settings: {e}") from None
+        except ValidationError as e:
+            raise ForensicsError(args.signing, f"invalid signing settings: {e}") from None
+        base = Path(args.signing).resolve().parent
+        signing = {k: str(base / v) if k in ("pkcs12", "key", "certificate", "passphrase_file", "pkcs11_module")
+                   else v for k, v in signing.items()}
     settings = Settings(alpha=args.alpha, n_permutations=args.permutations, n_bootstrap=args.bootstrap, seed=args.seed,
                         calibration=load_calibration_table())
-    results, _, ranking, scanned = scan(suspect, Path(args.registry), settings, args.device,
-                                        Store(Path(args.cache)) if args.cache else None)
-    doc = {"schema": "llm-forensics.scan/1", "suspect": str(suspect), "registry": scanned,
-           "alpha": args.alpha, "multitest": results.multitest.model_dump(mode="json"),
-           "null_pairs": results.null.n_pairs, "ranking": ranking[:args.top] if args.top else ranking}
-    text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
-    if out:
-        write_output(out, text.encode(), [suspect, Path(args.registry)])
-        err.print(f"wrote {out}")
-    sys.stdout.write(text)
+    doc = run_scan(Path(args.suspect), Path(args.registry), Path(args.out) if args.out else None, settings,
+                   args.analyst, signing, args.device, Store(Path(args.cache)) if args.cache else None,
+                   args.neuron_permutations, args.top)
+    if args.out:
+        err.print(f"wrote {args.out}: scan.json, results.json, scan.yaml, manifest.json and the signed dossier.pdf")
+    sys.stdout.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     return 0
 
 
@@ -384,7 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("suspect", help="the suspect model (directory or file)")
     registry_arg(sc)
     sc.add_argument("--top", type=int, help="keep the K best-ranked references")
-    sc.add_argument("--out", help="also write DIR/scan.json")
+    sc.add_argument("--out", help="also write the signed dossier into DIR (scan.json, results.json, scan.yaml, "
+                                  "manifest.json, dossier.pdf)")
+    sc.add_argument("--analyst", default="unnamed analyst", help="the analyst the dossier names")
+    sc.add_argument("--signing", help="a YAML file with the fields of a case's `signing:` section (default: the "
+                                      "local analyst key)")
+    sc.add_argument("--neuron-permutations", type=int,
+                    help="T of every neuron test (default: the least whose floor survives the adjustment over the "
+                         "registry's references)")
     sc.add_argument("--alpha", type=float, default=0.01)
     sc.add_argument("--permutations", type=int, default=9999)
     sc.add_argument("--bootstrap", type=int, default=999, help="bootstrap draws of each interval (default: 999)")

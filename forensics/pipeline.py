@@ -163,53 +163,30 @@ def neuron_test(suspect: Path, candidate: Path, neuron_settings=None, suspect_wi
                 candidate_width: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """Neuron matching of one pair (forensics/stats/neurons.py has the procedure): the residual streams are aligned
     (forensics/stats/residual.py: through shared tokens, else through the attention weights), one pass per model reads
-    its FFN sketches on the aligned directions, the statistics match them."""
+    its FFN sketches on the aligned directions (a seeded sample of the suspect's coordinates), the statistics match
+    them."""
     from forensics.signals.neurons import read_embedding_rows, read_profile, read_sketch
     from forensics.sources.vocabulary import shared_tokens, vocabulary
     from forensics.stats import residual
-    from forensics.stats.neurons import NeuronSettings, match_test, unavailable
+    from forensics.stats.neurons import NeuronSettings, unavailable
     from forensics.stats.seeds import rng_for
 
     s = neuron_settings or NeuronSettings()
     suspect, candidate = Path(suspect), Path(candidate)
     if suspect_width and candidate_width and suspect_width > candidate_width:
-        return unavailable(f"the suspect's residual stream is wider than the candidate's ({suspect_width} vs "
-                           f"{candidate_width}); a narrower suspect is matched into a subset of the candidate's "
-                           f"coordinates, not the other way round (swap the two to test that direction)")
-    tried: list[dict] = []
-    fit, tokens = None, {}
+        return unavailable(_wider(suspect_width, candidate_width))
     (va, sa), (vb, sb) = vocabulary(suspect), vocabulary(candidate)
-    pairs = shared_tokens(va, vb, sa, sb)
-    if pairs:
-        rng = rng_for(s.seed, "tokens")
-        pairs = np.asarray(pairs)
+    pairs = np.asarray(shared_tokens(va, vb, sa, sb))
+    tokens, rows = {}, None
+    if len(pairs):
         tokens = {"shared_tokens": len(pairs)}
         if len(pairs) > s.tokens:
-            pairs = pairs[np.sort(rng.choice(len(pairs), s.tokens, replace=False))]
+            pairs = pairs[np.sort(rng_for(s.seed, "tokens").choice(len(pairs), s.tokens, replace=False))]
         tokens["tokens_used"] = int(len(pairs))
-        es, ec = read_embedding_rows(suspect, pairs[:, 0]), read_embedding_rows(candidate, pairs[:, 1])
-        if es.shape[1] > ec.shape[1]:
-            return unavailable(f"the suspect's embedding is wider than the candidate's ({es.shape[1]} vs "
-                               f"{ec.shape[1]})")
-        fits = residual.by_tokens(es, ec, rng_for(s.seed, "chance", "tokens"))
-        del es, ec
-        tried += [f.as_dict() for f in fits]
-        fit = residual.choose_token_fit(fits)
-    profiles = None
-    if fit is None:
-        profiles = read_profile(suspect), read_profile(candidate)
-        keys = sorted(set(profiles[0].features) & set(profiles[1].features))
-        ps, pc = profiles[0].matrix(keys) if keys else None, profiles[1].matrix(keys) if keys else None
-        if keys and ps.shape[0] > pc.shape[0]:
-            return unavailable(f"the suspect's residual stream is wider than the candidate's ({ps.shape[0]} vs "
-                               f"{pc.shape[0]}); a narrower suspect is matched into the candidate, not the other way")
-        if profiles[0].num_layers == profiles[1].num_layers and len(keys) >= 8:
-            weights = residual.by_profiles(ps, pc, np.array([layer for _, layer in keys]),
-                                           rng_for(s.seed, "chance", "weights"))
-            tried.append(weights.as_dict())
-            fit = weights if weights.accepted else None
-        if fit is None:
-            return {**unavailable(_no_alignment(tried, len(pairs))), "alignment": {"how": None, **tokens, "tried": tried}}
+        rows = read_embedding_rows(suspect, pairs[:, 0]), read_embedding_rows(candidate, pairs[:, 1])
+    fit, tried, refused = _alignment(rows, lambda: (read_profile(suspect), read_profile(candidate)), s, tokens)
+    if refused:
+        return refused
     d = fit.matrix.shape[1]
     dims = np.sort(rng_for(s.seed, "dims").choice(d, min(s.dims, d), replace=False))
     weights_route = fit.how == residual.WEIGHTS_PERMUTATION
@@ -217,21 +194,121 @@ def neuron_test(suspect: Path, candidate: Path, neuron_settings=None, suspect_wi
     dense = not fit.signed_permutation
     cand = read_sketch(candidate, fit.matrix[:, dims], gains=read_profile(candidate).gains if dense else None,
                        readers=weights_route)
+    return _matched(sus, cand, fit, tried, s, progress, tokens, len(dims))
+
+
+def neuron_test_record(suspect: Path, record, neuron_settings, progress: Callable[[int], None] | None = None) -> dict:
+    """Neuron matching of the suspect against a registry's record of a reference (signals.neurons.Record): the same
+    alignment as `neuron_test`, but the sketch is on the reference's stored coordinates, and the suspect is read on
+    the directions the alignment maps them to. The reference's weights are not read."""
+    from forensics.signals.neurons import read_embedding_rows, read_profile, read_sketch, selection
+    from forensics.sources.vocabulary import spellings, vocabulary
+    from forensics.stats import residual
+    from forensics.stats.neurons import unavailable
+
+    s = neuron_settings
+    suspect = Path(suspect)
+    if record.sketch.hidden_size < (width := _hidden_size(suspect)):
+        return unavailable(_wider(width, record.sketch.hidden_size))
+    vocab, spelling = vocabulary(suspect)
+    index = spellings(vocab, spelling) if vocab else {}
+    pairs = np.array([(index[t], i) for i, t in enumerate(record.texts) if t in index], dtype=np.int64).reshape(-1, 2)
+    tokens, rows = {}, None
+    if len(pairs):
+        tokens = {"shared_tokens": len(pairs), "tokens_used": len(pairs)}
+        rows = read_embedding_rows(suspect, pairs[:, 0]), record.rows[pairs[:, 1]]
+    fit, tried, refused = _alignment(rows, lambda: (read_profile(suspect), record.profile), s, tokens)
+    if refused:
+        return refused
+    weights_route = fit.how == residual.WEIGHTS_PERMUTATION
+    onto = fit.matrix[record.dims, :]  # (kept reference coordinates, suspect width): each one's suspect direction
+    cand = record.sketch
+    if fit.signed_permutation:
+        # A narrower suspect holds only some of the kept coordinates: the sketch keeps those.
+        mapped = np.flatnonzero(np.abs(onto).sum(axis=1) > 0)
+        if len(mapped) < 8:
+            return unavailable(f"only {len(mapped)} of the reference's {len(record.dims)} sketched coordinates are "
+                               f"in the suspect's residual stream; neuron matching needs 8")
+        onto, cand = onto[mapped], cand.columns(mapped) if len(mapped) < len(record.dims) else cand
+    projection = onto.T
+    sus = read_sketch(suspect, projection, readers=weights_route,
+                      gains=read_profile(suspect).gains if selection(projection) is None else None)
+    return _matched(sus, cand, fit, tried, s, progress, tokens, projection.shape[1], sign_suspect=True)
+
+
+def _alignment(rows: tuple | None, profiles: Callable[[], tuple], s, tokens: dict) -> tuple:
+    """The first accepted map of the two residual streams (stats/residual.py), from the shared tokens' embedding
+    rows, else from the weights' profiles (read only then): (fit, maps tried, None), or (None, maps tried, the
+    unavailable result)."""
+    from forensics.stats import residual
+    from forensics.stats.neurons import unavailable
+    from forensics.stats.seeds import rng_for
+
+    tried: list[dict] = []
+    fit = None
+    if rows is not None:
+        es, ec = rows
+        if es.shape[1] > ec.shape[1]:
+            return None, tried, unavailable(f"the suspect's embedding is wider than the candidate's ({es.shape[1]} vs "
+                                     f"{ec.shape[1]})")
+        fits = residual.by_tokens(es, ec, rng_for(s.seed, "chance", "tokens"))
+        tried += [f.as_dict() for f in fits]
+        fit = residual.choose_token_fit(fits)
+    if fit is None:
+        ps, pc = profiles()
+        keys = sorted(set(ps.features) & set(pc.features))
+        ms, mc = ps.matrix(keys) if keys else None, pc.matrix(keys) if keys else None
+        if keys and ms.shape[0] > mc.shape[0]:
+            return None, tried, unavailable(_wider(ms.shape[0], mc.shape[0]))
+        if ps.num_layers == pc.num_layers and len(keys) >= 8:
+            weights = residual.by_profiles(ms, mc, np.array([layer for _, layer in keys]),
+                                           rng_for(s.seed, "chance", "weights"))
+            tried.append(weights.as_dict())
+            fit = weights if weights.accepted else None
+    if fit is None:
+        return None, tried, {**unavailable(_no_alignment(tried, tokens.get("shared_tokens", 0))),
+                      "alignment": {"how": None, **tokens, "tried": tried}}
+    return fit, tried, None
+
+
+def _matched(sus, cand, fit, tried: list[dict], s, progress, tokens: dict, dims: int, sign_suspect: bool = False) -> dict:
+    """Steps 3-5 on two sketches in one basis, the weights alignment's coordinate signs set first (on whichever side
+    was read through the map), and the alignment described."""
+    from forensics.stats import residual
+    from forensics.stats.neurons import match_test, unavailable
+
+    weights_route = fit.how == residual.WEIGHTS_PERMUTATION
     if weights_route:
         keys = sorted(set(sus.readers) & set(cand.readers))
         if not keys:
             return unavailable("the weights alignment found no q, k or v matrices in both models to set the "
                                "coordinates' signs from")
         signs = residual.gram_signs([sus.readers[k] for k in keys], [cand.readers[k] for k in keys])
-        for parts in cand.units.values():
+        for parts in (sus if sign_suspect else cand).units.values():
             for which in parts:
                 parts[which] = parts[which] * signs.astype(np.float32)
     result = match_test(sus, cand, s, progress, both_signs=weights_route)
     result["alignment"] = {"how": fit.how, **tokens, "quality": fit.quality, "z": min(fit.z, 1e9),
-                           "suspect_width": d, "candidate_width": int(fit.matrix.shape[0]), "dims": int(len(dims)),
-                           "tried": tried}
+                           "suspect_width": int(fit.matrix.shape[1]), "candidate_width": int(fit.matrix.shape[0]),
+                           "dims": int(dims), "tried": tried}
     result["inputs"] = {"suspect": sus.files, "candidate": cand.files}
     return result
+
+
+def _wider(suspect: int, candidate: int) -> str:
+    return (f"the suspect's residual stream is wider than the candidate's ({suspect} vs {candidate}); a narrower "
+            f"suspect is matched into a subset of the candidate's coordinates, not the other way round (swap the two "
+            f"to test that direction)")
+
+
+def _hidden_size(path: Path) -> int:
+    from forensics.sources import Reads, open_model
+
+    reads = Reads()
+    try:
+        return open_model(Path(path), reads).info().hidden_size or 0
+    finally:
+        reads.close()
 
 
 def neuron_code() -> str:
@@ -275,25 +352,31 @@ def neurons(suspect: Path, candidate: Path, fps: tuple[dict, dict], neuron_setti
             store: Store | None = None) -> dict:
     """`neuron_test` with a progress bar, cached by both models' file hashes; the bytes it read are checked against
     the fingerprint pass."""
+    widths = [(fp.get("model") or {}).get("hidden_size") for fp in fps]
     key = digest([[file_key(fp) for fp in fps], asdict(neuron_settings), __version__, neuron_code()])
+    result = _with_progress(store, key, Path(candidate).name, neuron_settings.permutations,
+                            lambda advance: neuron_test(suspect, candidate, neuron_settings, *widths, progress=advance))
+    same_inputs(result, fps)
+    return result
+
+
+def _with_progress(store: Store | None, key: str, label: str, total: int, run: Callable) -> dict:
+    """A neuron test from the cache, or run with a progress bar and cached."""
     if store and (cached := store.get("neurons", key)) is not None:
-        err.print(f"[dim]neuron matching against {Path(candidate).name}: cached[/]")
-    else:
-        widths = [(fp.get("model") or {}).get("hidden_size") for fp in fps]
-        with step_progress() as bar:
-            tasks = []  # the bar appears once matching starts (not for a pair the test does not apply to)
+        err.print(f"[dim]neuron matching against {label}: cached[/]")
+        return cached
+    with step_progress() as bar:
+        tasks = []  # the bar appears once matching starts (not for a pair the test does not apply to)
 
-            def advance(done: int) -> None:
-                if not tasks:
-                    tasks.append(bar.add_task(f"neuron matching vs {Path(candidate).name}",
-                                              total=neuron_settings.permutations))
-                bar.update(tasks[0], completed=done)
+        def advance(done: int) -> None:
+            if not tasks:
+                tasks.append(bar.add_task(f"neuron matching vs {label}", total=total))
+            bar.update(tasks[0], completed=done)
 
-            cached = neuron_test(suspect, candidate, neuron_settings, *widths, progress=advance)
-        if store:
-            store.put("neurons", key, cached)
-    same_inputs(cached, fps)
-    return cached
+        result = run(advance)
+    if store:
+        store.put("neurons", key, result)
+    return result
 
 
 def same_inputs(result: dict, fps: tuple[dict, dict]) -> None:
@@ -377,9 +460,7 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
     """Run the case end to end; returns `out_root/CASE_ID`, which holds the signed dossier."""
     from forensics.case import load_case
     from forensics.corpus import load_corpus
-    from forensics.evidence.manifest import build_manifest, fingerprint_inputs
     from forensics.reference import load_calibration_table
-    from forensics.report.dossier import build_dossier
     from forensics.report.signing import SigningConfig, load_signer
 
     case_path = Path(case_path)
@@ -414,20 +495,34 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
                              statistics_settings(case, load_calibration_table()),
                              evidence.neurons if case.neurons.enabled else None)
 
-    with staged_directory(out_root / case.id) as staging:
+    inputs = []
+    if corpus_record:
+        inputs = [{**f, "kind": "corpus"} for f in corpus_record["files"] if Path(f["path"]).is_absolute()]
+    return publish(out_root / case.id, case.id, raw_results, fps, raw_yaml, case_path, case.model_dump(mode="json"),
+                   signing, argv, inputs, corpus=corpus_record, windows=evidence.windows or None)
+
+
+def publish(out_dir: Path, case_id: str, raw_results: bytes, fps: dict[str, dict], raw_yaml: bytes,
+            yaml_path: Path, case: dict, signing, argv: list[str] | None, inputs: list, corpus: dict | None = None,
+            windows: dict | None = None, registry: dict | None = None, extra: dict[str, bytes] | None = None) -> Path:
+    """results.json, the fingerprints, the manifest and the signed dossier, staged and moved into `out_dir` whole.
+    `inputs`: input records beside the models' weights; `extra`: more files to write (name -> bytes)."""
+    from forensics.evidence.manifest import build_manifest, fingerprint_inputs
+    from forensics.report.dossier import build_dossier
+
+    with staged_directory(out_dir) as staging:
         (staging / "fingerprints").mkdir()
         (staging / "results.json").write_bytes(raw_results)
+        for name, data in (extra or {}).items():
+            (staging / name).write_bytes(data)
         for name, fp in fps.items():
             (staging / "fingerprints" / f"{_safe(name)}.json").write_text(json.dumps(fp, indent=1, sort_keys=True))
-        inputs = fingerprint_inputs(fps)
-        if corpus_record:
-            inputs += [{**f, "kind": "corpus"} for f in corpus_record["files"] if Path(f["path"]).is_absolute()]
-        manifest = build_manifest(case_id=case.id, argv=argv or sys.argv, case_yaml_bytes=raw_yaml,
-                                  case_yaml_path=case_path, results=raw_results, inputs=inputs,
-                                  corpus=corpus_record, token_windows=evidence.windows or None,
-                                  inputs_base=Path.cwd())
-        build_dossier(raw_results, manifest, raw_yaml, staging, signing, case=case.model_dump(mode="json"))
-    return out_root / case.id
+        manifest = build_manifest(case_id=case_id, argv=argv or sys.argv, case_yaml_bytes=raw_yaml,
+                                  case_yaml_path=yaml_path, results=raw_results,
+                                  inputs=fingerprint_inputs(fps) + inputs, corpus=corpus, token_windows=windows,
+                                  inputs_base=Path.cwd(), registry=registry)
+        build_dossier(raw_results, manifest, raw_yaml, staging, signing, case=case)
+    return out_dir
 
 
 def _safe(name: str) -> str:
@@ -445,12 +540,25 @@ class Reference:
     declared: object  # evidence.registry.Declared
 
 
+# What a registry's neuron records sample: the case's defaults of neuron matching (stats/neurons.NeuronSettings).
+RECORD_DIMS, RECORD_TOKENS, RECORD_SEED = 64, 8192, 0
+
+
 def reference_entry(ref: Reference, device: str = "cpu", show_progress: bool = False):
-    """The registry entry of one model: its fingerprint (every file read and hashed), canonical."""
+    """The registry entry of one model: its fingerprint (every file read and hashed), canonical, and its neuron
+    record (none for a model neuron matching cannot read, e.g. one without FFN matrices or token embedding)."""
     from forensics.evidence.registry import Entry, canonical
+    from forensics.signals.neurons import read_record
 
     fp = fingerprint(ref.path, device, ref.name, show_progress=show_progress)
-    return Entry(ref.name, canonical(fp), ref.declared)
+    try:
+        record = read_record(ref.path, RECORD_DIMS, RECORD_TOKENS, RECORD_SEED)
+    except ForensicsError as e:
+        err.print(f"[yellow]{ref.name}: no neuron record ({e.problem})[/]", highlight=False, soft_wrap=True)
+        record = None
+    else:
+        same_bytes(fp, record.sketch.files, "the neuron record")
+    return Entry(ref.name, canonical(fp), ref.declared, record.to_bytes() if record else None)
 
 
 def _ray_entry(ref: Reference):
@@ -511,25 +619,104 @@ def build_entries(refs: list[Reference], engine: str = "local", address: str | N
             ray.shutdown()
 
 
-def scan(suspect: Path, registry_path: Path, stats_settings, device: str = "auto",
-         store: Store | None = None) -> tuple[CaseResults, bytes, list[dict], dict]:
+def scan_permutations(references: int, alpha: float, method: str, at_least: int) -> int:
+    """T of a scan's neuron tests: the least T >= `at_least`, T + 1 a multiple of 100, whose floor 1/(T+1) can be
+    significant after the adjustment over every reference scanned (Holm: references / (T+1) < alpha)."""
+    from forensics.stats.multitest import best_adjusted
+
+    t = max(at_least, 99)
+    while best_adjusted(1 / (t + 1), references, method) >= alpha or (t + 1) % 100:
+        t += 1
+    return t
+
+
+def scan(suspect: Path, registry_path: Path, stats_settings, device: str = "auto", store: Store | None = None,
+         neuron_permutations: int | None = None) -> tuple[CaseResults, bytes, list[dict], dict, dict]:
     """The suspect against every reference of a registry: one comparison with every reference a candidate (so the
-    verdict rule's adjustment runs over all of them) and the registry's declared-unrelated pairs as the whole null.
-    Returns the typed results, their bytes, the references ranked by the evidence, and what was scanned."""
+    verdict rule's adjustment runs over all of them), neuron matching against every reference's stored record (its
+    weights are not read), and the registry's declared-unrelated pairs as the whole null. Returns the typed results,
+    their bytes, the references ranked by the evidence, what was scanned (the registry's hash and size) and the
+    suspect's fingerprint."""
+    from forensics.evidence.registry import Registry
+    from forensics.signals.neurons import Record
+    from forensics.stats.neurons import NeuronSettings, unavailable
+
+    suspect = Path(suspect)
+    fp = fingerprint(suspect, device, suspect.name, store)
+    with Registry(registry_path) as reg:
+        entries = reg.entries()
+        if not entries:
+            raise ForensicsError(registry_path, "the registry holds no reference to scan against")
+        pairs = sorted(tuple(sorted(p)) for p in reg.unrelated_pairs())
+        permutations = neuron_permutations or scan_permutations(len(entries), stats_settings.alpha,
+                                                                stats_settings.multitest, NeuronSettings.permutations)
+        s = NeuronSettings(permutations=permutations, seed=stats_settings.seed)
+        scanned = {"path": str(registry_path), "sha256_of_contents": reg.digest(),
+                   "bytes": Path(registry_path).stat().st_size, "references": len(entries),
+                   "unrelated_pairs": len(pairs), "neuron_permutations": permutations}
+        tests = {}
+        for e in entries:
+            if e.record_sha256 is None:
+                tests[e.name] = unavailable("the registry holds no neuron record of this reference")
+                continue
+            key = digest([file_key(fp), e.record_sha256, asdict(s), __version__, neuron_code()])
+            tests[e.name] = _with_progress(
+                store, key, e.name, permutations,
+                lambda advance, e=e: neuron_test_record(suspect, Record.from_bytes(reg.neuron_record(e.name), e.name),
+                                                        s, advance))
+            same_bytes(fp, (tests[e.name].get("inputs") or {}).get("suspect", []), "neuron matching")
+    fps = {e.name: e.fp() for e in entries}
+    null = [(a, fps[a], b, fps[b]) for a, b in pairs]
+    results, raw = compare(fp, fps, {}, [], stats_settings, tests, null)
+    return results, raw, rank(results), scanned, fp
+
+
+def run_scan(suspect: Path, registry_path: Path, out_dir: Path | None, stats_settings, analyst: str,
+             signing=None, device: str = "auto", store: Store | None = None, neuron_permutations: int | None = None,
+             top: int | None = None, argv: list[str] | None = None) -> dict:
+    """`scan`, and with `out_dir` its signed dossier: the scan written as the case it amounts to (scan.yaml: the
+    suspect, every reference a candidate, the registry as the panel), the ranking (scan.json), results.json, and a
+    manifest that records the registry's file, size and SHA-256 of its contents. Returns the ranking document."""
+    import yaml
+
+    from forensics.case import Case
+    from forensics.report.signing import SigningConfig, load_signer
+
+    suspect, registry_path = Path(suspect), Path(registry_path)
+    signing = signing or {}
+    if out_dir is not None:
+        check_output(Path(out_dir) / "dossier.pdf", [suspect, registry_path])
+        load_signer(SigningConfig(**signing))
+    results, raw, ranking, scanned, fp = scan(suspect, registry_path, stats_settings, device, store,
+                                              neuron_permutations)
+    doc = {"schema": "llm-forensics.scan/1", "suspect": str(suspect), "registry": scanned,
+           "alpha": stats_settings.alpha, "multitest": results.multitest.model_dump(mode="json"),
+           "null_pairs": results.null.n_pairs, "ranking": ranking[:top] if top else ranking}
+    if out_dir is None:
+        return doc
     from forensics.evidence.registry import Registry
 
     with Registry(registry_path) as reg:
-        entries = reg.entries()
-        pairs = sorted(tuple(sorted(p)) for p in reg.unrelated_pairs())
-        scanned = {"path": str(registry_path), "sha256_of_contents": reg.digest(), "references": len(entries),
-                   "unrelated_pairs": len(pairs)}
-    if not entries:
-        raise ForensicsError(registry_path, "the registry holds no reference to scan against")
-    fp = fingerprint(Path(suspect), device, Path(suspect).name, store)
-    fps = {e.name: e.fp() for e in entries}
-    null = [(a, fps[a], b, fps[b]) for a, b in pairs]
-    results, raw = compare(fp, fps, {}, [], stats_settings, None, null)
-    return results, raw, rank(results), scanned
+        references = {e.name: e.fp()["model"]["path"] for e in reg.entries()}
+    label = f"suspect: {suspect.name}"  # a reference may carry the suspect's own name
+    case = Case(id=f"scan-{_safe(suspect.name)}", title=f"Scan of {suspect.name} against the registry "
+                f"{registry_path.name}", analyst=analyst,
+                suspect={"name": label, "path": suspect.resolve()},
+                candidates=[{"name": n, "path": p, "notes": "a registry reference: compared through its stored "
+                             "fingerprint and neuron record, its weights not read"} for n, p in references.items()],
+                statistics={"permutations": stats_settings.n_permutations, "bootstrap": stats_settings.n_bootstrap,
+                            "alpha": stats_settings.alpha, "seed": stats_settings.seed,
+                            "multitest": "fdr_bh" if stats_settings.multitest == "bh" else "holm",
+                            "panel": registry_path.resolve()},
+                neurons={"permutations": scanned["neuron_permutations"]}, activations={"enabled": False},
+                signing=signing)
+    raw_yaml = yaml.safe_dump(case.model_dump(mode="json", exclude_defaults=True), sort_keys=False,
+                              allow_unicode=True).encode()
+    registry_input = {"path": str(registry_path), "kind": "registry"}
+    publish(Path(out_dir), case.id, raw, {label: fp}, raw_yaml, Path(out_dir) / "scan.yaml",
+            case.model_dump(mode="json"), SigningConfig(**signing), argv, [registry_input], registry=scanned,
+            extra={"scan.yaml": raw_yaml, "scan.json": (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()})
+    return doc
 
 
 def rank(results: CaseResults) -> list[dict]:

@@ -57,10 +57,55 @@ def test_scan_ranks_the_parent_first_and_calls_no_stranger_derived(registry, mod
                        "--permutations", "999", "--bootstrap", "100")
     assert code == 0
     ranking = doc["ranking"]
-    assert ranking[0]["reference"] in ("child", "parent")  # the child itself is in the registry
+    # The child itself is in the registry: it and its parent come first, DERIVED by neuron matching on the stored
+    # records, at a T the scan chose so that its floor survives Holm over the five references.
     assert {r["reference"] for r in ranking[:2]} == {"child", "parent"}
+    assert [(r["verdict"], r["decided_by"]) for r in ranking[:2]] == [("DERIVED", "neurons")] * 2
     assert all(r["verdict"] != "DERIVED" for r in ranking if r["reference"].startswith("unrelated"))
+    assert doc["registry"]["neuron_permutations"] == 199  # 5 / 200 < 0.05 <= 5 / 100
     assert doc["null_pairs"] == 9 and doc["registry"]["references"] == 5
+
+
+def test_scan_never_reads_a_references_weights(registry, models, tmp_path, capsys):
+    """The references' files are gone: the scan still matches neurons, from the registry's records alone."""
+    kept = tmp_path / "child"
+    shutil.copytree(models / "child", kept)
+    with Registry(registry) as reg:
+        paths = [reg.get(n).fp()["model"]["path"] for n in ("parent", "unrelated0")]
+    assert all(p.startswith(str(models)) for p in paths)
+    hidden = tmp_path / "hidden"
+    shutil.move(str(models), str(hidden))
+    try:
+        code, doc, _ = cli(capsys, "scan", str(kept), "--registry", str(registry), "--alpha", "0.05",
+                           "--permutations", "999", "--bootstrap", "100")
+    finally:
+        shutil.move(str(hidden), str(models))
+    assert code == 0
+    assert next(r for r in doc["ranking"] if r["reference"] == "parent")["verdict"] == "DERIVED"
+
+
+def test_scan_writes_a_signed_dossier_that_records_the_registry(registry, models, tmp_path, capsys, monkeypatch):
+    from forensics.report.verify import verify_dossier
+
+    monkeypatch.setenv("FORENSICS_KEY_DIR", str(tmp_path / "keys"))
+    out = tmp_path / "scan"
+    code, doc, _ = cli(capsys, "scan", str(models / "unrelated0"), "--registry", str(registry), "--alpha", "0.05",
+                       "--permutations", "999", "--bootstrap", "100", "--out", str(out), "--analyst", "A. Tester")
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["attestation.dsse.json", "dossier.pdf", "figures",
+                                                     "fingerprints", "manifest.json", "results.json", "scan.json",
+                                                     "scan.yaml", "signer-certificate.pem"]
+    assert json.loads((out / "scan.json").read_text()) == doc
+    manifest = json.loads((out / "manifest.json").read_text())
+    with Registry(registry) as reg:
+        assert manifest["registry"]["sha256_of_contents"] == reg.digest()
+    assert manifest["registry"]["bytes"] == registry.stat().st_size and manifest["registry"]["references"] == 5
+    assert [r["kind"] for r in manifest["inputs"] if r["path"] == str(registry)] == ["registry"]
+    result = verify_dossier(out / "dossier.pdf", check_inputs=True, base_dir=models.parent,
+                            expected_signer=manifest["signer"]["certificate_sha256"])
+    assert result.ok, result.to_dict()
+    # The model scanned is itself a reference (unrelated0): that one is found; no other reference is DERIVED.
+    assert [r["reference"] for r in doc["ranking"] if r["verdict"] == "DERIVED"] == ["unrelated0"]
 
 
 def test_export_import_round_trip_keeps_every_byte(registry, tmp_path, capsys):
@@ -187,6 +232,7 @@ def test_ray_build_survives_a_killed_worker_and_matches_a_local_build(models):
     assert killed, "no Ray worker was seen running a task"
     local = build_entries(refs)
     assert [e.fingerprint for e in remote] == [e.fingerprint for e in local]
+    assert [e.neurons for e in remote] == [e.neurons for e in local] and all(e.neurons for e in local)
     assert [e.name for e in remote] == [r.name for r in refs]
 
 

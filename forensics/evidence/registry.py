@@ -17,6 +17,7 @@ SQLite file (no server) that cases and scans read as their null and their candid
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -27,9 +28,9 @@ from pathlib import Path
 from forensics.errors import ForensicsError
 from forensics.results import FINGERPRINT_SCHEMA
 
-SCHEMA = "llm-forensics.registry/1"
-SCHEMA_VERSION = 1
-EXPORT_SCHEMA = "llm-forensics.registry-export/1"
+SCHEMA = "llm-forensics.registry/2"
+SCHEMA_VERSION = 2  # 2: neuron records
+EXPORT_SCHEMA = "llm-forensics.registry-export/2"
 
 _TABLES = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,6 +40,9 @@ CREATE TABLE reference (
 CREATE TABLE file (
     reference TEXT NOT NULL REFERENCES reference(name) ON DELETE CASCADE, path TEXT NOT NULL,
     size INTEGER NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (reference, path));
+CREATE TABLE neurons (
+    reference TEXT PRIMARY KEY REFERENCES reference(name) ON DELETE CASCADE, record BLOB NOT NULL,
+    sha256 TEXT NOT NULL);
 """
 
 
@@ -64,13 +68,22 @@ class Declared:
 
 @dataclass(frozen=True)
 class Entry:
+    """One reference: its fingerprint, what is declared about it, and its neuron record (signals.neurons.Record,
+    as bytes; read from the registry only when asked for, by `Registry.neuron_record`)."""
+
     name: str
     fingerprint: bytes  # canonical JSON
     declared: Declared = field(default_factory=Declared)
+    neurons: bytes | None = None
+    neurons_sha256: str | None = None  # when `neurons` was not read
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.fingerprint).hexdigest()
+
+    @property
+    def record_sha256(self) -> str | None:
+        return hashlib.sha256(self.neurons).hexdigest() if self.neurons is not None else self.neurons_sha256
 
     def fp(self) -> dict:
         return json.loads(self.fingerprint)
@@ -83,7 +96,7 @@ class Entry:
         return {"name": self.name, "architecture": model.get("architecture"), "hidden_size": model.get("hidden_size"),
                 "num_layers": model.get("num_layers"), "fingerprint_sha256": self.sha256,
                 "files": len(model["files"]), "bytes": sum(f["size"] for f in model["files"]),
-                **self.declared.as_dict()}
+                "neuron_record_sha256": self.record_sha256, **self.declared.as_dict()}
 
 
 def canonical(fp: dict) -> bytes:
@@ -159,15 +172,30 @@ class Registry:
         return [r[0] for r in self.db.execute("SELECT name FROM reference ORDER BY name")]
 
     def entries(self) -> list[Entry]:
-        rows = self.db.execute("SELECT name, fingerprint, fingerprint_sha256, declared FROM reference ORDER BY name")
+        rows = self.db.execute("SELECT name, fingerprint, fingerprint_sha256, declared, neurons.sha256 FROM reference "
+                               "LEFT JOIN neurons ON neurons.reference = name ORDER BY name")
         out = []
-        for name, blob, sha, declared in rows:
-            entry = Entry(name, bytes(blob), Declared.from_dict(json.loads(declared)))
+        for name, blob, sha, declared, record_sha in rows:
+            entry = Entry(name, bytes(blob), Declared.from_dict(json.loads(declared)), neurons_sha256=record_sha)
             if entry.sha256 != sha:
                 raise ForensicsError(self.path, f"entry {name!r}: its fingerprint does not hash to the SHA-256 "
                                                 f"stored with it (the file was altered)")
             out.append(entry)
         return out
+
+    def neuron_record(self, name: str) -> bytes | None:
+        """The reference's neuron record, checked against the SHA-256 stored with it; None if it has none."""
+        row = self.db.execute("SELECT record, sha256 FROM neurons WHERE reference = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        blob = bytes(row[0])
+        if hashlib.sha256(blob).hexdigest() != row[1]:
+            raise ForensicsError(self.path, f"entry {name!r}: its neuron record does not hash to the SHA-256 stored "
+                                            f"with it (the file was altered)")
+        return blob
+
+    def with_records(self, entries: list[Entry]) -> list[Entry]:
+        return [Entry(e.name, e.fingerprint, e.declared, self.neuron_record(e.name)) for e in entries]
 
     def get(self, name: str) -> Entry:
         for entry in self.entries():
@@ -232,6 +260,9 @@ class Registry:
                                  json.dumps(entry.declared.as_dict(), sort_keys=True)))
                 self.db.executemany("INSERT INTO file VALUES (?, ?, ?, ?)",
                                     [(entry.name, f["path"], f["size"], f["sha256"]) for f in model["files"]])
+                if entry.neurons is not None:
+                    self.db.execute("INSERT INTO neurons VALUES (?, ?, ?)",
+                                    (entry.name, entry.neurons, entry.record_sha256))
 
     def remove(self, names: list[str]) -> None:
         with self.db:
@@ -243,15 +274,17 @@ class Registry:
     def export(self) -> bytes:
         entries = self.entries()
         body = _body(entries)
+        records = {e.name: base64.b64encode(r).decode() for e in entries if (r := self.neuron_record(e.name))}
         return json.dumps({"schema": EXPORT_SCHEMA, "registry_schema": SCHEMA,
-                           "sha256": hashlib.sha256(body).hexdigest(), "entries": json.loads(body)},
-                          sort_keys=True, indent=1).encode() + b"\n"
+                           "sha256": hashlib.sha256(body).hexdigest(), "entries": json.loads(body),
+                           "neuron_records": records}, sort_keys=True, indent=1).encode() + b"\n"
 
 
 def _body(entries: list[Entry]) -> bytes:
+    """What the registry's digest and an export's hash cover: every entry, its neuron record by SHA-256."""
     return json.dumps([{"name": e.name, "declared": e.declared.as_dict(), "fingerprint_sha256": e.sha256,
-                        "fingerprint": e.fp()} for e in sorted(entries, key=lambda e: e.name)],
-                      sort_keys=True, separators=(",", ":")).encode()
+                        "neuron_record_sha256": e.record_sha256, "fingerprint": e.fp()}
+                       for e in sorted(entries, key=lambda e: e.name)], sort_keys=True, separators=(",", ":")).encode()
 
 
 def read_export(path: Path) -> list[Entry]:
@@ -267,8 +300,15 @@ def read_export(path: Path) -> list[Entry]:
         raise ForensicsError(path, "the export's entries do not hash to the SHA-256 it carries (altered or cut)")
     entries = []
     for item in doc["entries"]:
-        entry = Entry(item["name"], canonical(item["fingerprint"]), Declared.from_dict(item["declared"]))
+        try:
+            record = doc.get("neuron_records", {}).get(item["name"])
+            record = base64.b64decode(record, validate=True) if record is not None else None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ForensicsError(path, f"entry {item['name']!r}: its neuron record cannot be decoded: {e}") from None
+        entry = Entry(item["name"], canonical(item["fingerprint"]), Declared.from_dict(item["declared"]), record)
         if entry.sha256 != item["fingerprint_sha256"]:
             raise ForensicsError(path, f"entry {item['name']!r}: fingerprint does not match its SHA-256")
+        if entry.record_sha256 != item.get("neuron_record_sha256"):
+            raise ForensicsError(path, f"entry {item['name']!r}: neuron record does not match its SHA-256")
         entries.append(entry)
     return entries

@@ -21,6 +21,7 @@ without changing the model's outputs:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,14 @@ class Sketch:
         """Parts every unit has (BERT-style FFNs have no gate)."""
         found = [set(p) for p in self.units.values()]
         return set.intersection(*found) if found else set()
+
+    def columns(self, keep: np.ndarray) -> Sketch:
+        """The sketch on a subset of its directions, every row made unit length again (columns of a centred sketch
+        stay centred), readers cut alike."""
+        units = {u: {w: _unit_rows(a[:, keep]).astype(np.float32) for w, a in parts.items()}
+                 for u, parts in self.units.items()}
+        return Sketch(self.path, self.architecture, self.hidden_size, units,
+                      {k: a[:, keep] for k, a in self.readers.items()}, self.files)
 
 
 class _Model:
@@ -271,3 +280,98 @@ def _invariant(rows: np.ndarray, gain: np.ndarray | None) -> np.ndarray:
         rows = rows * gain
     rows = _unit_rows(rows)
     return _unit_rows(rows - rows.mean(axis=0)).astype(np.float32)
+
+
+RECORD_SCHEMA = "llm-forensics.neuron-record/1"
+
+
+@dataclass
+class Record:
+    """What a registry keeps of a reference for neuron matching, so that a scan never reads its weights again: the
+    embedding rows of a seeded sample of its tokens (with their texts), its coordinate profile, and its sketch on a
+    seeded sample of its own residual coordinates (`dims`), q/k/v readers kept. A scan then maps the suspect onto
+    those coordinates through the alignment, the reverse of a case (which samples the suspect's coordinates)."""
+
+    texts: list[str]  # canonical token texts (sources.vocabulary), one per row of `rows`
+    rows: np.ndarray  # (tokens, hidden) embedding rows
+    profile: Profile
+    dims: np.ndarray  # the reference's coordinates the sketch keeps, sorted
+    sketch: Sketch
+    settings: dict  # dims, tokens, seed: what the sample was drawn with
+
+    def to_bytes(self) -> bytes:
+        """safetensors bytes (float16 arrays; sorted, so the same record always gives the same bytes)."""
+        from safetensors.numpy import save
+
+        half = np.float16
+        tensors = {"rows": self.rows.astype(half), "dims": self.dims.astype(np.int64)}
+        for unit, parts in self.sketch.units.items():
+            for which, a in parts.items():
+                tensors[f"unit.{unit.layer}.{unit.kind}.{unit.expert}.{which}"] = a.astype(half)
+        for (role, layer), a in self.sketch.readers.items():
+            tensors[f"reader.{role}.{layer}"] = a.astype(half)
+        for (role, layer), a in self.profile.features.items():
+            tensors[f"feature.{role}.{layer}"] = a.astype(np.float64)
+        for (role, layer), a in self.profile.gains.items():
+            tensors[f"gain.{role}.{layer}"] = a.astype(np.float64)
+        meta = {"schema": RECORD_SCHEMA, "texts": json.dumps(self.texts), "settings": json.dumps(self.settings),
+                "architecture": self.sketch.architecture, "hidden_size": str(self.sketch.hidden_size),
+                "num_layers": str(self.profile.num_layers), "files": json.dumps(self.sketch.files)}
+        # One metadata entry: safetensors writes several in a per-process hash order, which would change the bytes.
+        return save(tensors, metadata={"record": json.dumps(meta, sort_keys=True)})
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, path: Path) -> Record:
+        """The record `to_bytes` wrote; `path` (where the reference was) names it in messages."""
+        from safetensors.numpy import load
+
+        try:
+            size = int.from_bytes(blob[:8], "little")
+            meta = json.loads(json.loads(blob[8:8 + size])["__metadata__"]["record"])
+            if meta.get("schema") != RECORD_SCHEMA:
+                raise ValueError(f"schema {meta.get('schema')!r}, not {RECORD_SCHEMA!r}")
+            arrays = load(blob)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ForensicsError(path, f"its neuron record in the registry cannot be read: {e}") from None
+        units: dict[UnitKey, dict[str, np.ndarray]] = {}
+        readers, features, gains = {}, {}, {}
+        for name, a in arrays.items():
+            kind, *rest = name.split(".")
+            if kind == "unit":
+                layer, unit_kind, expert, which = rest
+                units.setdefault(UnitKey(int(layer), unit_kind, int(expert)), {})[which] = a.astype(np.float32)
+            elif kind in ("reader", "feature", "gain"):
+                key = (rest[0], int(rest[1]))
+                {"reader": readers, "feature": features, "gain": gains}[kind][key] = (
+                    a.astype(np.float32) if kind == "reader" else a)
+        sketch = Sketch(Path(path), meta["architecture"], int(meta["hidden_size"]), dict(sorted(units.items())),
+                        readers, json.loads(meta["files"]))
+        return cls(json.loads(meta["texts"]), arrays["rows"].astype(np.float32),
+                   Profile(features, gains, int(meta["num_layers"])), arrays["dims"], sketch,
+                   json.loads(meta["settings"]))
+
+
+def read_record(path: Path, dims: int, tokens: int, seed: int) -> Record:
+    """The neuron record of the model at `path` (see `Record`); the sketch pass reads every file to the end and
+    hashes it."""
+    from forensics.sources.vocabulary import spellings, vocabulary
+    from forensics.stats.seeds import rng_for
+
+    vocab, spelling = vocabulary(path)
+    texts: list[str] = []
+    ids = np.zeros(0, dtype=np.int64)
+    if vocab:
+        index = spellings(vocab, spelling)
+        texts = sorted(index)
+        if len(texts) > tokens:
+            keep = np.sort(rng_for(seed, "record tokens").choice(len(texts), tokens, replace=False))
+            texts = [texts[i] for i in keep]
+        ids = np.array([index[t] for t in texts], dtype=np.int64)
+    profile = read_profile(path)
+    width = _Model(path)
+    d = width.info.hidden_size
+    width.close()
+    chosen = np.sort(rng_for(seed, "dims").choice(d, min(dims, d), replace=False))
+    rows = read_embedding_rows(path, ids) if len(ids) else np.zeros((0, d), np.float32)
+    sketch = read_sketch(path, np.eye(d)[:, chosen], readers=True)
+    return Record(texts, rows, profile, chosen, sketch, {"dims": dims, "tokens": tokens, "seed": seed})

@@ -57,24 +57,25 @@ def canonical(token: str, spelling: str) -> str | None:
     return token
 
 
+def spellings(vocab: list[str], spelling: str) -> dict[str, int]:
+    """Text -> id for every text the vocabulary spells exactly one way (no empty text, no text twice)."""
+    seen: dict[str, int] = {}
+    twice = set()
+    for i, tok in enumerate(vocab):
+        text = canonical(tok, spelling)
+        if text is None or text == "":
+            continue
+        if text in seen:
+            twice.add(text)
+        seen[text] = i
+    return {t: i for t, i in seen.items() if t not in twice}
+
+
 def shared_tokens(a: list[str] | None, b: list[str] | None, spelling_a: str, spelling_b: str) -> list[tuple[int, int]]:
     """(id in a, id in b) for every text both vocabularies spell exactly one way, sorted by the text."""
     if not a or not b:
         return []
-
-    def index(vocab: list[str], spelling: str) -> dict[str, int]:
-        seen: dict[str, int] = {}
-        twice = set()
-        for i, tok in enumerate(vocab):
-            text = canonical(tok, spelling)
-            if text is None or text == "":
-                continue
-            if text in seen:
-                twice.add(text)
-            seen[text] = i
-        return {t: i for t, i in seen.items() if t not in twice}
-
-    ia, ib = index(a, spelling_a), index(b, spelling_b)
+    ia, ib = spellings(a, spelling_a), spellings(b, spelling_b)
     return [(ia[t], ib[t]) for t in sorted(ia.keys() & ib.keys())]
 
 
