@@ -252,7 +252,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                         calibration=load_calibration_table())
     doc = run_scan(Path(args.suspect), Path(args.registry), Path(args.out) if args.out else None, settings,
                    args.analyst, signing, args.device, Store(Path(args.cache)) if args.cache else None,
-                   args.neuron_permutations, args.top)
+                   args.neuron_permutations, args.top, args.full)
     if args.out:
         err.print(f"wrote {args.out}: scan.json, results.json, scan.yaml, manifest.json and the signed dossier.pdf")
     sys.stdout.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
@@ -390,7 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "unrelated) and rank the references by the evidence. Prints JSON.")
     sc.add_argument("suspect", help="the suspect model (directory or file)")
     registry_arg(sc)
-    sc.add_argument("--top", type=int, help="keep the K best-ranked references")
+    sc.add_argument("--top", type=int, help="print the K best-ranked references only")
+    sc.add_argument("--full", type=int, default=20,
+                    help="references the full verdict rule (and neuron matching) runs on, the best-screened first; "
+                         "the others count at p = 1 in its adjustment (default: 20)")
     sc.add_argument("--out", help="also write the signed dossier into DIR (scan.json, results.json, scan.yaml, "
                                   "manifest.json, dossier.pdf)")
     sc.add_argument("--analyst", default="unnamed analyst", help="the analyst the dossier names")

@@ -619,27 +619,41 @@ def build_entries(refs: list[Reference], engine: str = "local", address: str | N
             ray.shutdown()
 
 
+SCAN_FULL = 20  # references a scan puts through the full verdict rule, the best-screened first
+SCAN_NULL = 500  # declared-unrelated pairs of the registry in a scan's null, at most (a seeded sample beyond)
+
+
 def scan_permutations(references: int, alpha: float, method: str, at_least: int) -> int:
     """T of a scan's neuron tests: the least T >= `at_least`, T + 1 a multiple of 100, whose floor 1/(T+1) can be
-    significant after the adjustment over every reference scanned (Holm: references / (T+1) < alpha)."""
+    significant after the adjustment over every reference scanned (Holm: references / (T+1) < alpha), at most the
+    case's limit (a larger registry leaves the route unable to reach alpha, and says so)."""
+    from forensics.case import MAX_NEURON_PERMUTATIONS
     from forensics.stats.multitest import best_adjusted
 
     t = max(at_least, 99)
-    while best_adjusted(1 / (t + 1), references, method) >= alpha or (t + 1) % 100:
+    while (best_adjusted(1 / (t + 1), references, method) >= alpha or (t + 1) % 100) and t < MAX_NEURON_PERMUTATIONS:
         t += 1
-    return t
+    return min(t, MAX_NEURON_PERMUTATIONS)
 
 
 def scan(suspect: Path, registry_path: Path, stats_settings, device: str = "auto", store: Store | None = None,
-         neuron_permutations: int | None = None) -> tuple[CaseResults, bytes, list[dict], dict, dict]:
-    """The suspect against every reference of a registry: one comparison with every reference a candidate (so the
-    verdict rule's adjustment runs over all of them), neuron matching against every reference's stored record (its
-    weights are not read), and the registry's declared-unrelated pairs as the whole null. Returns the typed results,
-    their bytes, the references ranked by the evidence, what was scanned (the registry's hash and size) and the
-    suspect's fingerprint."""
+         neuron_permutations: int | None = None, full: int = SCAN_FULL,
+         null_limit: int = SCAN_NULL) -> tuple[CaseResults, bytes, list[dict], dict, dict]:
+    """The suspect against every reference of a registry, in two passes (docs/registry.md):
+
+    1. a screen of all references at once (stats/screen.py), against the registry's declared-unrelated pairs;
+    2. the full verdict rule on the `full` best-screened ones: one comparison with each of them a candidate,
+       neuron matching against their stored records (their weights are not read), the same unrelated pairs as the
+       null, and every screened-out reference counted at p = 1 in the adjustments, so the family is every reference.
+
+    Returns the typed results of pass 2, their bytes, every reference ranked (pass 2's by the evidence, then the
+    rest by the screen), what was scanned (the registry's hash and size) and the suspect's fingerprint."""
+    from dataclasses import replace
+
     from forensics.evidence.registry import Registry
     from forensics.signals.neurons import Record
     from forensics.stats.neurons import NeuronSettings, unavailable
+    from forensics.stats.screen import screen
 
     suspect = Path(suspect)
     fp = fingerprint(suspect, device, suspect.name, store)
@@ -647,33 +661,47 @@ def scan(suspect: Path, registry_path: Path, stats_settings, device: str = "auto
         entries = reg.entries()
         if not entries:
             raise ForensicsError(registry_path, "the registry holds no reference to scan against")
-        pairs = sorted(tuple(sorted(p)) for p in reg.unrelated_pairs())
+        names = [e.name for e in entries]
+        fps = {e.name: e.fp() for e in entries}
+        pairs = reg.unrelated_sample(null_limit, stats_settings.seed)
+        screened = screen(fp, [fps[n] for n in names], [(fps[a], fps[b]) for a, b in pairs])
+        order = screened.order(names)
+        chosen = [names[i] for i in order[:max(full, 1)]]
         permutations = neuron_permutations or scan_permutations(len(entries), stats_settings.alpha,
                                                                 stats_settings.multitest, NeuronSettings.permutations)
         s = NeuronSettings(permutations=permutations, seed=stats_settings.seed)
         scanned = {"path": str(registry_path), "sha256_of_contents": reg.digest(),
                    "bytes": Path(registry_path).stat().st_size, "references": len(entries),
-                   "unrelated_pairs": len(pairs), "neuron_permutations": permutations}
+                   "fully_compared": len(chosen), "null_pairs": len(pairs), "neuron_permutations": permutations}
+        by_name = {e.name: e for e in entries}
         tests = {}
-        for e in entries:
+        for name in chosen:
+            e = by_name[name]
             if e.record_sha256 is None:
-                tests[e.name] = unavailable("the registry holds no neuron record of this reference")
+                tests[name] = unavailable("the registry holds no neuron record of this reference")
                 continue
             key = digest([file_key(fp), e.record_sha256, asdict(s), __version__, neuron_code()])
-            tests[e.name] = _with_progress(
-                store, key, e.name, permutations,
-                lambda advance, e=e: neuron_test_record(suspect, Record.from_bytes(reg.neuron_record(e.name), e.name),
-                                                        s, advance))
-            same_bytes(fp, (tests[e.name].get("inputs") or {}).get("suspect", []), "neuron matching")
-    fps = {e.name: e.fp() for e in entries}
+            tests[name] = _with_progress(
+                store, key, name, permutations,
+                lambda advance, name=name: neuron_test_record(
+                    suspect, Record.from_bytes(reg.neuron_record(name), name), s, advance))
+            same_bytes(fp, (tests[name].get("inputs") or {}).get("suspect", []), "neuron matching")
+    settings = replace(stats_settings, untested=len(entries) - len(chosen))
     null = [(a, fps[a], b, fps[b]) for a, b in pairs]
-    results, raw = compare(fp, fps, {}, [], stats_settings, tests, null)
-    return results, raw, rank(results), scanned, fp
+    results, raw = compare(fp, {n: fps[n] for n in chosen}, {}, [], settings, tests, null)
+    screen_of = {n: {"statistic": float(screened.statistic[i]) if np.isfinite(screened.statistic[i]) else None,
+                     "r": float(screened.r[i]) if np.isfinite(screened.r[i]) else None,
+                     "pvalue": float(screened.pvalue[i])} for i, n in enumerate(names)}
+    ranking = [{**row, "screen": screen_of[row["reference"]]} for row in rank(results)]
+    ranking += [{"rank": len(ranking) + k + 1, "reference": names[i], "verdict": "NOT COMPARED",
+                 "decided_by": None, "pvalue_adjusted": None, "smallest_route_pvalue": None, "error_rate": None,
+                 "screen": screen_of[names[i]]} for k, i in enumerate(order[len(chosen):])]
+    return results, raw, ranking, scanned, fp
 
 
 def run_scan(suspect: Path, registry_path: Path, out_dir: Path | None, stats_settings, analyst: str,
              signing=None, device: str = "auto", store: Store | None = None, neuron_permutations: int | None = None,
-             top: int | None = None, argv: list[str] | None = None) -> dict:
+             top: int | None = None, full: int = SCAN_FULL, argv: list[str] | None = None) -> dict:
     """`scan`, and with `out_dir` its signed dossier: the scan written as the case it amounts to (scan.yaml: the
     suspect, every reference a candidate, the registry as the panel), the ranking (scan.json), results.json, and a
     manifest that records the registry's file, size and SHA-256 of its contents. Returns the ranking document."""
@@ -688,7 +716,7 @@ def run_scan(suspect: Path, registry_path: Path, out_dir: Path | None, stats_set
         check_output(Path(out_dir) / "dossier.pdf", [suspect, registry_path])
         load_signer(SigningConfig(**signing))
     results, raw, ranking, scanned, fp = scan(suspect, registry_path, stats_settings, device, store,
-                                              neuron_permutations)
+                                              neuron_permutations, full)
     doc = {"schema": "llm-forensics.scan/1", "suspect": str(suspect), "registry": scanned,
            "alpha": stats_settings.alpha, "multitest": results.multitest.model_dump(mode="json"),
            "null_pairs": results.null.n_pairs, "ranking": ranking[:top] if top else ranking}
@@ -697,7 +725,7 @@ def run_scan(suspect: Path, registry_path: Path, out_dir: Path | None, stats_set
     from forensics.evidence.registry import Registry
 
     with Registry(registry_path) as reg:
-        references = {e.name: e.fp()["model"]["path"] for e in reg.entries()}
+        references = {e.name: e.fp()["model"]["path"] for e in reg.entries() if e.name in results.candidates}
     label = f"suspect: {suspect.name}"  # a reference may carry the suspect's own name
     case = Case(id=f"scan-{_safe(suspect.name)}", title=f"Scan of {suspect.name} against the registry "
                 f"{registry_path.name}", analyst=analyst,

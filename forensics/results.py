@@ -393,6 +393,7 @@ class StatsSettings(Record):
     min_layers: int
     trend_degree: int
     seed: int
+    untested: int = 0  # candidates screened out before the comparison (a scan's), at p = 1 in every adjustment
 
 
 class CaseResults(Record):

@@ -25,6 +25,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from forensics.errors import ForensicsError
 from forensics.results import FINGERPRINT_SCHEMA
 
@@ -203,26 +205,53 @@ class Registry:
                 return entry
         raise ForensicsError(self.path, f"no reference named {name!r}")
 
-    def unrelated_pairs(self) -> set[frozenset[str]]:
-        """Pairs of entries the declarations make unrelated (the module's docstring says how)."""
-        entries = {e.name: e.declared for e in self.entries()}
+    def _lineage(self) -> tuple[dict[str, Declared], dict[str, frozenset[str]]]:
+        """Every entry's declarations and roots (followed through `derived_from`), without reading fingerprints."""
+        entries = {name: Declared.from_dict(json.loads(d))
+                   for name, d in self.db.execute("SELECT name, declared FROM reference ORDER BY name")}
 
-        def roots(name: str, seen: frozenset = frozenset()) -> set[str]:
+        def roots(name: str, seen: frozenset = frozenset()) -> frozenset[str]:
             parents = [p for p in entries.get(name, Declared()).derived_from if p not in seen]
             if not parents:
-                return {name}
-            return set().union(*(roots(p, seen | {name}) for p in parents))
+                return frozenset((name,))
+            return frozenset().union(*(roots(p, seen | {name}) for p in parents))
 
-        root = {n: roots(n) for n in entries}
-        pairs = set()
+        return entries, {n: roots(n) for n in entries}
+
+    @staticmethod
+    def _unrelated(a: str, b: str, entries: dict[str, Declared], root: dict[str, frozenset[str]]) -> bool:
+        if b in entries[a].unrelated_to or a in entries[b].unrelated_to:
+            return True
+        bases = all(entries.get(r, Declared()).base for r in root[a] | root[b])
+        return bases and not root[a] & root[b]
+
+    def unrelated_pairs(self) -> set[frozenset[str]]:
+        """Pairs of entries the declarations make unrelated (the module's docstring says how)."""
+        entries, root = self._lineage()
         names = sorted(entries)
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                declared = b in entries[a].unrelated_to or a in entries[b].unrelated_to
-                bases = all(entries.get(r, Declared()).base for r in root[a] | root[b])
-                if declared or (bases and not root[a] & root[b]):
-                    pairs.add(frozenset((a, b)))
-        return pairs
+        return {frozenset((a, b)) for i, a in enumerate(names) for b in names[i + 1:]
+                if self._unrelated(a, b, entries, root)}
+
+    def unrelated_sample(self, limit: int, seed: int = 0) -> list[tuple[str, str]]:
+        """At most `limit` unrelated pairs, sorted: all of them in a small registry, else a seeded sample drawn
+        without enumerating the N(N-1)/2 pairs of a large one."""
+        entries, root = self._lineage()
+        names = sorted(entries)
+        n = len(names)
+        rng = np.random.default_rng(seed)
+        if n * (n - 1) // 2 <= 4 * limit:
+            pairs = sorted((a, b) for a, b in map(sorted, self.unrelated_pairs()))
+            if len(pairs) > limit:
+                pairs = [pairs[i] for i in np.sort(rng.choice(len(pairs), limit, replace=False))]
+            return pairs
+        found: set[tuple[str, str]] = set()
+        for _ in range(50 * limit):
+            i, j = sorted(rng.choice(n, 2, replace=False))
+            if self._unrelated(names[i], names[j], entries, root):
+                found.add((names[i], names[j]))
+                if len(found) == limit:
+                    break
+        return sorted(found)
 
     def null_members(self) -> list[Entry]:
         """A set of entries every two of which are unrelated, chosen greedily in name order (not necessarily the

@@ -49,6 +49,7 @@ class Settings:
     min_layers: int = 4  # fewer aligned layers than this: not compared
     trend_degree: int = TREND_DEGREE
     seed: int = 0
+    untested: int = 0  # candidates of the family screened out before this comparison (a scan's): p = 1 in adjustments
     calibration: dict | None = field(default=None, compare=False)  # table written by forensics.lab.calibrate
 
     def __post_init__(self):
@@ -57,6 +58,8 @@ class Settings:
             problems.append(f"alpha must be in (0, 1), got {self.alpha}")
         if not 0 < self.confidence_level < 1:
             problems.append(f"confidence_level must be in (0, 1), got {self.confidence_level}")
+        if self.untested < 0:
+            problems.append("untested must not be negative")
         if self.n_permutations < 1 or self.n_bootstrap < 1:
             problems.append("n_permutations and n_bootstrap must be positive")
         if self.multitest not in MULTITEST_METHODS:
@@ -372,7 +375,8 @@ def compare_case(suspect_fp: dict, candidates: dict[str, dict], controls: dict[s
                           "candidate_only": sorted(set(signal_names(cand.fp)) - matched)},
         }
 
-    adjusted = adjust([results[c]["signals"][label]["permutation"]["pvalue"] for c, label in family], s.multitest)
+    adjusted = adjust([results[c]["signals"][label]["permutation"]["pvalue"] for c, label in family], s.multitest,
+                      s.untested)
     for (c, label), p in zip(family, adjusted):
         entry = results[c]["signals"][label]
         entry["pvalue_adjusted"] = p
@@ -391,13 +395,13 @@ def compare_case(suspect_fp: dict, candidates: dict[str, dict], controls: dict[s
                                       e["permutation"]["floor"])
     std_rule = rule_text(s.alpha, s.multitest)
     fpr = measured_fpr(s.calibration, s.alpha)
-    std = decide(evidence, s.alpha, s.multitest)
+    std = decide(evidence, s.alpha, s.multitest, s.untested)
     tests = {c: (neurons or {}).get(c, unavailable("not run")) for c in results}
-    conclusions = neuron_conclusions(tests, s.alpha, s.multitest)
+    conclusions = neuron_conclusions(tests, s.alpha, s.multitest, s.untested)
     routes = {c: {"neurons": neuron_route(tests[c]), "attention_spectra": spectra_route(results[c]["signals"]),
                   "std_curves": std_route(std[c])} for c in results}
     rule = decision_rule(s.alpha, s.multitest)
-    for c, verdict in decide_routes(routes, s.alpha, s.multitest).items():
+    for c, verdict in decide_routes(routes, s.alpha, s.multitest, s.untested).items():
         res = results[c]
         own = dict(std[c])
         conclusion = own.pop("verdict")

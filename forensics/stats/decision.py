@@ -122,15 +122,16 @@ def _fmt(p: float) -> str:
     return f"{p:.3g}"
 
 
-def decide(routes: dict[str, dict[str, Route]], alpha: float, method: str) -> dict[str, dict]:
-    """`routes`: candidate -> route name -> Route. Returns the verdict of each candidate (JSON-ready)."""
-    m = len(routes)
+def decide(routes: dict[str, dict[str, Route]], alpha: float, method: str, untested: int = 0) -> dict[str, dict]:
+    """`routes`: candidate -> route name -> Route; `untested`: candidates of the family screened out before this
+    comparison (a scan's), counted at p = 1. Returns the verdict of each candidate (JSON-ready)."""
+    m = len(routes) + untested
     deciding = {}
     for c, rs in routes.items():
         deciding[c] = next((n for n in ROUTES if rs[n].pvalue is not None and
                             best_adjusted(rs[n].floor, m, method) < alpha), None)
     tested = sorted(c for c, n in deciding.items() if n is not None)
-    adjusted = dict(zip(tested, adjust([routes[c][deciding[c]].pvalue for c in tested], method)))
+    adjusted = dict(zip(tested, adjust([routes[c][deciding[c]].pvalue for c in tested], method, untested)))
     out = {}
     for c in sorted(routes):
         rs, route = routes[c], deciding[c]

@@ -29,17 +29,18 @@ def neuron_rule(alpha: float, method: str) -> str:
             f"adjusted p to reach {alpha}; UNAVAILABLE where widths differ or no vocabulary is shared.")
 
 
-def neuron_conclusions(tests: dict[str, dict], alpha: float, method: str) -> dict[str, dict]:
-    """Per candidate: the conclusion of its neuron test, with the adjusted p and the reason."""
+def neuron_conclusions(tests: dict[str, dict], alpha: float, method: str, untested: int = 0) -> dict[str, dict]:
+    """Per candidate: the conclusion of its neuron test, with the adjusted p and the reason; `untested` candidates of
+    the family were screened out (multitest.adjust)."""
     done = sorted(c for c, t in tests.items() if t.get("status") == "compared")
-    adjusted = dict(zip(done, adjust([tests[c]["pvalue"] for c in done], method)))
+    adjusted = dict(zip(done, adjust([tests[c]["pvalue"] for c in done], method, untested)))
     out = {}
     for c, t in sorted(tests.items()):
         if c not in adjusted:
             out[c] = {"conclusion": UNAVAILABLE, "reason": t.get("reason", "not run")}
             continue
         p, p_adj = t["pvalue"], adjusted[c]
-        capped = best_adjusted(t["floor"], len(done), method) >= alpha
+        capped = best_adjusted(t["floor"], len(done) + untested, method) >= alpha
         if p_adj < alpha:
             conclusion = EVIDENCE
             reason = (f"the embedding-aligned residual basis matches the candidate's neurons better than all "

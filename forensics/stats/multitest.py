@@ -12,7 +12,11 @@ METHODS = {"holm": "holm", "bh": "fdr_bh"}
 NAMES = {"holm": "Holm (family-wise error rate)", "bh": "Benjamini-Hochberg (false discovery rate)"}
 
 
-def adjust(pvalues: list[float], method: str) -> list[float]:
+def adjust(pvalues: list[float], method: str, untested: int = 0) -> list[float]:
+    """Adjusted p-values; `untested` more hypotheses of the same family (screened out before testing) count at
+    p = 1, which is valid for any of them and makes the adjustment that of the whole family."""
+    if untested and pvalues:
+        return adjust(list(pvalues) + [1.0] * untested, method)[:len(pvalues)]
     if len(pvalues) < 2:
         # Nothing to adjust; and statsmodels' Holm runs a full gc.collect() per call, which is slow in a big process.
         return [float(p) for p in pvalues]

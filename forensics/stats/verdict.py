@@ -46,11 +46,12 @@ def rule_text(alpha: float, method: str) -> str:
     )
 
 
-def decide(evidence: dict[str, PrimaryEvidence | None], alpha: float, method: str) -> dict[str, dict]:
+def decide(evidence: dict[str, PrimaryEvidence | None], alpha: float, method: str,
+           untested: int = 0) -> dict[str, dict]:
     tested = sorted(name for name, ev in evidence.items() if ev is not None)
     combined = [max(evidence[n].p_permutation, evidence[n].p_empirical) for n in tested]
-    adjusted = dict(zip(tested, adjust(combined, method)))
-    needed = min_null_size(alpha, len(tested), method)
+    adjusted = dict(zip(tested, adjust(combined, method, untested)))
+    needed = min_null_size(alpha, len(tested) + untested, method)
     out = {}
     for name in sorted(evidence):
         ev = evidence[name]
@@ -60,7 +61,7 @@ def decide(evidence: dict[str, PrimaryEvidence | None], alpha: float, method: st
                                      "(every common signal is flat, too short or absent)"]}
             continue
         p_adj = adjusted[name]
-        perm_capped = best_adjusted(ev.permutation_floor, len(tested), method) >= alpha
+        perm_capped = best_adjusted(ev.permutation_floor, len(tested) + untested, method) >= alpha
         emp_capped = ev.n_null < needed
         reasons = []
         if not (perm_capped or emp_capped) and p_adj < alpha:
