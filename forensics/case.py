@@ -41,9 +41,20 @@ class Strict(BaseModel):
 
 class ModelRef(Strict):
     name: str = Field(min_length=1, description="display name used throughout the dossier")
-    path: Path = Field(description="model directory or single .gguf / .onnx file")
+    path: Path | None = Field(None, description="model directory or single .gguf / .onnx file")
+    registry: Path | None = Field(None, description="instead of a path, for a candidate: a registry holding the "
+                                                    "model, whose stored fingerprint and neuron record are used")
+    reference: str | None = Field(None, description="the model's name in that registry")
     claimed_origin: str | None = Field(None, description="what its publisher says it is derived from, if anything")
     notes: str | None = None
+
+    @model_validator(mode="after")
+    def one_source(self):
+        if (self.path is None) == (self.registry is None):
+            raise ValueError("give the model's path, or a registry and the reference's name in it")
+        if (self.registry is None) != (self.reference is None):
+            raise ValueError("registry and reference go together")
+        return self
 
 
 class Party(Strict):
@@ -138,6 +149,13 @@ class Case(Strict):
             if not v:
                 raise ValueError("empty list: name at least one signal, or 'all'")
         return v
+
+    @model_validator(mode="after")
+    def files_where_read(self):
+        if self.suspect.path is None or any(m.path is None for m in self.controls):
+            raise ValueError("the suspect and the controls are read from their files (give their path); only a "
+                             "candidate may come from a registry")
+        return self
 
     @model_validator(mode="after")
     def distinct_names(self):
@@ -237,7 +255,7 @@ def _distinct_models(case: Case, path: Path, node: yaml.Node) -> None:
     listed += [(f"control {i + 1}", ("controls", i), m) for i, m in enumerate(case.controls)]
     first: dict[Path, tuple[str, tuple, ModelRef]] = {}
     for role, loc, m in listed:
-        real = m.path.resolve()
+        real = m.path.resolve() if m.path is not None else Path(f"{m.registry.resolve()}#{m.reference}")
         if real in first:
             role0, loc0, m0 = first[real]
             raise ForensicsError(path, f"line {_line_of(node, loc + ('path',))}: {role} {m.name!r} is the same model "
@@ -251,7 +269,7 @@ def _resolve(case: Case, base: Path) -> Case:
         return None if p is None else (p if p.is_absolute() else (base / p).resolve())
 
     def model(m: ModelRef) -> ModelRef:
-        return m.model_copy(update={"path": fix(m.path)})
+        return m.model_copy(update={"path": fix(m.path), "registry": fix(m.registry)})
 
     update = {
         "suspect": model(case.suspect),

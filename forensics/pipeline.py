@@ -440,6 +440,16 @@ def statistics_settings(case, calibration: dict | None):
                     calibration=calibration)
 
 
+def describe_registry(path: Path) -> dict:
+    """What a manifest records of a registry read: its path, size, SHA-256 of its contents and its size in
+    references (opening it checks its schema)."""
+    from forensics.evidence.registry import Registry
+
+    with Registry(path) as reg:
+        return {"path": str(path), "sha256_of_contents": reg.digest(), "bytes": Path(path).stat().st_size,
+                "references": len(reg.names())}
+
+
 def case_panel(case) -> list[dict]:
     from forensics.reference import load_panel
 
@@ -460,18 +470,25 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
     """Run the case end to end; returns `out_root/CASE_ID`, which holds the signed dossier."""
     from forensics.case import load_case
     from forensics.corpus import load_corpus
+    from forensics.evidence.registry import Registry
     from forensics.reference import load_calibration_table
     from forensics.report.signing import SigningConfig, load_signer
 
     case_path = Path(case_path)
     case, raw_yaml = load_case(case_path)
-    for m in case.models():
+    on_disk = [m for m in case.models() if m.path is not None]
+    from_registry = [m for m in case.candidates if m.registry is not None]
+    for m in on_disk:
         if not m.path.exists():
             raise ForensicsError(m.path, f"model {m.name!r} of the case: no such file or directory")
+    panel = case.statistics.panel
+    registries = sorted({m.registry for m in from_registry} | ({panel} if isinstance(panel, Path) and
+                                                                panel.is_file() else set()))
+    described = [describe_registry(r) for r in registries]  # each opened and checked before anything is read
     out_root = Path(out_root)
     # Before any model is read: an output that would land in the evidence, an unwritable --out, or a key that cannot
     # sign stops the case now, not after the analysis.
-    check_output(out_root / case.id / "dossier.pdf", [m.path for m in case.models()])
+    check_output(out_root / case.id / "dossier.pdf", [m.path for m in on_disk] + registries)
     signing = SigningConfig(**case.signing.model_dump())
     load_signer(signing)
     store = Store(out_root / ".cache")
@@ -485,9 +502,18 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
         plan = ActivationPlan(corpus, {"batch_size": a.batch_size, "seq_len": a.seq_len,
                                        "num_batches": a.num_batches, "seed": case.statistics.seed},
                               a.device if a.device != "auto" else device)
-    pairs = [(case.suspect.name, m.name) for m in case.candidates] if case.neurons.enabled else []
-    evidence = gather({m.name: m.path for m in case.models()}, device, store, plan, pairs,
-                      case.neurons.settings(case.statistics.seed))
+    neuron_settings = case.neurons.settings(case.statistics.seed)
+    pairs = [(case.suspect.name, m.name) for m in case.candidates if m.path is not None] if case.neurons.enabled else []
+    evidence = gather({m.name: m.path for m in on_disk}, device, store, plan, pairs, neuron_settings)
+    suspect_fp = evidence.fingerprints[case.suspect.name]
+    for path in sorted({m.registry for m in from_registry}):
+        with Registry(path) as reg:
+            for m in (m for m in from_registry if m.registry == path):
+                entry = reg.get(m.reference)
+                evidence.fingerprints[m.name] = entry.fp()
+                if case.neurons.enabled:
+                    evidence.neurons[m.name] = record_neurons(case.suspect.path, suspect_fp, reg, entry,
+                                                              neuron_settings, store)
 
     fps = {name: keep_signals(fp, wanted) for name, fp in evidence.fingerprints.items()}
     _, raw_results = compare(fps[case.suspect.name], {m.name: fps[m.name] for m in case.candidates},
@@ -495,18 +521,22 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
                              statistics_settings(case, load_calibration_table()),
                              evidence.neurons if case.neurons.enabled else None)
 
-    inputs = []
+    inputs = [{"path": str(r), "kind": "registry"} for r in registries]
     if corpus_record:
-        inputs = [{**f, "kind": "corpus"} for f in corpus_record["files"] if Path(f["path"]).is_absolute()]
+        inputs += [{**f, "kind": "corpus"} for f in corpus_record["files"] if Path(f["path"]).is_absolute()]
+    disk_fps = {m.name: fps[m.name] for m in on_disk}  # a registry's references are inputs through the registry file
     return publish(out_root / case.id, case.id, raw_results, fps, raw_yaml, case_path, case.model_dump(mode="json"),
-                   signing, argv, inputs, corpus=corpus_record, windows=evidence.windows or None)
+                   signing, argv, inputs, corpus=corpus_record, windows=evidence.windows or None,
+                   registries=described or None, weights=disk_fps)
 
 
 def publish(out_dir: Path, case_id: str, raw_results: bytes, fps: dict[str, dict], raw_yaml: bytes,
             yaml_path: Path, case: dict, signing, argv: list[str] | None, inputs: list, corpus: dict | None = None,
-            windows: dict | None = None, registry: dict | None = None, extra: dict[str, bytes] | None = None) -> Path:
+            windows: dict | None = None, registries: list[dict] | None = None, extra: dict[str, bytes] | None = None,
+            weights: dict[str, dict] | None = None) -> Path:
     """results.json, the fingerprints, the manifest and the signed dossier, staged and moved into `out_dir` whole.
-    `inputs`: input records beside the models' weights; `extra`: more files to write (name -> bytes)."""
+    `inputs`: input records beside the weights of `weights` (the models read from disk; default: all of `fps`);
+    `extra`: more files to write (name -> bytes)."""
     from forensics.evidence.manifest import build_manifest, fingerprint_inputs
     from forensics.report.dossier import build_dossier
 
@@ -519,8 +549,8 @@ def publish(out_dir: Path, case_id: str, raw_results: bytes, fps: dict[str, dict
             (staging / "fingerprints" / f"{_safe(name)}.json").write_text(json.dumps(fp, indent=1, sort_keys=True))
         manifest = build_manifest(case_id=case_id, argv=argv or sys.argv, case_yaml_bytes=raw_yaml,
                                   case_yaml_path=yaml_path, results=raw_results,
-                                  inputs=fingerprint_inputs(fps) + inputs, corpus=corpus, token_windows=windows,
-                                  inputs_base=Path.cwd(), registry=registry)
+                                  inputs=fingerprint_inputs(fps if weights is None else weights) + inputs,
+                                  corpus=corpus, token_windows=windows, inputs_base=Path.cwd(), registries=registries)
         build_dossier(raw_results, manifest, raw_yaml, staging, signing, case=case)
     return out_dir
 
@@ -623,6 +653,23 @@ SCAN_FULL = 20  # references a scan puts through the full verdict rule, the best
 SCAN_NULL = 500  # declared-unrelated pairs of the registry in a scan's null, at most (a seeded sample beyond)
 
 
+def record_neurons(suspect: Path, suspect_fp: dict, reg, entry, neuron_settings, store: Store | None) -> dict:
+    """`neuron_test_record` of the suspect against a registry entry's record, with a progress bar, cached by the
+    suspect's file hashes and the record's SHA-256; what it read of the suspect is checked against its fingerprint."""
+    from forensics.signals.neurons import Record
+    from forensics.stats.neurons import unavailable
+
+    if entry.record_sha256 is None:
+        return unavailable("the registry holds no neuron record of this reference")
+    key = digest([file_key(suspect_fp), entry.record_sha256, asdict(neuron_settings), __version__, neuron_code()])
+    result = _with_progress(store, key, entry.name, neuron_settings.permutations,
+                            lambda advance: neuron_test_record(
+                                suspect, Record.from_bytes(reg.neuron_record(entry.name), entry.name),
+                                neuron_settings, advance))
+    same_bytes(suspect_fp, (result.get("inputs") or {}).get("suspect", []), "neuron matching")
+    return result
+
+
 def scan_permutations(references: int, alpha: float, method: str, at_least: int) -> int:
     """T of a scan's neuron tests: the least T >= `at_least`, T + 1 a multiple of 100, whose floor 1/(T+1) can be
     significant after the adjustment over every reference scanned (Holm: references / (T+1) < alpha), at most the
@@ -651,8 +698,7 @@ def scan(suspect: Path, registry_path: Path, stats_settings, device: str = "auto
     from dataclasses import replace
 
     from forensics.evidence.registry import Registry
-    from forensics.signals.neurons import Record
-    from forensics.stats.neurons import NeuronSettings, unavailable
+    from forensics.stats.neurons import NeuronSettings
     from forensics.stats.screen import screen
 
     suspect = Path(suspect)
@@ -670,22 +716,10 @@ def scan(suspect: Path, registry_path: Path, stats_settings, device: str = "auto
         permutations = neuron_permutations or scan_permutations(len(entries), stats_settings.alpha,
                                                                 stats_settings.multitest, NeuronSettings.permutations)
         s = NeuronSettings(permutations=permutations, seed=stats_settings.seed)
-        scanned = {"path": str(registry_path), "sha256_of_contents": reg.digest(),
-                   "bytes": Path(registry_path).stat().st_size, "references": len(entries),
-                   "fully_compared": len(chosen), "null_pairs": len(pairs), "neuron_permutations": permutations}
+        scanned = {**describe_registry(registry_path), "fully_compared": len(chosen), "null_pairs": len(pairs),
+                   "neuron_permutations": permutations}
         by_name = {e.name: e for e in entries}
-        tests = {}
-        for name in chosen:
-            e = by_name[name]
-            if e.record_sha256 is None:
-                tests[name] = unavailable("the registry holds no neuron record of this reference")
-                continue
-            key = digest([file_key(fp), e.record_sha256, asdict(s), __version__, neuron_code()])
-            tests[name] = _with_progress(
-                store, key, name, permutations,
-                lambda advance, name=name: neuron_test_record(
-                    suspect, Record.from_bytes(reg.neuron_record(name), name), s, advance))
-            same_bytes(fp, (tests[name].get("inputs") or {}).get("suspect", []), "neuron matching")
+        tests = {name: record_neurons(suspect, fp, reg, by_name[name], s, store) for name in chosen}
     settings = replace(stats_settings, untested=len(entries) - len(chosen))
     null = [(a, fps[a], b, fps[b]) for a, b in pairs]
     results, raw = compare(fp, {n: fps[n] for n in chosen}, {}, [], settings, tests, null)
@@ -742,7 +776,8 @@ def run_scan(suspect: Path, registry_path: Path, out_dir: Path | None, stats_set
                               allow_unicode=True).encode()
     registry_input = {"path": str(registry_path), "kind": "registry"}
     publish(Path(out_dir), case.id, raw, {label: fp}, raw_yaml, Path(out_dir) / "scan.yaml",
-            case.model_dump(mode="json"), SigningConfig(**signing), argv, [registry_input], registry=scanned,
+            case.model_dump(mode="json"), SigningConfig(**signing), argv, [registry_input],
+            registries=[describe_registry(registry_path)],
             extra={"scan.yaml": raw_yaml, "scan.json": (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()})
     return doc
 

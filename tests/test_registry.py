@@ -98,8 +98,8 @@ def test_scan_writes_a_signed_dossier_that_records_the_registry(registry, models
     assert json.loads((out / "scan.json").read_text()) == doc
     manifest = json.loads((out / "manifest.json").read_text())
     with Registry(registry) as reg:
-        assert manifest["registry"]["sha256_of_contents"] == reg.digest()
-    assert manifest["registry"]["bytes"] == registry.stat().st_size and manifest["registry"]["references"] == 5
+        assert manifest["registries"] == [{"path": str(registry), "sha256_of_contents": reg.digest(),
+                                           "bytes": registry.stat().st_size, "references": 5}]
     assert [r["kind"] for r in manifest["inputs"] if r["path"] == str(registry)] == ["registry"]
     result = verify_dossier(out / "dossier.pdf", check_inputs=True, base_dir=models.parent,
                             expected_signer=manifest["signer"]["certificate_sha256"])
@@ -201,6 +201,43 @@ def test_registry_as_a_case_panel(registry, models):
     case, _ = load_case(path)
     assert [fp["model"]["path"] for fp in case_panel(case)] == [
         str(models / n) for n in ("child", "unrelated0", "unrelated1", "unrelated2")]
+
+
+def test_a_case_takes_candidates_from_a_registry(registry, models, tmp_path, monkeypatch):
+    """The parent comes from the registry (its files moved away): the case still finds it, by neuron matching on its
+    record, and the manifest lists the registry as an input with its contents hash."""
+    from forensics.pipeline import run_case
+    from tests.test_case_run import write_case
+
+    monkeypatch.setenv("FORENSICS_KEY_DIR", str(tmp_path / "keys"))
+    path = write_case(tmp_path, models, candidates=[
+        {"name": "parent", "registry": str(registry), "reference": "parent"},
+        {"name": "stranger", "path": str(models / "unrelated0")}], activations={"enabled": False},
+        statistics={"permutations": 999, "bootstrap": 100, "alpha": 0.05, "seed": 1, "panel": str(registry)},
+        neurons={"permutations": 99})
+    hidden = tmp_path / "parent-away"
+    shutil.move(str(models / "parent"), str(hidden))
+    try:
+        out = run_case(path, out_root=tmp_path / "out", device="cpu", argv=["forensics", "case", "run"])
+    finally:
+        shutil.move(str(hidden), str(models / "parent"))
+    results = json.loads((out / "results.json").read_text())
+    verdict = results["candidates"]["parent"]["verdict"]
+    assert (verdict["verdict"], verdict["route"]) == ("DERIVED", "neurons")
+    assert results["candidates"]["stranger"]["verdict"]["verdict"] != "DERIVED"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["path"] for r in manifest["registries"]] == [str(registry)]
+    assert [r["kind"] for r in manifest["inputs"] if r["path"] == str(registry)] == ["registry"]
+    assert not any("parent" in r["path"] for r in manifest["inputs"] if r.get("kind") == "weights")
+
+
+def test_a_registry_candidate_needs_both_fields(registry, models, tmp_path, capsys):
+    from tests.test_case_run import write_case
+
+    path = write_case(tmp_path, models, candidates=[{"name": "parent", "registry": str(registry)}])
+    code, out, message = cli(capsys, "case", "run", str(path), "--out", str(tmp_path / "out"))
+    assert code == 2 and out is None and "registry and reference go together" in message
+    assert not (tmp_path / "out").exists()
 
 
 def _ray_workers() -> list[psutil.Process]:

@@ -146,11 +146,11 @@ def build_manifest(
     dossier_id: str | None = None,
     created_at: str | None = None,
     inputs_base: str | Path | None = None,
-    registry: Mapping | None = None,
+    registries: list | None = None,
 ) -> dict:
     """The manifest dict. ``inputs_base`` is the directory relative input paths are relative to (default: the
-    current directory), recorded so `forensics verify --inputs` can find the files again. ``registry``: the registry
-    a scan read (its path, size, SHA-256 of its contents, references), whose file is also one of the inputs."""
+    current directory), recorded so `forensics verify --inputs` can find the files again. ``registries``: the registries
+    read (each one's path, size, SHA-256 of its contents, references), whose files are also among the inputs."""
     created_at = created_at or utc_now()
     digest = results_digest(results)
     base = Path(inputs_base) if inputs_base is not None else Path.cwd()
@@ -170,5 +170,5 @@ def build_manifest(
         "token_windows": _plain(token_windows, "token_windows") if token_windows is not None else None,
         "environment": _plain(environment, "environment") if environment is not None else capture_environment(),
         "results_digest": {"algorithm": "sha256", "of": "results.json", "sha256": digest},
-        **({"registry": _plain(registry, "registry")} if registry is not None else {}),
+        **({"registries": _plain(registries, "registries")} if registries is not None else {}),
     }
