@@ -38,6 +38,7 @@ $(MODELS_STAMP): $(STAMP)
 # suspect with the lab.
 NAME ?= demo
 CASE_NEEDS_demo := models/lab/upcycled/recipe.json
+CASE_NEEDS_demo-registry := models/lab/upcycled/recipe.json out/registry/default.sqlite
 case: $(STAMP) $(CASE_NEEDS_$(NAME))
 	$(VENV)/bin/forensics case run cases/$(NAME).yaml
 
