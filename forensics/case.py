@@ -71,6 +71,9 @@ class Activations(Strict):
     seq_len: int | None = Field(None, ge=8, le=MAX_SEQ_LEN)
     num_batches: int | None = Field(None, ge=1, le=MAX_NUM_BATCHES)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    stream: Literal["auto", "always", "never"] = Field(
+        "auto", description="read one block at a time from the checkpoint (safetensors), for models larger than "
+                            "memory; auto: when the model would take more than half the memory available")
 
 
 class Statistics(Strict):

@@ -500,7 +500,8 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
         corpus = load_corpus(a.corpus, text_field=a.text_field)
         corpus_record = corpus.describe()
         plan = ActivationPlan(corpus, {"batch_size": a.batch_size, "seq_len": a.seq_len,
-                                       "num_batches": a.num_batches, "seed": case.statistics.seed},
+                                       "num_batches": a.num_batches, "seed": case.statistics.seed,
+                                       "stream": a.stream},
                               a.device if a.device != "auto" else device)
     neuron_settings = case.neurons.settings(case.statistics.seed)
     pairs = [(case.suspect.name, m.name) for m in case.candidates if m.path is not None] if case.neurons.enabled else []

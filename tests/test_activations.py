@@ -232,3 +232,34 @@ def test_user_errors_name_the_file(tmp_path, tok, corpus):
     with pytest.raises(ForensicsError, match=f"^{small}: the tokenizer gives token id \\d+ but the model's "
                                              f"embedding has 64 rows"):
         activation_signals(small, corpus, **RUN)
+
+
+def write_sharded_qwen2(path, tokenizer):
+    torch.manual_seed(3)
+    cfg = transformers.Qwen2Config(**{**tiny.SMALL, "vocab_size": len(tokenizer)})
+    transformers.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(path, max_shard_size="100KB")
+    tokenizer.save_pretrained(path)
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2-sharded", "bert"])
+def test_layer_streamed_pass_gives_the_full_pass_curves(arch, saved, corpus, tok, tmp_path):
+    """Each block read from the checkpoint when the pass reaches it: the same curves as the whole model loaded, to
+    float32 rounding (the windows go through in one batch instead of several)."""
+    path = write_sharded_qwen2(tmp_path / "q", tok) if arch == "qwen2-sharded" else saved(arch)
+    seq_len = 32 if arch == "bert" else RUN["seq_len"]
+    run = {**RUN, "seq_len": seq_len, "seed": 2}
+    full = activation_signals(path, corpus, **run, stream="never")
+    streamed = activation_signals(path, corpus, **run, stream="always")
+    assert streamed["act_norm"]["streamed"] and not full["act_norm"]["streamed"]
+    for signal in ("act_norm", "act_norm_std"):
+        np.testing.assert_allclose(streamed[signal]["values"], full[signal]["values"], rtol=1e-4)
+    assert streamed["act_norm"]["windows"] == full["act_norm"]["windows"]
+
+
+def test_layer_streaming_refuses_what_it_cannot_read(saved, corpus, tmp_path):
+    gguf = tmp_path / "m.gguf"
+    write_gguf_with_tokenizer(saved("llama"), gguf)
+    signals = activation_signals(gguf, corpus, **RUN, stream="always")
+    assert signals["act_norm"]["values"] == [] and "not GGUF" in signals["act_norm"]["unavailable"]

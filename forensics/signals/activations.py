@@ -11,11 +11,22 @@ alike.
 Norms are taken with forward hooks and reduced per batch to (count, mean, M2) in float64 on the device, then merged
 with Chan's formula: no hidden state outlives its batch. A model transformers cannot run (an ONNX graph, an
 architecture it does not know) gives both signals with empty `values` and the reason under `unavailable`.
+
+**Layer streaming** (`stream`), for a model larger than memory: transformers builds the model without its blocks
+(embeddings and final norm loaded as usual), and each block is made, given its weights from the checkpoint
+(safetensors, sharded or not: `sources.LayerTensors`), run and dropped as the forward pass reaches it. The windows
+go through in one batch of all of them (`STREAM_WINDOWS` at most), so each block is read once per such batch and
+the peak memory is one block, the embeddings and the windows' hidden states, whatever the depth. The curves are
+those of the full-model pass up to float rounding (tests/test_activations.py compares them). `auto` streams when
+the model in its compute dtype would take more than half the memory available.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +38,14 @@ import transformers  # noqa: E402
 from forensics.corpus import Corpus, Windows, load_corpus, progress_bar  # noqa: E402
 from forensics.errors import ForensicsError  # noqa: E402
 from forensics.signals.weights import Moments, pick_device  # noqa: E402
-from forensics.sources import NotRunnable, transformers_location  # noqa: E402
+from forensics.sources import LayerTensors, NotRunnable, transformers_location  # noqa: E402
 
 # The original's shapes on a GPU; on a CPU, a pass short enough for the demo case (about 10 s for a 135M model).
 GPU_DEFAULTS = {"batch_size": 8, "seq_len": 1024, "num_batches": 1000}
 CPU_DEFAULTS = {"batch_size": 4, "seq_len": 256, "num_batches": 8}
 POSITIONS = "embedding output, then the output of each block (before any final norm)"
+STREAM_WINDOWS = 4096  # windows per streamed batch, at most: each such batch reads the blocks once more
+STREAM_MODES = ("auto", "always", "never")
 
 
 @dataclass
@@ -44,6 +57,7 @@ class Runnable:
     blocks: torch.nn.ModuleList
     dtype: torch.dtype
     max_positions: int | None
+    streamed: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -64,7 +78,8 @@ def default_settings(device: str | torch.device | None = None) -> dict:
 
 def activation_signals(model_path: str | Path, corpus: Corpus | str | Path | None = None, *,
                        batch_size: int | None = None, seq_len: int | None = None, num_batches: int | None = None,
-                       seed: int = 0, device: str | None = "auto", show_progress: bool = True) -> dict:
+                       seed: int = 0, device: str | None = "auto", stream: str = "auto",
+                       show_progress: bool = True) -> dict:
     """`{"act_norm": ..., "act_norm_std": ...}` for the model at `model_path` (docs/fingerprint-format.md).
 
     `corpus` is a loaded Corpus, a corpus file, or None for the embedded one. Unset sizes take the defaults for
@@ -79,8 +94,11 @@ def activation_signals(model_path: str | Path, corpus: Corpus | str | Path | Non
         raise ValueError(f"batch_size, seq_len and num_batches must be positive: {batch_size}, {seq_len}, "
                          f"{num_batches}")
     settings = {"batch_size": batch_size, "seq_len": seq_len, "num_batches": num_batches, "seed": seed}
+    if stream not in STREAM_MODES:
+        raise ValueError(f"stream must be one of {STREAM_MODES}, not {stream!r}")
     try:
-        runnable = load_runnable(model_path, device)
+        streamed = stream == "always" or (stream == "auto" and too_large(model_path, device))
+        runnable = load_streamed(model_path, device) if streamed else load_runnable(model_path, device)
     except NotRunnable as e:
         return _unavailable(str(e), settings)
     if not isinstance(corpus, Corpus):
@@ -91,11 +109,12 @@ def activation_signals(model_path: str | Path, corpus: Corpus | str | Path | Non
         settings["seq_len"] = seq_len = runnable.max_positions
     windows = corpus.sample_windows(runnable.tokenizer, num_windows=batch_size * num_batches, seq_len=seq_len,
                                     seed=seed, show_progress=show_progress)
-    means, stds = norm_statistics(runnable, windows, batch_size, model_path, show_progress=show_progress)
+    chunk = min(windows.count, STREAM_WINDOWS) if runnable.streamed else batch_size
+    means, stds = norm_statistics(runnable, windows, chunk, model_path, show_progress=show_progress)
     meta = {"corpus": {"id": corpus.id, "sha256": corpus.sha256, "documents": len(corpus)},
             "windows": windows.describe(), "settings": settings, "positions": POSITIONS,
             "dtype": str(runnable.dtype).removeprefix("torch."), "device": runnable.devices,
-            "tokens": windows.count * windows.seq_len}
+            "tokens": windows.count * windows.seq_len, "streamed": runnable.streamed}
     return {"act_norm": {"kind": "activation_norm", "statistic": "mean", "values": means, **meta},
             "act_norm_std": {"kind": "activation_norm", "statistic": "std", "values": stds, **meta}}
 
@@ -136,6 +155,130 @@ def load_runnable(model_path: str | Path, device: str | None = "auto") -> Runnab
     max_positions = getattr(text, "max_position_embeddings", None)
     return Runnable(model, tokenizer, find_blocks(model, int(text.num_hidden_layers)), dtype,
                     int(max_positions) if max_positions else None)
+
+
+def too_large(model_path: str | Path, device: str | None) -> bool:
+    """Whether the model, in the pass's dtype (4 bytes a weight on a CPU, 2 on a GPU), would take more than half the
+    memory now available (the GPU's on a GPU): its weight files' size, read as the dtype they store, says how much."""
+    import psutil
+
+    root, kw = transformers_location(model_path)
+    files = [root / kw["gguf_file"]] if "gguf_file" in kw else sorted(root.glob("*.safetensors")) + sorted(
+        root.glob("*.bin"))
+    stored = sum(f.stat().st_size for f in files if f.is_file())
+    cuda = pick_device(device) == "cuda"
+    need = stored * (1 if cuda else 2)  # checkpoints are mostly 16-bit: float32 doubles them
+    have = torch.cuda.mem_get_info()[0] if cuda else psutil.virtual_memory().available
+    return need > have / 2
+
+
+class StreamedBlock(torch.nn.Module):
+    """A block whose weights are read from the checkpoint when the pass reaches it and dropped after."""
+
+    def __init__(self, cls: type, config, index: int, tensors: LayerTensors, prefix: str, device: torch.device,
+                 dtype: torch.dtype):
+        super().__init__()
+        self._spec = (cls, config, index, prefix, device, dtype)
+        self._tensors = tensors
+        # Attributes the model's forward reads from its blocks (e.g. attention_type) come from a weightless copy,
+        # kept outside the module tree so that its meta tensors are not the model's.
+        object.__setattr__(self, "_shell", self._build())
+
+    def _build(self) -> torch.nn.Module:
+        return _meta_block(*self._spec[:3])
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_shell"), name)
+
+    def forward(self, *args, **kwargs):
+        _, _, index, prefix, device, dtype = self._spec
+        layer = self._build()
+        state = {k: v.to(dtype) for k, v in self._tensors.block(prefix).items()}
+        try:
+            layer.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise NotRunnable(f"block {index} ({prefix}...) does not load from the checkpoint: "
+                              f"{_first_line(e)}") from e
+        if any(t.is_meta for t in (*layer.parameters(), *layer.buffers())):
+            raise NotRunnable(f"block {index} holds a tensor the checkpoint does not give")
+        layer.to(device).eval()
+        return layer(*args, **kwargs)
+
+
+def _meta_block(cls: type, config, index: int) -> torch.nn.Module:
+    """Block `index` of class `cls`, its tensors on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        return cls(config, layer_idx=index) if "layer_idx" in inspect.signature(cls.__init__).parameters else \
+            cls(config)
+
+
+def _weight_names(cls: type, config) -> set[str] | None:
+    """The state-dict names of one block of `cls` (None if it cannot be built from the config alone)."""
+    try:
+        return set(_meta_block(cls, config, 0).state_dict())
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def load_streamed(model_path: str | Path, device: str | None = "auto") -> Runnable:
+    """The model without its blocks, which `StreamedBlock`s read one at a time (see the module's docstring)."""
+    root, kw = transformers_location(model_path)
+    if "gguf_file" in kw:
+        raise NotRunnable("layer streaming reads safetensors checkpoints, not GGUF (transformers dequantises a GGUF "
+                          "whole)")
+    dev = torch.device(pick_device(device))
+    tensors = LayerTensors(root)
+    with _quiet_transformers():
+        try:
+            config = transformers.AutoConfig.from_pretrained(root, **kw)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(root, **kw)
+        except (ValueError, KeyError, OSError, TypeError) as e:
+            raise NotRunnable(f"transformers cannot build this model: {_first_line(e)}") from e
+        text = config.get_text_config()
+        layers, layer_types = int(text.num_hidden_layers), getattr(text, "layer_types", None)
+        shell = copy.deepcopy(config)
+        shell.get_text_config().num_hidden_layers = 0
+        if layer_types is not None:
+            shell.get_text_config().layer_types = []
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        try:
+            model, info = transformers.AutoModel.from_pretrained(root, config=shell, dtype=dtype,
+                                                                 output_loading_info=True, **kw)
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise NotRunnable(f"transformers cannot load the model without its blocks: {_first_line(e)}") from e
+    missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
+    if missing:
+        raise NotRunnable(f"{len(missing)} weight(s) missing from the checkpoint (first {missing[0]})")
+    model.config.get_text_config().num_hidden_layers = layers
+    if layer_types is not None:
+        model.config.get_text_config().layer_types = layer_types
+    empty = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == 0]
+    if len(empty) != 1:
+        raise NotRunnable(f"layer streaming cannot find the block stack of {type(model).__name__}")
+    attr = empty[0][0]
+    first = next((n for n in tensors.names() if f"{attr}.0." in n), None)
+    if first is None:
+        raise NotRunnable(f"the checkpoint has no tensor of block 0 (looked for '{attr}.0.')")
+    prefix = first[:first.index(f"{attr}.0.")]
+    block0 = {n[len(f"{prefix}{attr}.0."):] for n in tensors.names() if n.startswith(f"{prefix}{attr}.0.")}
+    # The block class: of the classes transformers keeps whole on one device, the one whose weights are block 0's.
+    module = sys.modules[type(model).__module__]
+    text_config = model.config.get_text_config()
+    classes = [getattr(module, n) for n in sorted(getattr(model, "_no_split_modules", None) or ()) if hasattr(module, n)]
+    fitting = [c for c in classes if _weight_names(c, text_config) == block0]
+    if len(fitting) != 1:
+        raise NotRunnable(f"layer streaming cannot tell which class makes the blocks of {type(model).__name__}")
+    cls = fitting[0]
+    blocks = torch.nn.ModuleList([StreamedBlock(cls, text_config, i, tensors,
+                                                f"{prefix}{attr}.{i}.", dev, dtype) for i in range(layers)])
+    parent, _, leaf = attr.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, blocks)
+    model.to(dev).eval()
+    max_positions = getattr(text, "max_position_embeddings", None)
+    return Runnable(model, tokenizer, blocks, dtype, int(max_positions) if max_positions else None, streamed=True)
 
 
 def norm_statistics(runnable: Runnable, windows: Windows, batch_size: int, label: str | Path = "",

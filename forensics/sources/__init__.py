@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 from forensics.errors import ForensicsError
@@ -78,3 +79,32 @@ def _head(path: Path, n: int) -> bytes:
 
 __all__ = ["FILE_READERS", "MAGIC_READERS", "ModelInfo", "NotRunnable", "Reads", "Source", "TensorRef", "detect",
            "open_model", "transformers_location"]
+
+
+class LayerTensors:
+    """The tensors of one block of a safetensors checkpoint (single file or sharded), read one block at a time for
+    the layer-streamed activation pass: `block(prefix)` returns {name below the prefix: tensor}. safetensors reads
+    only the bytes of the tensors asked for."""
+
+    def __init__(self, root: Path):
+        from safetensors import SafetensorError, safe_open
+
+        root = Path(root)
+        index = root / "model.safetensors.index.json"
+        try:
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            elif (root / "model.safetensors").is_file():
+                shards = ["model.safetensors"]
+            else:
+                raise NotRunnable("layer streaming reads safetensors checkpoints; this one has none")
+            self._files = [safe_open(str(root / s), framework="pt") for s in shards]
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            raise NotRunnable(f"the checkpoint's safetensors cannot be opened for layer streaming: {e}") from e
+        self._where = {name: f for f in self._files for name in f.keys()}
+
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def block(self, prefix: str) -> dict:
+        return {name[len(prefix):]: f.get_tensor(name) for name, f in self._where.items() if name.startswith(prefix)}
