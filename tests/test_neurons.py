@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from forensics.corpus import load_corpus
+from forensics.errors import ForensicsError
 from forensics.fingerprint import fingerprint_model
 from forensics.lab import transforms as T
 from forensics.signals.neurons import read_sketch, selection
@@ -284,3 +285,49 @@ def test_bytes_matched_are_the_fingerprinted_evidence(lineage):
         {**f, "sha256": "0" * 64} if f["path"] == "model.safetensors" else f for f in fps[1]["model"]["files"]]}}
     with pytest.raises(ForensicsError, match="changed during the analysis"):
         same_inputs(r, (fps[0], stale))
+
+
+@pytest.fixture(scope="module")
+def records(lineage):
+    """Registry records (pipeline.reference_entry's sample) of the parent and of an independent model."""
+    from forensics.pipeline import RECORD_DIMS, RECORD_SEED, RECORD_TOKENS
+    from forensics.signals.neurons import Record, read_record
+
+    made = {name: read_record(lineage / name, RECORD_DIMS, RECORD_TOKENS, RECORD_SEED)
+            for name in ("parent", "independent1")}
+    # What the registry stores and reads back (float16), not the record in memory.
+    return {name: Record.from_bytes(r.to_bytes(), lineage / name) for name, r in made.items()}
+
+
+@pytest.mark.parametrize("child, how", [("permuted", residual.TOKENS_PERMUTATION),
+                                        ("rotated", residual.TOKENS_ORTHOGONAL),
+                                        ("width-pruned", residual.TOKENS_PERMUTATION),
+                                        ("vocab-replaced", residual.WEIGHTS_PERMUTATION)])
+def test_a_record_finds_the_parent_as_the_weights_do(lineage, records, child, how):
+    """Matched against the parent's stored record (its coordinates sampled, the child read through the map): the
+    same alignment and the floor."""
+    from forensics.pipeline import neuron_test_record
+
+    r = neuron_test_record(lineage / child, records["parent"], FAST)
+    assert r["status"] == "compared" and r["alignment"]["how"] == how
+    assert r["pvalue"] == pytest.approx(FLOOR)
+    assert [layer["units"][0]["matches"]["layer"] for layer in r["layers"]] == list(range(24))
+    if child == "width-pruned":  # only the sampled coordinates the narrower child holds are matched
+        assert r["alignment"]["dims"] < records["parent"].dims.size
+
+
+@pytest.mark.parametrize("suspect", ["parent", "independent0-rotated"])
+def test_a_record_of_an_independent_model_does_not_align(lineage, records, suspect):
+    from forensics.pipeline import neuron_test_record
+
+    r = neuron_test_record(lineage / suspect, records["independent1"], FAST)
+    assert r["status"] == "unavailable" and "no near-exact alignment" in r["reason"]
+
+
+def test_a_record_round_trips_byte_for_byte(records):
+    from forensics.signals.neurons import Record
+
+    blob = records["parent"].to_bytes()
+    assert Record.from_bytes(blob, "parent").to_bytes() == blob
+    with pytest.raises(ForensicsError, match="neuron record"):
+        Record.from_bytes(blob[:100], "parent")
