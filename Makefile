@@ -104,7 +104,7 @@ lab: models
 REGISTRY := out/registry/default.sqlite
 REG = $(VENV)/bin/forensics registry add --registry $(REGISTRY).tmp
 registry: $(REGISTRY)
-$(REGISTRY): $(MODELS_STAMP)
+$(REGISTRY): $(MODELS_STAMP) forensics/evidence/registry.py
 	rm -f $(REGISTRY).tmp $(REGISTRY).tmp-journal
 	$(REG) models/A-minilm-l6 --name A-minilm-l6 --base --source "PyPI (../shared/models.md A)" > /dev/null
 	$(REG) models/A2-minilm-copy --name A2-minilm-copy --derived-from A-minilm-l6 > /dev/null

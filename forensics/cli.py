@@ -55,11 +55,14 @@ def cmd_case_run(args: argparse.Namespace) -> int:
 
 def cmd_case_check(args: argparse.Namespace) -> int:
     from forensics.case import load_case
+    from forensics.pipeline import missing_models
 
     case, raw = load_case(args.case)
-    missing = [str(m.path) for m in case.models() if not m.path.exists()]
-    json.dump({"case": case.id, "valid": not missing, "models": {m.name: str(m.path) for m in case.models()},
-               "missing": missing}, sys.stdout, indent=1, sort_keys=True)
+    missing = [f"{m.name}: {problem}" for m, problem in missing_models(case)]
+    where = {m.name: str(m.path) if m.path is not None else f"{m.registry} (reference {m.reference!r})"
+             for m in case.models()}
+    json.dump({"case": case.id, "valid": not missing, "models": where, "missing": missing}, sys.stdout, indent=1,
+              sort_keys=True)
     sys.stdout.write("\n")
     return 0 if not missing else 1
 

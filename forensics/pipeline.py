@@ -116,8 +116,10 @@ def activations(path: Path, fp: dict, corpus, plan: dict, device: str, store: St
                 show_progress: bool = True) -> dict:
     """The activation signals of the model whose fingerprint is `fp`; the files transformers reads are first
     checked against the fingerprint's SHA-256, so the activations describe the same bytes as the weights."""
-    from forensics.signals.activations import activation_signals
+    from forensics.signals.activations import activation_signals, streams
 
+    # `auto` resolved here, so the cache holds what was run (a streamed pass batches windows differently).
+    plan = {**plan, "stream": "always" if streams(path, plan.get("stream", "auto"), device) else "never"}
     key = digest([file_key(fp), corpus.sha256, plan, device, __version__])
     if store and (cached := store.get("activations", key)) is not None:
         err.print(f"[dim]activations of {Path(path).name}: cached[/]")
@@ -440,14 +442,33 @@ def statistics_settings(case, calibration: dict | None):
                     calibration=calibration)
 
 
-def describe_registry(path: Path) -> dict:
-    """What a manifest records of a registry read: its path, size, SHA-256 of its contents and its size in
-    references (opening it checks its schema)."""
+def missing_models(case) -> list[tuple[object, str]]:
+    """(model, problem) for what the case names and is not there: a model's path, a registry, a reference's name."""
     from forensics.evidence.registry import Registry
 
-    with Registry(path) as reg:
-        return {"path": str(path), "sha256_of_contents": reg.digest(), "bytes": Path(path).stat().st_size,
-                "references": len(reg.names())}
+    out = [(m, "no such file or directory") for m in case.models() if m.path is not None and not m.path.exists()]
+    for m in case.candidates:
+        if m.registry is None:
+            continue
+        if not m.registry.is_file():
+            out.append((m, f"no registry at {m.registry}"))
+            continue
+        with Registry(m.registry) as reg:
+            if m.reference not in reg.names():
+                out.append((m, f"the registry {m.registry} holds no reference named {m.reference!r}"))
+    return out
+
+
+def describe_registry(path: Path, reg=None) -> dict:
+    """What a manifest records of a registry read: its path, size, SHA-256 of its contents and its size in
+    references (opening it checks its schema); `reg`, when open already, is the state described."""
+    from forensics.evidence.registry import Registry
+
+    if reg is None:
+        with Registry(path) as reg:
+            return describe_registry(path, reg)
+    return {"path": str(path), "sha256_of_contents": reg.digest(), "bytes": Path(path).stat().st_size,
+            "references": len(reg.names())}
 
 
 def case_panel(case) -> list[dict]:
@@ -478,9 +499,8 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
     case, raw_yaml = load_case(case_path)
     on_disk = [m for m in case.models() if m.path is not None]
     from_registry = [m for m in case.candidates if m.registry is not None]
-    for m in on_disk:
-        if not m.path.exists():
-            raise ForensicsError(m.path, f"model {m.name!r} of the case: no such file or directory")
+    for m, problem in missing_models(case):
+        raise ForensicsError(m.path or m.registry, f"model {m.name!r} of the case: {problem}")
     panel = case.statistics.panel
     registries = sorted({m.registry for m in from_registry} | ({panel} if isinstance(panel, Path) and
                                                                 panel.is_file() else set()))
@@ -557,7 +577,7 @@ def publish(out_dir: Path, case_id: str, raw_results: bytes, fps: dict[str, dict
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in name)
 
 
 # -- the registry -----------------------------------------------------------------------------------------------------
@@ -705,6 +725,9 @@ def scan(suspect: Path, registry_path: Path, stats_settings, device: str = "auto
     suspect = Path(suspect)
     fp = fingerprint(suspect, device, suspect.name, store)
     with Registry(registry_path) as reg:
+        # One read transaction: every entry, record and the contents hash come from one state of the registry (a
+        # writer waits until the scan is done).
+        reg.db.execute("BEGIN")
         entries = reg.entries()
         if not entries:
             raise ForensicsError(registry_path, "the registry holds no reference to scan against")
@@ -717,8 +740,8 @@ def scan(suspect: Path, registry_path: Path, stats_settings, device: str = "auto
         permutations = neuron_permutations or scan_permutations(len(entries), stats_settings.alpha,
                                                                 stats_settings.multitest, NeuronSettings.permutations)
         s = NeuronSettings(permutations=permutations, seed=stats_settings.seed)
-        scanned = {**describe_registry(registry_path), "fully_compared": len(chosen), "null_pairs": len(pairs),
-                   "neuron_permutations": permutations}
+        scanned = {**describe_registry(registry_path, reg), "fully_compared": len(chosen),
+                   "null_pairs": len(pairs), "neuron_permutations": permutations}
         by_name = {e.name: e for e in entries}
         tests = {name: record_neurons(suspect, fp, reg, by_name[name], s, store) for name in chosen}
     settings = replace(stats_settings, untested=len(entries) - len(chosen))
@@ -738,49 +761,70 @@ def run_scan(suspect: Path, registry_path: Path, out_dir: Path | None, stats_set
              signing=None, device: str = "auto", store: Store | None = None, neuron_permutations: int | None = None,
              top: int | None = None, full: int = SCAN_FULL, argv: list[str] | None = None) -> dict:
     """`scan`, and with `out_dir` its signed dossier: the scan written as the case it amounts to (scan.yaml: the
-    suspect, every reference a candidate, the registry as the panel), the ranking (scan.json), results.json, and a
-    manifest that records the registry's file, size and SHA-256 of its contents. Returns the ranking document."""
+    suspect, the fully compared references as candidates taken from the registry, the registry as the panel), the
+    ranking (scan.json), results.json, and a manifest that records the registry's file, size and SHA-256 of its
+    contents. Every setting is checked before anything is read. Returns the ranking document."""
     import yaml
 
-    from forensics.case import Case
+    from forensics.evidence.registry import Registry
     from forensics.report.signing import SigningConfig, load_signer
+    from forensics.stats.neurons import NeuronSettings
 
     suspect, registry_path = Path(suspect), Path(registry_path)
     signing = signing or {}
+    with Registry(registry_path) as reg:
+        names = reg.names()
+    if not names:
+        raise ForensicsError(registry_path, "the registry holds no reference to scan against")
+    permutations = neuron_permutations or scan_permutations(len(names), stats_settings.alpha,
+                                                            stats_settings.multitest, NeuronSettings.permutations)
+    case = scan_case(suspect, registry_path, names[:1], stats_settings, analyst, signing, permutations)
     if out_dir is not None:
         check_output(Path(out_dir) / "dossier.pdf", [suspect, registry_path])
         load_signer(SigningConfig(**signing))
-    results, raw, ranking, scanned, fp = scan(suspect, registry_path, stats_settings, device, store,
-                                              neuron_permutations, full)
+    results, raw, ranking, scanned, fp = scan(suspect, registry_path, stats_settings, device, store, permutations,
+                                              full)
     doc = {"schema": "llm-forensics.scan/1", "suspect": str(suspect), "registry": scanned,
            "alpha": stats_settings.alpha, "multitest": results.multitest.model_dump(mode="json"),
            "null_pairs": results.null.n_pairs, "ranking": ranking[:top] if top else ranking}
     if out_dir is None:
         return doc
-    from forensics.evidence.registry import Registry
-
-    with Registry(registry_path) as reg:
-        references = {e.name: e.fp()["model"]["path"] for e in reg.entries() if e.name in results.candidates}
-    label = f"suspect: {suspect.name}"  # a reference may carry the suspect's own name
-    case = Case(id=f"scan-{_safe(suspect.name)}", title=f"Scan of {suspect.name} against the registry "
-                f"{registry_path.name}", analyst=analyst,
-                suspect={"name": label, "path": suspect.resolve()},
-                candidates=[{"name": n, "path": p, "notes": "a registry reference: compared through its stored "
-                             "fingerprint and neuron record, its weights not read"} for n, p in references.items()],
-                statistics={"permutations": stats_settings.n_permutations, "bootstrap": stats_settings.n_bootstrap,
-                            "alpha": stats_settings.alpha, "seed": stats_settings.seed,
-                            "multitest": "fdr_bh" if stats_settings.multitest == "bh" else "holm",
-                            "panel": registry_path.resolve()},
-                neurons={"permutations": scanned["neuron_permutations"]}, activations={"enabled": False},
-                signing=signing)
-    raw_yaml = yaml.safe_dump(case.model_dump(mode="json", exclude_defaults=True), sort_keys=False,
-                              allow_unicode=True).encode()
-    registry_input = {"path": str(registry_path), "kind": "registry"}
-    publish(Path(out_dir), case.id, raw, {label: fp}, raw_yaml, Path(out_dir) / "scan.yaml",
-            case.model_dump(mode="json"), SigningConfig(**signing), argv, [registry_input],
-            registries=[describe_registry(registry_path)],
+    case = scan_case(suspect, registry_path, sorted(results.candidates), stats_settings, analyst, signing,
+                     permutations)
+    raw_yaml = (f"# Written by `forensics scan` ({scanned['references']} references screened, these "
+                f"{scanned['fully_compared']} compared in full). Run as a case, its null is the registry's set of "
+                f"mutually unrelated references rather than the scan's sample of unrelated pairs, and the "
+                f"screened-out references are not counted in its adjustment.\n").encode() + yaml.safe_dump(
+        case.model_dump(mode="json", exclude_defaults=True), sort_keys=False, allow_unicode=True).encode()
+    described = [{k: scanned[k] for k in ("path", "sha256_of_contents", "bytes", "references")}]
+    publish(Path(out_dir), case.id, raw, {case.suspect.name: fp}, raw_yaml, Path(out_dir) / "scan.yaml",
+            case.model_dump(mode="json"), SigningConfig(**signing), argv,
+            [{"path": str(registry_path), "kind": "registry"}], registries=described,
             extra={"scan.yaml": raw_yaml, "scan.json": (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()})
     return doc
+
+
+def scan_case(suspect: Path, registry_path: Path, references: list[str], stats_settings, analyst: str,
+              signing: dict, permutations: int):
+    """The case a scan amounts to, validated as a case file is (a bad setting stops the scan before it reads)."""
+    from pydantic import ValidationError
+
+    from forensics.case import Case
+
+    try:
+        return Case(
+            id=f"scan-{_safe(suspect.name)}", title=f"Scan of {suspect.name} against the registry "
+            f"{registry_path.name}", analyst=analyst,
+            suspect={"name": f"suspect: {suspect.name}", "path": suspect.resolve()},  # a reference may share its name
+            candidates=[{"name": n, "registry": registry_path.resolve(), "reference": n} for n in references],
+            statistics={"permutations": stats_settings.n_permutations, "bootstrap": stats_settings.n_bootstrap,
+                        "alpha": stats_settings.alpha, "seed": stats_settings.seed,
+                        "multitest": "fdr_bh" if stats_settings.multitest == "bh" else "holm",
+                        "panel": registry_path.resolve()},
+            neurons={"permutations": permutations}, activations={"enabled": False}, signing=signing)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ForensicsError(None, f"invalid scan settings: {problems}") from None
 
 
 def rank(results: CaseResults) -> list[dict]:

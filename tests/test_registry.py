@@ -123,6 +123,46 @@ def test_export_import_round_trip_keeps_every_byte(registry, tmp_path, capsys):
     assert code == 2 and "do not hash" in message and not (tmp_path / "x.sqlite").exists()
 
 
+def test_an_export_whose_neuron_record_is_not_one_is_refused(registry, tmp_path, capsys):
+    """Hashes that agree do not make a record readable: a crafted export (every hash recomputed over bytes that are
+    no record) is refused by name before anything is written."""
+    import base64
+    import hashlib
+
+    export = tmp_path / "r.json"
+    assert main(["registry", "export", "--registry", str(registry), "-o", str(export)]) == 0
+    doc = json.loads(export.read_text())
+    bogus = b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"not a safetensors header"
+    doc["neuron_records"]["parent"] = base64.b64encode(bogus).decode()
+    next(e for e in doc["entries"] if e["name"] == "parent")["neuron_record_sha256"] = hashlib.sha256(bogus).hexdigest()
+    doc["sha256"] = hashlib.sha256(json.dumps(doc["entries"], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    export.write_text(json.dumps(doc))
+    target = tmp_path / "x.sqlite"
+    code, _, message = cli(capsys, "registry", "import", str(export), "--registry", str(target))
+    assert code == 2 and "neuron record" in message and "cannot be read" in message and not target.exists()
+
+
+def test_bad_scan_settings_and_missing_references_stop_before_reading(registry, models, tmp_path, capsys):
+    out = tmp_path / "scan"
+    code, doc, message = cli(capsys, "scan", str(models / "child"), "--registry", str(registry), "--permutations",
+                             "50", "--out", str(out))
+    assert code == 2 and doc is None and "statistics.permutations" in message and not out.exists()
+    from tests.test_case_run import write_case
+
+    path = write_case(tmp_path, models, candidates=[{"name": "p", "registry": str(registry), "reference": "nobody"}])
+    code, doc, _ = cli(capsys, "case", "check", str(path))
+    assert code == 1 and doc["missing"] == [f"p: the registry {registry} holds no reference named 'nobody'"]
+    code, _, message = cli(capsys, "case", "run", str(path), "--out", str(tmp_path / "out"))
+    assert code == 2 and "holds no reference named 'nobody'" in message and not (tmp_path / "out").exists()
+
+
+def test_screened_out_candidates_are_adjusted_by_holm_only():
+    from forensics.stats.compare import Settings
+
+    with pytest.raises(ForensicsError, match="Holm only"):
+        Settings(untested=3, multitest="bh")
+
+
 def test_remove_and_duplicate_names(registry, tmp_path, capsys):
     copy = tmp_path / "r.sqlite"
     shutil.copy(registry, copy)

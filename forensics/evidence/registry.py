@@ -131,7 +131,8 @@ class Registry:
             if schema is None or schema[0] != SCHEMA or version != SCHEMA_VERSION:
                 found = schema[0] if schema else "none"
                 raise ForensicsError(self.path, f"registry of schema {found!r} version {version}; this tool reads "
-                                                f"{SCHEMA!r} version {SCHEMA_VERSION}")
+                                                f"{SCHEMA!r} version {SCHEMA_VERSION} (build it again from the "
+                                                f"models with `forensics registry add` or `make registry`)")
         except sqlite3.DatabaseError as e:
             self.db.close()
             raise ForensicsError(self.path, f"not a registry (SQLite says: {e})") from None
@@ -195,9 +196,6 @@ class Registry:
             raise ForensicsError(self.path, f"entry {name!r}: its neuron record does not hash to the SHA-256 stored "
                                             f"with it (the file was altered)")
         return blob
-
-    def with_records(self, entries: list[Entry]) -> list[Entry]:
-        return [Entry(e.name, e.fingerprint, e.declared, self.neuron_record(e.name)) for e in entries]
 
     def get(self, name: str) -> Entry:
         for entry in self.entries():
@@ -339,5 +337,9 @@ def read_export(path: Path) -> list[Entry]:
             raise ForensicsError(path, f"entry {item['name']!r}: fingerprint does not match its SHA-256")
         if entry.record_sha256 != item.get("neuron_record_sha256"):
             raise ForensicsError(path, f"entry {item['name']!r}: neuron record does not match its SHA-256")
+        if record is not None:
+            from forensics.signals.neurons import Record
+
+            Record.from_bytes(record, path)  # readable, before anything is written
         entries.append(entry)
     return entries

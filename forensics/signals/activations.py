@@ -15,10 +15,11 @@ architecture it does not know) gives both signals with empty `values` and the re
 **Layer streaming** (`stream`), for a model larger than memory: transformers builds the model without its blocks
 (embeddings and final norm loaded as usual), and each block is made, given its weights from the checkpoint
 (safetensors, sharded or not: `sources.LayerTensors`), run and dropped as the forward pass reaches it. The windows
-go through in one batch of all of them (`STREAM_WINDOWS` at most), so each block is read once per such batch and
-the peak memory is one block, the embeddings and the windows' hidden states, whatever the depth. The curves are
-those of the full-model pass up to float rounding (tests/test_activations.py compares them). `auto` streams when
-the model in its compute dtype would take more than half the memory available.
+go through in batches as large as `STREAM_BUDGET` of activations allows (all of them in the CPU default), so each
+block is read once per such batch and the peak memory is one block, the embeddings and one batch's activations,
+whatever the depth. The curves are those of the full-model pass up to float rounding (tests/test_activations.py
+compares them). `auto` streams a safetensors checkpoint when the model in its compute dtype would take more than
+half the machine's memory (total, not free: the same machine always decides alike).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from forensics.sources import LayerTensors, NotRunnable, transformers_location  
 GPU_DEFAULTS = {"batch_size": 8, "seq_len": 1024, "num_batches": 1000}
 CPU_DEFAULTS = {"batch_size": 4, "seq_len": 256, "num_batches": 8}
 POSITIONS = "embedding output, then the output of each block (before any final norm)"
-STREAM_WINDOWS = 4096  # windows per streamed batch, at most: each such batch reads the blocks once more
+STREAM_BUDGET = 2 * 2**30  # bytes of activations per streamed batch: each such batch reads the blocks once more
 STREAM_MODES = ("auto", "always", "never")
 
 
@@ -70,6 +71,15 @@ class Runnable:
     @property
     def devices(self) -> str:
         return ",".join(sorted({str(p.device) for p in self.model.parameters()}))
+
+    def window_bytes(self, seq_len: int) -> int:
+        """About what one window's activations take inside a block: a few hidden-sized tensors, the FFN's
+        intermediate ones and one attention score matrix per head."""
+        text = self.model.config.get_text_config()
+        hidden = int(text.hidden_size)
+        inner = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+        heads = int(getattr(text, "num_attention_heads", None) or 1)
+        return seq_len * (6 * hidden + 3 * inner + heads * seq_len) * torch.finfo(self.dtype).bits // 8
 
 
 def default_settings(device: str | torch.device | None = None) -> dict:
@@ -97,8 +107,8 @@ def activation_signals(model_path: str | Path, corpus: Corpus | str | Path | Non
     if stream not in STREAM_MODES:
         raise ValueError(f"stream must be one of {STREAM_MODES}, not {stream!r}")
     try:
-        streamed = stream == "always" or (stream == "auto" and too_large(model_path, device))
-        runnable = load_streamed(model_path, device) if streamed else load_runnable(model_path, device)
+        runnable = load_streamed(model_path, device) if streams(model_path, stream, device) else \
+            load_runnable(model_path, device)
     except NotRunnable as e:
         return _unavailable(str(e), settings)
     if not isinstance(corpus, Corpus):
@@ -109,8 +119,13 @@ def activation_signals(model_path: str | Path, corpus: Corpus | str | Path | Non
         settings["seq_len"] = seq_len = runnable.max_positions
     windows = corpus.sample_windows(runnable.tokenizer, num_windows=batch_size * num_batches, seq_len=seq_len,
                                     seed=seed, show_progress=show_progress)
-    chunk = min(windows.count, STREAM_WINDOWS) if runnable.streamed else batch_size
-    means, stds = norm_statistics(runnable, windows, chunk, model_path, show_progress=show_progress)
+    chunk = batch_size
+    if runnable.streamed:
+        chunk = max(1, min(windows.count, STREAM_BUDGET // runnable.window_bytes(windows.seq_len)))
+    try:
+        means, stds = norm_statistics(runnable, windows, chunk, model_path, show_progress=show_progress)
+    except NotRunnable as e:  # a streamed block that does not load from the checkpoint
+        return _unavailable(str(e), settings)
     meta = {"corpus": {"id": corpus.id, "sha256": corpus.sha256, "documents": len(corpus)},
             "windows": windows.describe(), "settings": settings, "positions": POSITIONS,
             "dtype": str(runnable.dtype).removeprefix("torch."), "device": runnable.devices,
@@ -157,18 +172,25 @@ def load_runnable(model_path: str | Path, device: str | None = "auto") -> Runnab
                     int(max_positions) if max_positions else None)
 
 
-def too_large(model_path: str | Path, device: str | None) -> bool:
-    """Whether the model, in the pass's dtype (4 bytes a weight on a CPU, 2 on a GPU), would take more than half the
-    memory now available (the GPU's on a GPU): its weight files' size, read as the dtype they store, says how much."""
+def streams(model_path: str | Path, stream: str, device: str | None) -> bool:
+    """Whether the pass streams the blocks: `always`, `never`, or with `auto` when the checkpoint is safetensors and
+    the model in the pass's dtype (4 bytes a weight on a CPU, 2 on a GPU) would take more than half the machine's
+    memory (the GPU's on a GPU); the files' size, read as the 16-bit weights they mostly hold, says how much."""
     import psutil
 
-    root, kw = transformers_location(model_path)
-    files = [root / kw["gguf_file"]] if "gguf_file" in kw else sorted(root.glob("*.safetensors")) + sorted(
-        root.glob("*.bin"))
-    stored = sum(f.stat().st_size for f in files if f.is_file())
+    if stream != "auto":
+        return stream == "always"
+    try:
+        root, kw = transformers_location(model_path)
+    except NotRunnable:
+        return False
+    files = sorted(root.glob("*.safetensors")) if "gguf_file" not in kw else []
+    if not files:
+        return False  # only safetensors stream; anything else loads whole, as before
+    stored = sum(f.stat().st_size for f in files)
     cuda = pick_device(device) == "cuda"
-    need = stored * (1 if cuda else 2)  # checkpoints are mostly 16-bit: float32 doubles them
-    have = torch.cuda.mem_get_info()[0] if cuda else psutil.virtual_memory().available
+    need = stored * (1 if cuda else 2)
+    have = torch.cuda.get_device_properties(0).total_memory if cuda else psutil.virtual_memory().total
     return need > have / 2
 
 

@@ -71,10 +71,9 @@ class Sketch:
         return set.intersection(*found) if found else set()
 
     def columns(self, keep: np.ndarray) -> Sketch:
-        """The sketch on a subset of its directions, every row made unit length again (columns of a centred sketch
-        stay centred), readers cut alike."""
-        units = {u: {w: _unit_rows(a[:, keep]).astype(np.float32) for w, a in parts.items()}
-                 for u, parts in self.units.items()}
+        """The sketch on a subset of its directions, made invariant again on them (rows to unit length, the mean
+        neuron removed, unit length again: `_invariant`), readers cut alike."""
+        units = {u: {w: _invariant(a[:, keep], None) for w, a in parts.items()} for u, parts in self.units.items()}
         return Sketch(self.path, self.architecture, self.hidden_size, units,
                       {k: a[:, keep] for k, a in self.readers.items()}, self.files)
 
@@ -330,9 +329,13 @@ class Record:
             meta = json.loads(json.loads(blob[8:8 + size])["__metadata__"]["record"])
             if meta.get("schema") != RECORD_SCHEMA:
                 raise ValueError(f"schema {meta.get('schema')!r}, not {RECORD_SCHEMA!r}")
-            arrays = load(blob)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ForensicsError(path, f"its neuron record in the registry cannot be read: {e}") from None
+            return cls._parse(load(blob), meta, path)
+        except Exception as e:  # noqa: BLE001 - whatever the bytes hold, one message naming the reference
+            raise ForensicsError(path, f"its neuron record in the registry cannot be read: "
+                                       f"{type(e).__name__}: {e}") from None
+
+    @classmethod
+    def _parse(cls, arrays: dict, meta: dict, path: Path) -> Record:
         units: dict[UnitKey, dict[str, np.ndarray]] = {}
         readers, features, gains = {}, {}, {}
         for name, a in arrays.items():
@@ -346,9 +349,13 @@ class Record:
                     a.astype(np.float32) if kind == "reader" else a)
         sketch = Sketch(Path(path), meta["architecture"], int(meta["hidden_size"]), dict(sorted(units.items())),
                         readers, json.loads(meta["files"]))
-        return cls(json.loads(meta["texts"]), arrays["rows"].astype(np.float32),
-                   Profile(features, gains, int(meta["num_layers"])), arrays["dims"], sketch,
-                   json.loads(meta["settings"]))
+        record = cls(json.loads(meta["texts"]), arrays["rows"].astype(np.float32),
+                     Profile(features, gains, int(meta["num_layers"])), arrays["dims"], sketch,
+                     json.loads(meta["settings"]))
+        if not units or record.rows.shape != (len(record.texts), sketch.hidden_size) or \
+                any(a.shape[1] != len(record.dims) for parts in units.values() for a in parts.values()):
+            raise ValueError("its arrays do not have the shapes its metadata gives")
+        return record
 
 
 def read_record(path: Path, dims: int, tokens: int, seed: int) -> Record:

@@ -60,6 +60,10 @@ class Settings:
             problems.append(f"confidence_level must be in (0, 1), got {self.confidence_level}")
         if self.untested < 0:
             problems.append("untested must not be negative")
+        if self.untested and self.multitest != "holm":
+            # Counting screened-out hypotheses at p = 1 keeps Holm's family-wise error whatever picked the tested
+            # ones (Holm is monotone); Benjamini-Hochberg's false discovery rate has no such argument.
+            problems.append("a comparison with screened-out candidates (untested) is adjusted by Holm only")
         if self.n_permutations < 1 or self.n_bootstrap < 1:
             problems.append("n_permutations and n_bootstrap must be positive")
         if self.multitest not in MULTITEST_METHODS:
@@ -375,8 +379,10 @@ def compare_case(suspect_fp: dict, candidates: dict[str, dict], controls: dict[s
                           "candidate_only": sorted(set(signal_names(cand.fp)) - matched)},
         }
 
+    # Each screened-out candidate stands for as many signal tests as the most any compared candidate had.
+    per_candidate = max(Counter(c for c, _ in family).values(), default=0)
     adjusted = adjust([results[c]["signals"][label]["permutation"]["pvalue"] for c, label in family], s.multitest,
-                      s.untested)
+                      s.untested * per_candidate)
     for (c, label), p in zip(family, adjusted):
         entry = results[c]["signals"][label]
         entry["pvalue_adjusted"] = p
@@ -423,7 +429,10 @@ def compare_case(suspect_fp: dict, candidates: dict[str, dict], controls: dict[s
         "neuron_rule": neuron_rule(s.alpha, s.multitest) if neurons is not None else None,
         "measured_false_positive_rate": fpr,
         "multitest": {"method": MULTITEST_NAMES[s.multitest], "family": "every compared candidate x signal "
-                      "permutation p (aggregates included)", "m": len(family)},
+                      "permutation p (aggregates included)" + (
+                          f", and {s.untested} screened-out candidates at p = 1 for as many signals as the most "
+                          f"any compared one had" if s.untested else ""),
+                      "m": len(family) + s.untested * per_candidate},
         "models": {m.name: {"kind": m.kind, "path": model_label(m.fp),
                             "architecture": (m.fp.get("model") or {}).get("architecture"),
                             "num_layers": (m.fp.get("model") or {}).get("num_layers")} for m in case + null_members},
