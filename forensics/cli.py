@@ -388,9 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     vf.set_defaults(func=cmd_registry_verify)
 
     sc = sub.add_parser("scan", help="screen a suspect against every reference of a registry",
-                        description="Compare the suspect with every reference of the registry (the verdict rule, "
-                                    "adjusted over all references; the null: the pairs the registry declares "
-                                    "unrelated) and rank the references by the evidence. Prints JSON.")
+                        description="Screen the suspect against every reference of the registry at once, then "
+                                    "run the verdict rule (neuron matching on the stored records included) on the "
+                                    "best --full of them, adjusted over all references (the others at p = 1); the "
+                                    "null: a sample of the pairs the registry declares unrelated. No reference's "
+                                    "weights are read. Ranks the references and prints JSON (docs/registry.md).")
     sc.add_argument("suspect", help="the suspect model (directory or file)")
     registry_arg(sc)
     sc.add_argument("--top", type=int, help="print the K best-ranked references only")
@@ -405,11 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--neuron-permutations", type=int,
                     help="T of every neuron test (default: the least whose floor survives the adjustment over the "
                          "registry's references)")
-    sc.add_argument("--alpha", type=float, default=0.01)
-    sc.add_argument("--permutations", type=int, default=9999)
+    sc.add_argument("--alpha", type=float, default=0.01, help="significance level of the verdicts (default: 0.01)")
+    sc.add_argument("--permutations", type=int, default=9999,
+                    help="block permutations of each std-curve and spectrum test (default: 9999)")
     sc.add_argument("--bootstrap", type=int, default=999, help="bootstrap draws of each interval (default: 999)")
-    sc.add_argument("--seed", type=int, default=0)
-    sc.add_argument("--cache", help="fingerprint cache directory (e.g. out/.cache)")
+    sc.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
+    sc.add_argument("--cache", help="cache directory for the suspect's fingerprint and neuron tests (e.g. out/.cache)")
     sc.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     sc.set_defaults(func=cmd_scan)
 
