@@ -243,11 +243,21 @@ def write_sharded_qwen2(path, tokenizer):
     return path
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2-sharded", "bert"])
+def write_bf16_llama(path, tokenizer):
+    torch.manual_seed(4)
+    cfg = transformers.LlamaConfig(**{**tiny.SMALL, "vocab_size": len(tokenizer)})
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-bf16", "qwen2-sharded", "bert"])
 def test_layer_streamed_pass_gives_the_full_pass_curves(arch, saved, corpus, tok, tmp_path):
     """Each block read from the checkpoint when the pass reaches it: the same curves as the whole model loaded, to
-    float32 rounding (the windows go through in one batch instead of several)."""
-    path = write_sharded_qwen2(tmp_path / "q", tok) if arch == "qwen2-sharded" else saved(arch)
+    float32 rounding (the windows go through in one batch instead of several). A 16-bit checkpoint keeps its
+    embedding as stored, its rows widened as looked up: exact, so the curves agree as closely."""
+    path = {"qwen2-sharded": lambda: write_sharded_qwen2(tmp_path / "q", tok),
+            "llama-bf16": lambda: write_bf16_llama(tmp_path / "b", tok)}.get(arch, lambda: saved(arch))()
     seq_len = 32 if arch == "bert" else RUN["seq_len"]
     run = {**RUN, "seq_len": seq_len, "seed": 2}
     full = activation_signals(path, corpus, **run, stream="never")

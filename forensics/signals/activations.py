@@ -218,7 +218,7 @@ class StreamedBlock(torch.nn.Module):
     def forward(self, *args, **kwargs):
         _, _, index, prefix, device, dtype = self._spec
         layer = self._build()
-        state = {k: v.to(dtype) for k, v in self._tensors.block(prefix).items()}
+        state = self._tensors.block(prefix, dtype)
         try:
             layer.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
@@ -267,13 +267,21 @@ def load_streamed(model_path: str | Path, device: str | None = "auto") -> Runnab
             shell.get_text_config().layer_types = []
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         try:
-            model, info = transformers.AutoModel.from_pretrained(root, config=shell, dtype=dtype,
+            model, info = transformers.AutoModel.from_pretrained(root, config=shell, dtype="auto",
                                                                  output_loading_info=True, **kw)
         except (ValueError, KeyError, OSError, RuntimeError) as e:
             raise NotRunnable(f"transformers cannot load the model without its blocks: {_first_line(e)}") from e
     missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
     if missing:
         raise NotRunnable(f"{len(missing)} weight(s) missing from the checkpoint (first {missing[0]})")
+    # The token embedding stays as stored (a 152k x 3584 table is 2 GB more in float32) and its rows are widened as
+    # they are looked up: widening 16-bit floats to float32 is exact, so the pass computes what a float32 model does.
+    embedding = model.get_input_embeddings()
+    kept = {id(p) for p in embedding.parameters()}
+    for p in model.parameters():
+        if id(p) not in kept:
+            p.data = p.data.to(dtype)
+    embedding.register_forward_hook(lambda module, args, output: output.to(dtype))
     model.config.get_text_config().num_hidden_layers = layers
     if layer_types is not None:
         model.config.get_text_config().layer_types = layer_types

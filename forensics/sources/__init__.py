@@ -83,28 +83,44 @@ __all__ = ["FILE_READERS", "MAGIC_READERS", "ModelInfo", "NotRunnable", "Reads",
 
 class LayerTensors:
     """The tensors of one block of a safetensors checkpoint (single file or sharded), read one block at a time for
-    the layer-streamed activation pass: `block(prefix)` returns {name below the prefix: tensor}. safetensors reads
-    only the bytes of the tensors asked for."""
+    the layer-streamed activation pass: `block(prefix)` returns {name below the prefix: tensor}. Each shard is opened
+    only while its tensors are copied out: a mapping kept open would keep every page read resident in the process,
+    the whole checkpoint by the last block."""
 
     def __init__(self, root: Path):
         from safetensors import SafetensorError, safe_open
 
-        root = Path(root)
-        index = root / "model.safetensors.index.json"
+        self.root = Path(root)
+        index = self.root / "model.safetensors.index.json"
         try:
             if index.is_file():
                 shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            elif (root / "model.safetensors").is_file():
+            elif (self.root / "model.safetensors").is_file():
                 shards = ["model.safetensors"]
             else:
                 raise NotRunnable("layer streaming reads safetensors checkpoints; this one has none")
-            self._files = [safe_open(str(root / s), framework="pt") for s in shards]
+            self._where: dict[str, str] = {}
+            for shard in shards:
+                with safe_open(str(self.root / shard), framework="pt") as f:
+                    self._where.update({name: shard for name in f.keys()})
         except (OSError, ValueError, KeyError, SafetensorError) as e:
             raise NotRunnable(f"the checkpoint's safetensors cannot be opened for layer streaming: {e}") from e
-        self._where = {name: f for f in self._files for name in f.keys()}
 
     def names(self) -> list[str]:
         return sorted(self._where)
 
-    def block(self, prefix: str) -> dict:
-        return {name[len(prefix):]: f.get_tensor(name) for name, f in self._where.items() if name.startswith(prefix)}
+    def block(self, prefix: str, dtype=None) -> dict:
+        """The block's tensors, as `dtype` when given (converted one at a time, so at most one is held twice)."""
+        from safetensors import safe_open
+
+        wanted: dict[str, list[str]] = {}
+        for name, shard in self._where.items():
+            if name.startswith(prefix):
+                wanted.setdefault(shard, []).append(name)
+        out = {}
+        for shard, names in sorted(wanted.items()):
+            with safe_open(str(self.root / shard), framework="pt") as f:
+                for name in names:
+                    t = f.get_tensor(name)
+                    out[name[len(prefix):]] = t.to(dtype, copy=True) if dtype is not None else t.clone()
+        return out
