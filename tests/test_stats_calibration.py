@@ -3,10 +3,12 @@ compared end to end. The full design runs in `make calibrate` only."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from scipy import stats
 
-from forensics.lab.calibrate import SMALL, UNTRAINED, markdown, run
+from forensics.lab.calibrate import SMALL, UNTRAINED, main, markdown, run
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +52,16 @@ def test_small_calibration_report(table):
     for heading in ("False-positive rate", "True-positive rate per transform", "AUROC", "p-values under the null"):
         assert heading in text
     assert sum(table["histogram"]["primary_permutation"]) == table["permutation"]["0.05"]["n"]
+
+
+def test_small_calibration_report_renders_again_from_its_table(table, tmp_path):
+    """--render rewrites the report from the JSON file alone, byte for byte as the run wrote it, with the pooled
+    row over every unrelated pair."""
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    assert main(["--render", str(path), "--markdown", str(tmp_path / "report.md")]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert text == markdown(table)
+    pooled = table["rule"]["0.01"]["n"] + table["rule_widths"]["0.01"]["n"]
+    hits = table["rule"]["0.01"]["hits"] + table["rule_widths"]["0.01"]["hits"]
+    assert f"| verdict rule (DERIVED), every unrelated pair | {hits / pooled:.3f} ({hits}/{pooled}; " in text

@@ -53,6 +53,7 @@ ALPHAS = (0.01, 0.05)
 UNTRAINED = ("noised", "int8", "int4", "pruned", "rotated", "width-pruned", "neuron-permuted", "head-permuted",
              "qk-rescaled", "vo-rescaled", "updown-rescaled", "norm-rescaled")
 TRAINED = ("fine-tuned", "continued", "moe-upcycled", "vocab-replaced")
+ALIGNMENT_GROUPS = ("unrelated", "unrelated, different widths", *UNTRAINED, *TRAINED)
 NEW_VOCABULARY = 320  # tokens of the vocab-replaced child's byte-level BPE (256 bytes, one special, 63 merges)
 
 
@@ -292,6 +293,11 @@ def rate(hits: int, n: int) -> dict:
             "ci95": [float(ci.low), float(ci.high)] if ci else None}
 
 
+def pooled(a: dict, b: dict) -> dict:
+    """Two rates over disjoint sets of pairs as one: the counts add, the interval is recomputed."""
+    return rate(a["hits"] + b["hits"], a["n"] + b["n"])
+
+
 def auroc(derived: list[float], unrelated: list[float]) -> float:
     """P(score of a derived pair > score of an unrelated pair), ties counted half (Mann-Whitney U / n1 n2)."""
     u = stats.mannwhitneyu(derived, unrelated, alternative="greater").statistic
@@ -453,10 +459,12 @@ def markdown(t: dict) -> str:
         f"| verdict rule (DERIVED), same width | {cell(t['rule']['0.01'])} | {cell(t['rule']['0.05'])} |",
         f"| verdict rule (DERIVED), different widths | {cell(t['rule_widths']['0.01'])} | "
         f"{cell(t['rule_widths']['0.05'])} |",
+        "| verdict rule (DERIVED), every unrelated pair | "
+        + " | ".join(cell(pooled(t["rule"][a], t["rule_widths"][a])) for a in ("0.01", "0.05")) + " |",
         *[f"| {LABELS[name]} route alone (p < alpha; applies to {cell(e['applies'])}) | {cell(e['0.01'])} | "
-          f"{cell(e['0.05'])} |" for name, e in t["routes"]["unrelated"].items()],
+          f"{cell(e['0.05'])} |" for name, e in _in_order(t["routes"]["unrelated"], ROUTES)],
         *[f"| {LABELS[name]} route alone, different widths (applies to {cell(e['applies'])}) | {cell(e['0.01'])} | "
-          f"{cell(e['0.05'])} |" for name, e in t["routes"]["unrelated_widths"].items()],
+          f"{cell(e['0.05'])} |" for name, e in _in_order(t["routes"]["unrelated_widths"], ROUTES)],
         f"| std-curve route's own rule (the verdict rule of 0.2) | {cell(t['std_rule']['0.01'])} | "
         f"{cell(t['std_rule']['0.05'])} |",
         f"| block-permutation test alone (primary signal) | {cell(t['permutation']['0.01'])} | "
@@ -487,11 +495,12 @@ def markdown(t: dict) -> str:
     lines += ["", "Each route alone on the derived pairs (p < alpha, over the pairs it applies to):", "",
               "| transform | route | applies to | TPR at 0.01 | TPR at 0.05 |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {LABELS[route]} | {cell(e['applies'])} | {cell(e['0.01'])} | {cell(e['0.05'])} |"
-              for name in UNTRAINED + TRAINED if name in t["routes"] for route, e in t["routes"][name].items()]
+              for name in UNTRAINED + TRAINED if name in t["routes"]
+              for route, e in _in_order(t["routes"][name], ROUTES)]
     lines += ["", "Residual alignment neuron matching used (None: no near-exact map, the route does not apply):", "",
               "| pairs | alignments |", "|---|---|"]
     lines += [f"| {group} | " + ", ".join(f"{how}: {n}" for how, n in counts.items()) + " |"
-              for group, counts in t["alignment"].items()]
+              for group, counts in _in_order(t["alignment"], ALIGNMENT_GROUPS)]
     a = t["auroc"]
     lines += ["", "## AUROC, derived vs unrelated", "",
               f"Over {a['n_derived']} derived and {a['n_unrelated']} unrelated pairs:", "",
@@ -500,7 +509,7 @@ def markdown(t: dict) -> str:
               f"* combined p of the verdict rule, max(p_perm, p_emp): {a['combined_p']:.3f}", "",
               "The primary statistic (mean r over Q/K/V/O) ranges over " + "; ".join(
                   f"{kind} pairs: min {q['min']:.3f}, median {q['median']:.3f}, 95th percentile {q['q95']:.3f}, "
-                  f"max {q['max']:.3f}" for kind, q in t["statistic_quantiles"].items()) + ".",
+                  f"max {q['max']:.3f}" for kind, q in _in_order(t["statistic_quantiles"], ("unrelated", "derived"))) + ".",
               "", "## p-values under the null (unrelated pairs)", "",
               "Counts per tenth of [0, 1]; a valid test is flat or leans right (conservative), never left.", "",
               "| bin | block permutation | layer shuffle |", "|---|---|---|"]
@@ -509,11 +518,17 @@ def markdown(t: dict) -> str:
         lines.append(f"| {edges[i]:.1f}-{edges[i + 1]:.1f} | {p} | {s} |")
     counts = [f"{kind}: " + ", ".join(f"{v} {n}" for v, n in t["verdicts"][kind].items())
               for kind in ("unrelated", "derived")]
-    routes = [f"{kind}: " + ", ".join(f"{n} {k}" for n, k in t["deciding_routes"][kind].items())
+    routes = [f"{kind}: " + ", ".join(f"{n} {k}"
+                                      for n, k in _in_order(t["deciding_routes"][kind], (*ROUTES, "none")))
               for kind in ("unrelated", "derived")]
     lines += ["", "Verdict counts at alpha = 0.05: " + "; ".join(counts) + ".", "",
               "Deciding route at alpha = 0.05 (none: no route could reach alpha): " + "; ".join(routes) + ".", ""]
     return "\n".join(lines)
+
+
+def _in_order(entries: dict, order) -> list[tuple]:
+    """A table section in the report's order, not the JSON file's (sorted) one."""
+    return [(k, entries[k]) for k in order if k in entries]
 
 
 def families(d: Design, pool, cache: Path) -> tuple[list[dict], int, Path]:
@@ -593,10 +608,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", type=Path, help="write the JSON table here (make calibrate: "
                                               "forensics/reference/calibration_table.json, which verdicts quote)")
     p.add_argument("--cache", type=Path, help="keep trained families' fingerprints here and reuse them")
+    p.add_argument("--render", type=Path, metavar="TABLE",
+                   help="no run: write the report (--markdown) from a table an earlier run wrote")
     args = p.parse_args(argv)
-    d = SMALL if args.small else FULL
-    table = run(d, args.workers, args.cache)
+    if args.render:
+        table = json.loads(args.render.read_text())
+    else:
+        table = run(SMALL if args.small else FULL, args.workers, args.cache)
     text = json.dumps(table, indent=1, sort_keys=True) + "\n"
+    table = json.loads(text)  # the report is rendered from what the file holds, so --render gives the same bytes
     if args.table:
         args.table.write_text(text)
     if args.markdown:
