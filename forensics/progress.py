@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn, TransferSpeedColumn
@@ -17,3 +19,19 @@ def byte_progress(show: bool = True) -> Progress:
 def step_progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=err)
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' tqdm bars and load-time notices (the unused LM head of a causal-LM checkpoint loaded into its
+    base model, for one) would interleave with our bars."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.enable_progress_bar()
+        transformers.logging.set_verbosity(level)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import re
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -16,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from forensics.errors import ForensicsError
+from forensics.progress import quiet_transformers
 
 err = Console(stderr=True)
 TRAIN_STEPS = 20
@@ -175,27 +175,12 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=err)
 
 
-@contextmanager
-def _quiet_transformers():
-    """transformers' own tqdm bars and load-time notices would interleave with ours."""
-    import transformers
-
-    level = transformers.logging.get_verbosity()
-    transformers.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.enable_progress_bar()
-        transformers.logging.set_verbosity(level)
-
-
 def run(args: argparse.Namespace) -> int:
     from forensics.lab.io import load_source
 
     if args.lab_command != "make-set" and Path(args.out).exists() and not args.force:  # before any work
         raise ForensicsError(args.out, "already exists; pass --force to replace it")
-    with _quiet_transformers(), _progress() as bar:
+    with quiet_transformers(), _progress() as bar:
         task = bar.add_task(f"loading {Path(args.source).name}", total=None)
         source = load_source(args.source)
         bar.update(task, total=1, completed=1)

@@ -24,7 +24,6 @@ half the machine's memory (total, not free: the same machine always decides alik
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import sys
@@ -38,6 +37,7 @@ import transformers  # noqa: E402
 
 from forensics.corpus import Corpus, Windows, load_corpus, progress_bar  # noqa: E402
 from forensics.errors import ForensicsError  # noqa: E402
+from forensics.progress import quiet_transformers  # noqa: E402
 from forensics.signals.weights import Moments, pick_device  # noqa: E402
 from forensics.sources import LayerTensors, NotRunnable, transformers_location  # noqa: E402
 
@@ -139,7 +139,7 @@ def load_runnable(model_path: str | Path, device: str | None = "auto") -> Runnab
     over the others and the CPU), fp32 on a CPU. Raises NotRunnable with the reason when it cannot be run."""
     root, kw = transformers_location(model_path)
     dev = torch.device(pick_device(device))
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             config = transformers.AutoConfig.from_pretrained(root, **kw)
         except (ValueError, KeyError, OSError) as e:
@@ -253,7 +253,7 @@ def load_streamed(model_path: str | Path, device: str | None = "auto") -> Runnab
                           "whole)")
     dev = torch.device(pick_device(device))
     tensors = LayerTensors(root)
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             config = transformers.AutoConfig.from_pretrained(root, **kw)
             tokenizer = transformers.AutoTokenizer.from_pretrained(root, **kw)
@@ -374,15 +374,3 @@ def _unavailable(reason: str, settings: dict) -> dict:
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Loading a causal-LM checkpoint into its base model reports the unused LM head; that is expected here."""
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(level)
-
