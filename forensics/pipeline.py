@@ -171,7 +171,7 @@ def neuron_test(suspect: Path, candidate: Path, neuron_settings=None, suspect_wi
     from forensics.sources.vocabulary import shared_tokens, vocabulary
     from forensics.stats import residual
     from forensics.stats.neurons import NeuronSettings, unavailable
-    from forensics.stats.seeds import rng_for
+    from forensics.seeds import rng_for
 
     s = neuron_settings or NeuronSettings()
     suspect, candidate = Path(suspect), Path(candidate)
@@ -244,7 +244,7 @@ def _alignment(rows: tuple | None, profiles: Callable[[], tuple], s, tokens: dic
     unavailable result)."""
     from forensics.stats import residual
     from forensics.stats.neurons import unavailable
-    from forensics.stats.seeds import rng_for
+    from forensics.seeds import rng_for
 
     tried: list[dict] = []
     fit = None

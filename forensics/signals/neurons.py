@@ -362,7 +362,7 @@ def read_record(path: Path, dims: int, tokens: int, seed: int) -> Record:
     """The neuron record of the model at `path` (see `Record`); the sketch pass reads every file to the end and
     hashes it."""
     from forensics.sources.vocabulary import spellings, vocabulary
-    from forensics.stats.seeds import rng_for
+    from forensics.seeds import rng_for
 
     vocab, spelling = vocabulary(path)
     texts: list[str] = []

@@ -30,7 +30,7 @@ from forensics.stats.neurons import unavailable
 from forensics.stats.normalise import FLAT_CV, Curve, VariationCheck, curve, model_label, signal_names, \
     variation_check, zscore
 from forensics.stats.permutation import TREND_DEGREE, NullCurves, PermutationResult, permutation_tests
-from forensics.stats.seeds import rng_for
+from forensics.seeds import rng_for
 from forensics.stats.similarity import AGGREGATES, pearson, spearman
 from forensics.stats.verdict import PRIMARY_ORDER, PrimaryEvidence, decide, measured_fpr, rule_text
 

@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 
 from forensics.errors import ForensicsError
 from forensics.signals.neurons import Sketch, UnitKey
-from forensics.stats.seeds import rng_for
+from forensics.seeds import rng_for
 
 SCHEMA = "llm-forensics.neurons/1"
 
@@ -112,39 +112,45 @@ class _Matcher:
         return index, np.tile(signs, len(self.parts)).astype(np.float32)
 
     def unit_stats(self, index: np.ndarray | None = None, signs: np.ndarray | None = None, detail: bool = False,
-                   flip: bool = False):
+                   flips: tuple[bool, ...] = (False,)) -> dict:
+        """{flip: (unit statistics, best candidate unit of each, same-index fractions)} for the suspect stream and,
+        with True in `flips`, its negation: one product serves both, since negating the suspect negates it."""
         # Permuting the suspect's columns by the inverse is the same as permuting the candidate's (cosines are
         # invariant to one orthogonal map applied to both), and the suspect side is the small one.
         sus = self.sus if index is None else self.sus[:, np.argsort(index)] * signs[np.argsort(index)]
-        if flip:
-            sus = -sus
-        bound = np.empty((len(self.sus_units), len(self.cand)))
+        bound = {flip: np.empty((len(self.sus_units), len(self.cand))) for flip in flips}
         for j, c in enumerate(self.cand):
-            best = (sus @ c.T).max(axis=1)
-            bound[:, j] = [best[a:b].mean() for a, b in zip(self.offsets, self.offsets[1:])]
-        stats_, where, details = np.empty(len(self.sus_units)), np.empty(len(self.sus_units), int), []
-        for i in range(len(self.sus_units)):
-            block = sus[self.offsets[i]:self.offsets[i + 1]]
-            best, best_j, best_match = -np.inf, -1, None
-            # The row-wise maximum bounds any one-to-one matching: stop once no unit left can beat the best.
-            for j in np.argsort(-bound[i], kind="stable"):
-                if bound[i, j] <= best:
-                    break
-                value, r, c = _lsa_mean(block @ self.cand[j].T)
-                if value > best:
-                    best, best_j, best_match = value, j, (r, c)
-            stats_[i], where[i] = best, best_j
-            if detail:
-                r, c = best_match
-                details.append(float(np.mean(self.picks[self.sus_units[i]][r] == c)))
-        return stats_, where, details
+            product = sus @ c.T
+            for flip in flips:
+                best = -product.min(axis=1) if flip else product.max(axis=1)
+                bound[flip][:, j] = [best[a:b].mean() for a, b in zip(self.offsets, self.offsets[1:])]
+        out = {}
+        for flip in flips:
+            side = -sus if flip else sus
+            stats_, where, details = np.empty(len(self.sus_units)), np.empty(len(self.sus_units), int), []
+            for i in range(len(self.sus_units)):
+                block = side[self.offsets[i]:self.offsets[i + 1]]
+                best, best_j, best_match = -np.inf, -1, None
+                # The row-wise maximum bounds any one-to-one matching: stop once no unit left can beat the best.
+                for j in np.argsort(-bound[flip][i], kind="stable"):
+                    if bound[flip][i, j] <= best:
+                        break
+                    value, r, c = _lsa_mean(block @ self.cand[j].T)
+                    if value > best:
+                        best, best_j, best_match = value, j, (r, c)
+                stats_[i], where[i] = best, best_j
+                if detail:
+                    r, c = best_match
+                    details.append(float(np.mean(self.picks[self.sus_units[i]][r] == c)))
+            out[flip] = stats_, where, details
+        return out
 
 
 def _best_sign(mt: _Matcher, per_layer, draw: tuple = (), both_signs: bool = False, detail: bool = False):
     """Unit and layer statistics of one draw; with `both_signs`, of whichever sign of the whole stream sums higher."""
     best = None
-    for flip in ((False, True) if both_signs else (False,)):
-        units, where, details = mt.unit_stats(*draw, detail=detail, flip=flip)
+    for flip, (units, where, details) in mt.unit_stats(*draw, detail=detail,
+                                                        flips=(False, True) if both_signs else (False,)).items():
         layers = per_layer(units)
         if best is None or layers.sum() > best[1].sum():
             best = (units, layers, where, details, flip)
