@@ -241,11 +241,12 @@ def write_gguf(model, path: Path) -> None:
     tiny.write_llama_gguf(model, path, vocab=vocab)
 
 
-def test_gguf_source_is_dequantised_unpermuted_and_its_tokenizer_written_out(tmp_path):
+def test_gguf_source_is_dequantised_unpermuted_and_its_tokenizer_written_out(tmp_path, capfd):
     model = decoder("llama-tied")
     write_gguf(model, tmp_path / "tiny.gguf")
     out = tmp_path / "child"
     lab("rescale-qk", "--source", tmp_path / "tiny.gguf", "--out", out, "--granularity", "pair")
+    assert "de-quantizing" not in capfd.readouterr().err  # transformers' GGUF loader's own bar stays quiet
     child = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     torch.testing.assert_close(logits(child, batch()), logits(model, batch()), atol=1e-4, rtol=0)
