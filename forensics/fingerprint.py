@@ -1,4 +1,8 @@
-"""One pass over a checkpoint: every weight signal plus the SHA-256 of every file (docs/fingerprint-format.md)."""
+"""One pass over a checkpoint: every weight signal plus the SHA-256 of every file (docs/fingerprint-format.md).
+
+Three threads share it: this one reads and takes the moments, one hashes each chunk as it is read
+(forensics/sources/base.py), one reduces each layer's attention spectra (forensics/signals/attention.py).
+"""
 
 from __future__ import annotations
 
@@ -50,21 +54,26 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
     nonfinite = []
     # One BLAS thread: the attention spectra's many small factorisations ran 10-20x slower with OpenBLAS's threads
     # competing with each other and the hashing thread (Gemma3-270M: 2.1 s against 29 s on 2 cores).
-    with threadpool_limits(limits=1, user_api="blas"):
-        for ref in source.tensors():
-            match = matches.get(ref.name)
-            if match is None:
-                continue
-            tensor = ref.load()
-            bad_nan = bad_inf = 0
-            for part in table.parts(ref.name, match, tensor, info):
-                m = moments(part.tensor, dev)
-                bad_nan, bad_inf = bad_nan + m.nan, bad_inf + m.inf
-                per_role[part.role][(part.layer, part.expert)] = m
-                attention.add(part)
-            if bad_nan or bad_inf:
-                nonfinite.append({"tensor": ref.name, "file": str(ref.file or path), "nan": bad_nan, "inf": bad_inf})
-            del tensor
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            for ref in source.tensors():
+                match = matches.get(ref.name)
+                if match is None:
+                    continue
+                tensor = ref.load()
+                bad_nan = bad_inf = 0
+                for part in table.parts(ref.name, match, tensor, info):
+                    m = moments(part.tensor, dev)
+                    bad_nan, bad_inf = bad_nan + m.nan, bad_inf + m.inf
+                    per_role[part.role][(part.layer, part.expert)] = m
+                    attention.add(part)
+                if bad_nan or bad_inf:
+                    nonfinite.append({"tensor": ref.name, "file": str(ref.file or path), "nan": bad_nan,
+                                      "inf": bad_inf})
+                del tensor
+            attention.finish()
+    finally:
+        attention.close()
     if nonfinite and not allow_nonfinite:
         first = nonfinite[0]
         raise ForensicsError(first["file"], f"non-finite weights in {len(nonfinite)} tensor(s), first "

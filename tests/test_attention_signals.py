@@ -249,6 +249,8 @@ def test_collector_waits_for_a_gain_stored_later(tmp_path):
             for part in table.parts(name, matches[name], tensor, info):
                 collector.add(part)
                 assert len(collector.pending) <= info.num_layers
+        collector.finish()
+        collector.close()
         out.append(collector.signals(info.num_layers))
     assert out[0] == out[1] == {k: v for k, v in fingerprint_model(path, device="cpu")["signals"].items()
                                 if k in SIGNALS}

@@ -26,10 +26,14 @@ a Cholesky factorisation: 12 s against 0.3 s for SmolLM2-135M's 30 layers on 2 c
 Cholesky factor) takes the Gram matrix's symmetric square root instead, which serves as R just as well.
 
 `LayerCollector` gathers one layer's q, k, v, o and norm gain from a fingerprint pass that reads tensors in file
-order, emits the layer's two values once its pieces are in, and drops them.
+order, reduces the layer to its two values once its pieces are in, and drops them. The reduction runs on a worker
+thread (LAPACK and BLAS release the GIL) while the pass reads, hashes and takes the moments of the next tensors; one
+layer is reduced at a time, so at most two layers' attention weights are held.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -42,9 +46,12 @@ PIECES = ("q", "k", "v", "o")
 MLA_ROLES = {"q_a", "q_b", "kv_a", "kv_b"}
 
 
-def _heads(w: np.ndarray, n: int) -> np.ndarray:
-    """(n, rows/n, cols) float64: the per-head row blocks of a (out, in) projection."""
-    w = np.asarray(w, dtype=np.float64)
+def _heads(w: np.ndarray, n: int, gain: np.ndarray | None = None) -> np.ndarray:
+    """(n, rows/n, cols) float64: the per-head row blocks of a (out, in) projection, each column scaled by `gain`.
+    One float64 copy, scaled in place: the spectra run beside the pass, whose peak memory they add to."""
+    w = np.array(w, dtype=np.float64, order="C")
+    if gain is not None:
+        w *= np.asarray(gain, dtype=np.float64)
     return w.reshape(n, w.shape[0] // n, w.shape[1])
 
 
@@ -80,17 +87,15 @@ def _kv_index(n_heads: int, n_kv: int) -> np.ndarray:
 def qk_singular_values(q: np.ndarray, k: np.ndarray, n_heads: int, n_kv: int,
                        gain: np.ndarray | None = None) -> np.ndarray:
     """(n_heads, d_head) singular values of G W_q^hᵀ W_k^j G, largest first; q, k in (out, in) layout."""
-    g = 1.0 if gain is None else np.asarray(gain, dtype=np.float64)
-    rq = _r_factors(_heads(q, n_heads) * g)
-    rk = _r_factors(_heads(k, n_kv) * g)
+    rq = _r_factors(_heads(q, n_heads, gain))
+    rk = _r_factors(_heads(k, n_kv, gain))
     return _singular_values(rq @ np.swapaxes(rk, 1, 2)[_kv_index(n_heads, n_kv)])
 
 
 def ov_singular_values(v: np.ndarray, o: np.ndarray, n_heads: int, n_kv: int,
                        gain: np.ndarray | None = None) -> np.ndarray:
     """(n_heads, d_head) singular values of W_o^h W_v^j G, largest first; v, o in (out, in) layout."""
-    g = 1.0 if gain is None else np.asarray(gain, dtype=np.float64)
-    rv = _r_factors(_heads(v, n_kv) * g)
+    rv = _r_factors(_heads(v, n_kv, gain))
     # o's per-head blocks are column blocks: the row blocks of its transpose.
     ro = _r_factors(_heads(np.asarray(o).T, n_heads))
     return _singular_values(ro @ np.swapaxes(rv, 1, 2)[_kv_index(n_heads, n_kv)])
@@ -140,6 +145,8 @@ class LayerCollector:
         self.pending: dict[int, dict[str, np.ndarray]] = {}
         self.gains: dict[int, np.ndarray] = {}  # keyed by the layer whose attention the gain feeds
         self.values: dict[str, dict[int, float]] = {name: {} for name in SIGNALS}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra")
+        self._running: tuple[int, Future] | None = None
 
     def add(self, part: roles.Part) -> None:
         if not self.enabled:
@@ -165,12 +172,25 @@ class LayerCollector:
             return  # its gain is still to come (post-norm files need not store layers in order)
         del self.pending[layer]
         gain = self.gains.pop(layer, None)
+        self._collect()
+        self._running = layer, self._worker.submit(self._reduce, pieces, gain)
+
+    def _reduce(self, pieces: dict[str, np.ndarray], gain: np.ndarray | None) -> tuple[float, float] | None:
         q, k, v, o = (pieces[r] for r in PIECES)
         n_kv = self._kv_heads(q, k, v, o, gain)
         if n_kv is None:
+            return None
+        return qk_spectrum(q, k, self.n_heads, n_kv, gain), ov_spectrum(v, o, self.n_heads, n_kv, gain)
+
+    def _collect(self) -> None:
+        """Wait for the layer being reduced and keep its values (re-raising what went wrong there)."""
+        if self._running is None:
             return
-        self.values["qk_spectrum"][layer] = qk_spectrum(q, k, self.n_heads, n_kv, gain)
-        self.values["ov_spectrum"][layer] = ov_spectrum(v, o, self.n_heads, n_kv, gain)
+        layer, future = self._running
+        self._running = None
+        values = future.result()
+        if values is not None:
+            self.values["qk_spectrum"][layer], self.values["ov_spectrum"][layer] = values
 
     def _kv_heads(self, q, k, v, o, gain) -> int | None:
         """The kv head count, read off k's rows (configs of fused-qkv models may carry one that does not apply), if
@@ -188,11 +208,19 @@ class LayerCollector:
         finite = shapes and all(np.isfinite(w).all() for w in (q, k, v, o) + (() if gain is None else (gain,)))
         return n_kv if finite else None
 
-    def signals(self, num_layers: int) -> dict:
-        """The finished curves; a layer still waiting at the end (its gain never came) is reduced unfolded."""
+    def finish(self) -> None:
+        """After the last tensor: a layer still waiting (its gain never came) is reduced unfolded, and every
+        reduction is collected."""
         for layer in sorted(self.pending):
             self.has_gain.discard(self._gain_source(layer))
             self._try(layer)
+        self._collect()
+
+    def close(self) -> None:
+        self._worker.shutdown()
+
+    def signals(self, num_layers: int) -> dict:
+        """The finished curves (after `finish`)."""
         out = {}
         for name, per_layer in self.values.items():
             if per_layer:

@@ -148,7 +148,7 @@ class E5S1File(Source):
                             self._load(shape, dtype, offset, nbytes), self.path)
 
     def _load(self, shape: tuple[int, ...], dtype: int, offset: int, nbytes: int) -> np.ndarray:
-        raw = np.frombuffer(self.file.read_at(offset, nbytes), dtype=np.uint8)
+        raw = self.file.read_array(offset, nbytes)
         if dtype == F32:
             return raw.view("<f4").reshape(shape)
         return dequantize_q4_0(raw, shape)

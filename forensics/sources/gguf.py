@@ -240,7 +240,7 @@ class GGUFFile(Source):
             yield TensorRef(t.name, t.shape, t.qtype.name, lambda t=t: self._load(t), self.path)
 
     def _load(self, t: TensorInfo) -> np.ndarray:
-        raw = np.frombuffer(self.file.read_at(t.offset, t.nbytes), dtype=np.uint8)
+        raw = self.file.read_array(t.offset, t.nbytes)
         try:
             w = dequantize(raw, t.qtype).reshape(t.shape)
         except NotImplementedError as e:

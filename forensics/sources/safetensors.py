@@ -85,7 +85,7 @@ def read_header(f: HashedFile) -> tuple[int, dict]:
     return data_start, header
 
 
-def _decode(buf: bytearray, dtype: str, shape: list[int]) -> np.ndarray:
+def _decode(buf: np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
     a = np.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
     return DECODE[dtype](a) if dtype in DECODE else a
 
@@ -98,7 +98,7 @@ def tensors(f: HashedFile, data_start: int, header: dict, only: set[str] | None 
         begin, end = e["data_offsets"]
 
         def load(begin=begin, end=end, dtype=e["dtype"], shape=e["shape"]) -> np.ndarray:
-            return _decode(f.read_at(data_start + begin, end - begin), dtype, shape)
+            return _decode(f.read_array(data_start + begin, end - begin), dtype, shape)
 
         yield TensorRef(name, tuple(e["shape"]), e["dtype"], load, f.path)
 
