@@ -70,7 +70,9 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
                 if bad_nan or bad_inf:
                     nonfinite.append({"tensor": ref.name, "file": str(ref.file or path), "nan": bad_nan,
                                       "inf": bad_inf})
+                # The last part is a view of the tensor: both go before the next tensor is read.
                 del tensor
+                part = None
             attention.finish()
     finally:
         attention.close()

@@ -20,9 +20,10 @@ from forensics.errors import ForensicsError
 from forensics.files import model_root, open_regular
 
 CHUNK = 8 << 20
-# Chunks queued for the hashing thread. One is enough to overlap hashing a chunk with reading the next; more kept
-# large buffers alive long enough for glibc to stop returning them, and RSS grew with the model (measured, when whole
-# tensors were queued: a 2.6 GB checkpoint peaked at 2.7 GiB with 8, 0.37 GiB with 1, and ran 3x faster).
+# Chunks of skipped bytes queued for the hashing thread, in buffers of their own. One is enough to overlap hashing a
+# chunk with reading the next; more kept buffers alive long enough for glibc to stop returning them, and RSS grew with
+# the model (measured, when whole tensors were queued so: a 2.6 GB checkpoint peaked at 2.7 GiB with 8, 0.37 GiB
+# with 1, and ran 3x faster).
 MAX_PENDING = 1
 
 
@@ -43,7 +44,7 @@ class HashedFile:
     """
 
     def __init__(self, path: Path, hasher: ThreadPoolExecutor, on_bytes: Callable[[int], None] | None = None,
-                 root: Path | None = None):
+                 root: Path | None = None, pending: deque[Future] | None = None):
         self.path = path
         self._f = open_regular(path, root)
         self.real = Path(self._f.name)  # the resolved path, for libraries that open the file by name again
@@ -51,13 +52,16 @@ class HashedFile:
         self._pos = 0
         self._sha = hashlib.sha256()
         self._hasher = hasher
-        self._pending: deque[Future] = deque()
+        # Shared by the files of one model (one hashing thread, first in first out), so that the wait before a new
+        # buffer also covers the last shard's last tensor.
+        self._pending: deque[Future] = deque() if pending is None else pending
         self._on_bytes = on_bytes
         self.record: FileRecord | None = None
 
-    def _read_into(self, view: memoryview) -> None:
-        # Hashed chunk by chunk as it is read: the hash trails the read by one chunk, so a tensor's buffer is not
-        # kept alive by its hash while the next one is read (that held two large tensors at a time).
+    def _read_into(self, view: memoryview, trail: int | None = None) -> None:
+        """Read into `view`, queueing each chunk for the hashing thread as it comes in: without a wait (the chunks
+        share the caller's buffer, which it holds while it computes on it, and hashing them overlaps that work), or
+        with at most `trail` queued, for buffers that nobody holds (the bytes skipped over)."""
         for start in range(0, len(view), CHUNK):
             piece = view[start:start + CHUNK]
             got = 0
@@ -70,18 +74,22 @@ class HashedFile:
                     raise ForensicsError(self.path, f"truncated: file ends at byte {self._pos + got}, "
                                                     f"expected at least {self._pos + len(view) - start}")
                 got += n
-            while len(self._pending) >= MAX_PENDING:
-                self._pending.popleft().result()
+            if trail:
+                self._drain(trail - 1)
             self._pending.append(self._hasher.submit(self._sha.update, piece))
             self._pos += len(piece)
             if self._on_bytes:
                 self._on_bytes(len(piece))
 
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
+
     def skip_to(self, offset: int) -> None:
         if offset < self._pos:
             raise ForensicsError(self.path, f"internal: read order went backwards ({offset} < {self._pos})")
         while self._pos < offset:
-            self._read_into(memoryview(bytearray(min(CHUNK, offset - self._pos))))
+            self._read_into(memoryview(bytearray(min(CHUNK, offset - self._pos))), trail=MAX_PENDING)
 
     def read_at(self, offset: int, nbytes: int) -> bytearray:
         buf = bytearray(self._start(offset, nbytes))
@@ -100,6 +108,9 @@ class HashedFile:
             raise ForensicsError(self.path, f"truncated: needs bytes {offset}..{offset + nbytes} "
                                             f"but the file has {self.size}")
         self.skip_to(offset)
+        # The last read's hash is finished before a new buffer is taken, so no earlier buffer outlives its read by
+        # much (two large tensors were held at a time otherwise).
+        self._drain(0)
         return nbytes
 
     def read_all(self) -> bytearray:
@@ -130,10 +141,11 @@ class Reads:
         self.root: Path | None = None  # every file opened must lie inside it; set by the Source reading the model
         self._files: dict[Path, HashedFile] = {}
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._pending: deque[Future] = deque()
 
     def open(self, path: Path) -> HashedFile:
         if path not in self._files:
-            self._files[path] = HashedFile(path, self._hasher, self.on_bytes, self.root)
+            self._files[path] = HashedFile(path, self._hasher, self.on_bytes, self.root, self._pending)
         return self._files[path]
 
     def finish(self, root: Path) -> list[dict]:
