@@ -60,13 +60,18 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
                 match = matches.get(ref.name)
                 if match is None:
                     continue
-                tensor = ref.load()
+                # A tensor that only its moments need, stored in a format decoded element by element, is decoded
+                # a chunk at a time inside them: the whole float32 copy (twice a bf16 tensor) is never made.
+                streamed = (ref.decode is not None and match.target not in roles.SPLITS
+                            and match.target not in roles.STACKED and not attention.wants(match.target))
+                tensor = ref.load_stored() if streamed else ref.load()
                 bad_nan = bad_inf = 0
                 for part in table.parts(ref.name, match, tensor, info):
-                    m = moments(part.tensor, dev)
+                    m = moments(part.tensor, dev, ref.decode if streamed else None)
                     bad_nan, bad_inf = bad_nan + m.nan, bad_inf + m.inf
                     per_role[part.role][(part.layer, part.expert)] = m
-                    attention.add(part)
+                    if not streamed:
+                        attention.add(part)
                 if bad_nan or bad_inf:
                     nonfinite.append({"tensor": ref.name, "file": str(ref.file or path), "nan": bad_nan,
                                       "inf": bad_inf})

@@ -214,6 +214,24 @@ def test_low_precision_dtypes_read_exactly(tmp_path, dtype):
         assert fp["signals"]["up"]["values"][i] == pytest.approx(want, rel=1e-9)
 
 
+def test_streamed_bf16_moments_equal_those_of_the_same_values_in_float32(tmp_path, monkeypatch):
+    """FFN tensors stored as bf16 are decoded a chunk at a time inside their moments; the attention tensors whole.
+    The same values stored as float32 (exactly representable) take neither path: every signal is bit-for-bit equal,
+    over several chunks, and a NaN is counted the same way."""
+    from forensics.signals import weights
+
+    monkeypatch.setattr(weights, "CHUNK_ELEMENTS", 1000)
+    model = tiny.build_model("llama")
+    state = {k: v.bfloat16() for k, v in model.state_dict().items()}
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    bf16 = tiny.save_raw(state, model.config.to_dict(), tmp_path / "bf16")
+    f32 = tiny.save_raw({k: v.float() for k, v in state.items()}, model.config.to_dict(), tmp_path / "f32")
+    a, b = (fingerprint_model(p, device="cpu", allow_nonfinite=True) for p in (bf16, f32))
+    assert a["signals"] == b["signals"] and "qk_spectrum" in a["signals"]
+    assert [(e["tensor"], e["nan"]) for e in a["nonfinite"]] == [("model.layers.1.mlp.up_proj.weight", 1)]
+    assert a["nonfinite"] == [{**e, "file": e["file"].replace("f32", "bf16")} for e in b["nonfinite"]]
+
+
 def test_every_file_hashed_and_inputs_left_untouched(saved):
     path = saved("qwen2")
     before = {f.name: (f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest()) for f in path.iterdir()}

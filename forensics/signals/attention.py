@@ -148,6 +148,10 @@ class LayerCollector:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra")
         self._running: tuple[int, Future] | None = None
 
+    def wants(self, role: str) -> bool:
+        """Whether a tensor of this role is needed whole (a piece or the gain of a layer's attention)."""
+        return self.enabled and (role in PIECES or role == self.gain_role)
+
     def add(self, part: roles.Part) -> None:
         if not self.enabled:
             return

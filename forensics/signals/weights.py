@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -48,10 +49,11 @@ class Moments:
         return math.sqrt(self.m2 / self.n) if self.n else float("nan")
 
 
-def moments(a: np.ndarray, device: str = "cpu") -> Moments:
-    """Float64 moments of every element of `a`; NaN and Inf are counted and left out."""
+def moments(a: np.ndarray, device: str = "cpu", decode: Callable[[np.ndarray], np.ndarray] | None = None) -> Moments:
+    """Float64 moments of every element of `a`, or with `decode` of `a`'s stored codes decoded by it (elementwise,
+    a chunk at a time); NaN and Inf are counted and left out."""
     if device != "cpu":
-        return _moments_torch(a, device)
+        return _moments_torch(a if decode is None else decode(a), device)
     flat = a.reshape(-1)
     out = Moments()
     buf = getattr(_chunk, "buf", None)
@@ -59,6 +61,8 @@ def moments(a: np.ndarray, device: str = "cpu") -> Moments:
         buf = _chunk.buf = np.empty(CHUNK_ELEMENTS, np.float64)
     for start in range(0, flat.size, CHUNK_ELEMENTS):
         src = flat[start:start + CHUNK_ELEMENTS]
+        if decode is not None:
+            src = decode(src)
         c = buf[:src.size]
         c[...] = src
         n = c.size

@@ -178,6 +178,10 @@ class TensorRef:
     dtype: str
     load: Callable[[], np.ndarray] = field(repr=False)
     file: Path | None = None
+    # For a storage format decoded one element at a time (bfloat16, fp8): the array as stored, and the exact decoder,
+    # so that a statistic that streams can decode chunk by chunk instead of holding the whole float32 tensor.
+    load_stored: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    decode: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -85,8 +85,12 @@ def read_header(f: HashedFile) -> tuple[int, dict]:
     return data_start, header
 
 
+def _stored(buf: np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
+    return np.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
+
+
 def _decode(buf: np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
-    a = np.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
+    a = _stored(buf, dtype, shape)
     return DECODE[dtype](a) if dtype in DECODE else a
 
 
@@ -100,7 +104,12 @@ def tensors(f: HashedFile, data_start: int, header: dict, only: set[str] | None 
         def load(begin=begin, end=end, dtype=e["dtype"], shape=e["shape"]) -> np.ndarray:
             return _decode(f.read_array(data_start + begin, end - begin), dtype, shape)
 
-        yield TensorRef(name, tuple(e["shape"]), e["dtype"], load, f.path)
+        def load_stored(begin=begin, end=end, dtype=e["dtype"], shape=e["shape"]) -> np.ndarray:
+            return _stored(f.read_array(data_start + begin, end - begin), dtype, shape)
+
+        decode = DECODE.get(e["dtype"])
+        yield TensorRef(name, tuple(e["shape"]), e["dtype"], load, f.path,
+                        load_stored if decode else None, decode)
 
 
 def shards(index_path: Path, raw: bytes, root: Path) -> dict[str, list[str]]:
