@@ -201,6 +201,9 @@ def test_sharded_equals_unsharded_and_bin_equals_safetensors(tmp_path):
     fps = [fingerprint_model(p, device="cpu") for p in (one, sharded, legacy)]
     assert fps[0]["signals"] == fps[1]["signals"] == fps[2]["signals"]
     assert fps[2]["model"]["format"] == "pytorch"
+    # The shards share one hashing queue: every file's digest is still its own.
+    listed = {f["path"]: f["sha256"] for f in fps[1]["model"]["files"]}
+    assert listed == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sharded.iterdir()}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])
