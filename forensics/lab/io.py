@@ -25,6 +25,7 @@ from forensics.errors import ForensicsError  # noqa: E402
 from forensics.evidence.atomic import staged_directory  # noqa: E402
 from forensics.evidence.hashing import expand_input, file_record  # noqa: E402
 from forensics.sources import NotRunnable, transformers_location  # noqa: E402
+from forensics.sources.gguf import plain_reader  # noqa: E402
 
 LABEL = "made by the llm-forensics lab"
 SCHEMA = "llm-forensics.lab-recipe/1"
@@ -63,7 +64,8 @@ def load_source(path: str | Path) -> Source:
     files = [file_record(f, str(f.relative_to(path))) for f in expand_input(path)] if fmt == "hf" else \
         [file_record(path, path.name)]
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+        with plain_reader():
+            model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
     except Exception as e:  # transformers, safetensors and gguf each raise their own types for an unreadable model
         raise ForensicsError(path, f"transformers cannot load it as a causal language model: "
                                    f"{type(e).__name__}: {e}") from e
@@ -74,7 +76,8 @@ def load_source(path: str | Path) -> Source:
         model.hf_quantizer = None
     model.name_or_path = str(path)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
+        with plain_reader():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError, TypeError):
         tokenizer = None  # only continued pre-training needs one, and it says so
     recipe = None

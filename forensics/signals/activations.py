@@ -38,6 +38,7 @@ import transformers  # noqa: E402
 from forensics.corpus import Corpus, Windows, load_corpus, progress_bar  # noqa: E402
 from forensics.errors import ForensicsError  # noqa: E402
 from forensics.progress import quiet_transformers  # noqa: E402
+from forensics.sources.gguf import plain_reader  # noqa: E402
 from forensics.signals.weights import Moments, pick_device  # noqa: E402
 from forensics.sources import LayerTensors, NotRunnable, transformers_location  # noqa: E402
 
@@ -139,7 +140,7 @@ def load_runnable(model_path: str | Path, device: str | None = "auto") -> Runnab
     over the others and the CPU), fp32 on a CPU. Raises NotRunnable with the reason when it cannot be run."""
     root, kw = transformers_location(model_path)
     dev = torch.device(pick_device(device))
-    with quiet_transformers():
+    with quiet_transformers(), plain_reader():
         try:
             config = transformers.AutoConfig.from_pretrained(root, **kw)
         except (ValueError, KeyError, OSError) as e:
@@ -253,7 +254,7 @@ def load_streamed(model_path: str | Path, device: str | None = "auto") -> Runnab
                           "whole)")
     dev = torch.device(pick_device(device))
     tensors = LayerTensors(root)
-    with quiet_transformers():
+    with quiet_transformers(), plain_reader():
         try:
             config = transformers.AutoConfig.from_pretrained(root, **kw)
             tokenizer = transformers.AutoTokenizer.from_pretrained(root, **kw)
