@@ -65,3 +65,26 @@ def test_truncated_gguf_is_refused_with_its_name(tmp_path):
     with pytest.raises(ForensicsError) as e:
         fingerprint_model(tmp_path / "cut.gguf", device="cpu")
     assert "cut.gguf" in str(e.value)
+
+
+def test_the_plain_reader_parses_what_gguf_parses_and_is_put_back(tmp_path):
+    """transformers loads GGUF files through `plain_reader` (a faster view of the same mapping): every field and every
+    tensor reads the same as with gguf's own reader, and gguf's reader is restored afterwards, also on an error."""
+    import gguf
+
+    from forensics.sources.gguf import _PlainReader, plain_reader
+
+    path = tmp_path / "m.gguf"
+    tiny.write_llama_gguf(tiny.build_model("llama"), path, Q.Q8_0,
+                          vocab=lambda w: w.add_token_list([f"t{i}" for i in range(256)]))
+    ours, theirs = _PlainReader(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        assert ours.fields[name].contents() == field.contents(), name
+    assert [(t.name, t.tensor_type, t.data.tobytes()) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.data.tobytes()) for t in theirs.tensors]
+    original = gguf.GGUFReader
+    with pytest.raises(RuntimeError), plain_reader():
+        assert gguf.GGUFReader is _PlainReader
+        raise RuntimeError
+    assert gguf.GGUFReader is original
