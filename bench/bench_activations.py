@@ -32,6 +32,7 @@ def write_model(path: Path) -> None:
     from tokenizers import ByteLevelBPETokenizer
 
     from forensics.lab.calibrate import corpus_text
+    from shards import write_shards
 
     if (path / "model.safetensors.index.json").is_file():
         return
@@ -44,7 +45,6 @@ def write_model(path: Path) -> None:
         return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
 
     kv = HIDDEN // HEADS * KV_HEADS
-    weight_map = {}
     shards = [("embed", lambda: {"model.embed_tokens.weight": w(VOCAB, HIDDEN)})]
     for i in range(LAYERS):
         def layer(i=i):
@@ -60,12 +60,7 @@ def write_model(path: Path) -> None:
         shards.append((f"layer{i:02d}", layer))
     shards.append(("head", lambda: {"model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
                                     "lm_head.weight": w(VOCAB, HIDDEN)}))
-    for name, make in shards:
-        tensors = make()
-        file = f"model-{name}.safetensors"
-        save_file(tensors, str(tmp / file))
-        weight_map.update({k: file for k in tensors})
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_shards(tmp, shards, save_file)
     (tmp / "config.json").write_text(json.dumps({
         "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": HIDDEN,
         "intermediate_size": FFN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,

@@ -33,6 +33,8 @@ def write_model(path: Path, layers: int, seed: int) -> None:
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer, models
 
+    from shards import write_shards
+
     if (path / "model.safetensors.index.json").is_file():
         return
     tmp = path.with_suffix(".partial")
@@ -43,24 +45,22 @@ def write_model(path: Path, layers: int, seed: int) -> None:
     def w(*shape):
         return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
 
-    weight_map = {}
-    shards = [("embed", {"model.embed_tokens.weight": w(VOCAB, HIDDEN)})]
-    for i in range(layers):
+    def layer(i: int) -> dict:
         p = f"model.layers.{i}."
-        shards.append((f"layer{i:02d}", {
+        return {
             p + "self_attn.q_proj.weight": w(HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": w(HIDDEN, HIDDEN),
             p + "self_attn.v_proj.weight": w(HIDDEN, HIDDEN), p + "self_attn.o_proj.weight": w(HIDDEN, HIDDEN),
             p + "mlp.gate_proj.weight": w(FFN, HIDDEN), p + "mlp.up_proj.weight": w(FFN, HIDDEN),
             p + "mlp.down_proj.weight": w(HIDDEN, FFN),
             p + "input_layernorm.weight": np.ones(HIDDEN, np.float16),
             p + "post_attention_layernorm.weight": np.ones(HIDDEN, np.float16),
-        }))
-    shards.append(("head", {"model.norm.weight": np.ones(HIDDEN, np.float16), "lm_head.weight": w(VOCAB, HIDDEN)}))
-    for name, tensors in shards:
-        file = f"model-{name}.safetensors"
-        save_file(tensors, str(tmp / file))
-        weight_map.update({k: file for k in tensors})
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        }
+
+    # Made lazily and in this order, so the draws (and the files) are those of one seeded stream.
+    write_shards(tmp, [("embed", lambda: {"model.embed_tokens.weight": w(VOCAB, HIDDEN)}),
+                       *((f"layer{i:02d}", lambda i=i: layer(i)) for i in range(layers)),
+                       ("head", lambda: {"model.norm.weight": np.ones(HIDDEN, np.float16),
+                                         "lm_head.weight": w(VOCAB, HIDDEN)})], save_file)
     (tmp / "config.json").write_text(json.dumps({
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
         "intermediate_size": FFN, "num_hidden_layers": layers, "num_attention_heads": HEADS,
