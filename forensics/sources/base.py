@@ -58,10 +58,9 @@ class HashedFile:
         self._on_bytes = on_bytes
         self.record: FileRecord | None = None
 
-    def _read_into(self, view: memoryview, trail: int | None = None) -> None:
-        """Read into `view`, queueing each chunk for the hashing thread as it comes in: without a wait (the chunks
-        share the caller's buffer, which it holds while it computes on it, and hashing them overlaps that work), or
-        with at most `trail` queued, for buffers that nobody holds (the bytes skipped over)."""
+    def _read_into(self, view: memoryview) -> None:
+        """Read into `view`, queueing each chunk for the hashing thread as it comes in, without a wait: the chunks
+        share the caller's buffer, which it holds while it computes on it, and hashing them overlaps that work."""
         for start in range(0, len(view), CHUNK):
             piece = view[start:start + CHUNK]
             got = 0
@@ -74,8 +73,6 @@ class HashedFile:
                     raise ForensicsError(self.path, f"truncated: file ends at byte {self._pos + got}, "
                                                     f"expected at least {self._pos + len(view) - start}")
                 got += n
-            if trail:
-                self._drain(trail - 1)
             self._pending.append(self._hasher.submit(self._sha.update, piece))
             self._pos += len(piece)
             if self._on_bytes:
@@ -89,7 +86,8 @@ class HashedFile:
         if offset < self._pos:
             raise ForensicsError(self.path, f"internal: read order went backwards ({offset} < {self._pos})")
         while self._pos < offset:
-            self._read_into(memoryview(bytearray(min(CHUNK, offset - self._pos))), trail=MAX_PENDING)
+            self._drain(MAX_PENDING - 1)  # a skipped chunk's buffer is held by its hash alone
+            self._read_into(memoryview(bytearray(min(CHUNK, offset - self._pos))))
 
     def read_at(self, offset: int, nbytes: int) -> bytearray:
         buf = bytearray(self._start(offset, nbytes))

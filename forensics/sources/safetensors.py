@@ -85,15 +85,6 @@ def read_header(f: HashedFile) -> tuple[int, dict]:
     return data_start, header
 
 
-def _stored(buf: np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
-    return np.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
-
-
-def _decode(buf: np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
-    a = _stored(buf, dtype, shape)
-    return DECODE[dtype](a) if dtype in DECODE else a
-
-
 def tensors(f: HashedFile, data_start: int, header: dict, only: set[str] | None = None) -> Iterator[TensorRef]:
     """Tensors of one file in on-disk order; `only` restricts to a shard's share of an index."""
     for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -101,15 +92,15 @@ def tensors(f: HashedFile, data_start: int, header: dict, only: set[str] | None 
             continue
         begin, end = e["data_offsets"]
 
-        def load(begin=begin, end=end, dtype=e["dtype"], shape=e["shape"]) -> np.ndarray:
-            return _decode(f.read_array(data_start + begin, end - begin), dtype, shape)
-
         def load_stored(begin=begin, end=end, dtype=e["dtype"], shape=e["shape"]) -> np.ndarray:
-            return _stored(f.read_array(data_start + begin, end - begin), dtype, shape)
+            return np.frombuffer(f.read_array(data_start + begin, end - begin), dtype=DTYPES[dtype]).reshape(shape)
 
         decode = DECODE.get(e["dtype"])
-        yield TensorRef(name, tuple(e["shape"]), e["dtype"], load, f.path,
-                        load_stored if decode else None, decode)
+        if decode is None:
+            yield TensorRef(name, tuple(e["shape"]), e["dtype"], load_stored, f.path)
+        else:
+            yield TensorRef(name, tuple(e["shape"]), e["dtype"], lambda s=load_stored, d=decode: d(s()), f.path,
+                            load_stored, decode)
 
 
 def shards(index_path: Path, raw: bytes, root: Path) -> dict[str, list[str]]:
