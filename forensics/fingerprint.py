@@ -21,14 +21,19 @@ from forensics.errors import ForensicsError
 from forensics.results import FINGERPRINT_SCHEMA
 from forensics.signals.attention import LayerCollector
 from forensics.signals.weights import Moments, moments, pick_device
-from forensics.sources import Reads, open_model
+from forensics.sources import ModelInfo, Reads, open_model
 
 SCHEMA = FINGERPRINT_SCHEMA
 
 
 def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfinite: bool = False,
-                      progress: Callable[[int, int], None] | None = None) -> dict:
-    """Fingerprint the model at `path`. `progress(done_bytes, total_bytes)` is called as bytes are read."""
+                      progress: Callable[[int, int], None] | None = None,
+                      collectors: Callable[[ModelInfo], list] | None = None) -> dict:
+    """Fingerprint the model at `path`. `progress(done_bytes, total_bytes)` is called as bytes are read.
+
+    `collectors(info)`, when given, makes more consumers of the same pass (e.g. signals.neurons' sketches), each
+    with `wants(role-table target)` and `add(part, decode)`: every part of a tensor one wants is handed to it, as
+    stored with its exact `decode` when the tensor is streamed, so that nothing they need is read a second time."""
     path = Path(path)
     started = time.perf_counter()
     done = 0
@@ -49,6 +54,7 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
     dev = pick_device(device)
     # Per-layer attention spectra, reduced as soon as a layer's q, k, v, o and norm gain are in.
     attention = LayerCollector(info, roles.architecture_key(info.table or info.architecture), matches)
+    extra = collectors(info) if collectors else []
 
     per_role: dict[str, dict[tuple[int, int | None], Moments]] = defaultdict(dict)
     nonfinite = []
@@ -72,6 +78,9 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
                     per_role[part.role][(part.layer, part.expert)] = m
                     if not streamed:
                         attention.add(part)
+                    for c in extra:
+                        if c.wants(match.target):
+                            c.add(part, ref.decode if streamed else None)
                 if bad_nan or bad_inf:
                     nonfinite.append({"tensor": ref.name, "file": str(ref.file or path), "nan": bad_nan,
                                       "inf": bad_inf})
@@ -114,6 +123,7 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
             "elapsed_s": round(time.perf_counter() - started, 3),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "bytes_read": done,
+            "bytes_read_per_file": reads.bytes_read(path),
         },
     }
 

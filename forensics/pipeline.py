@@ -15,8 +15,10 @@ dossier exists, so `out/CASE/` never holds a partial or unsigned result.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import importlib
 import json
 import secrets
 import sys
@@ -88,25 +90,48 @@ def file_key(fp: dict) -> list:
     return sorted((f["path"], f["sha256"]) for f in fp["model"]["files"])
 
 
-def _stat_key(path: Path, device: str) -> str:
+def identity(path: Path) -> list:
+    """The model's files by identity (name, size, mtime, ctime, inode). Any write changes ctime, which user space
+    cannot set back: the same identity before and after a pass means no byte changed while it ran."""
     files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
-    identity = [[f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for f in files for st in [f.stat()]]
-    return digest([str(path.resolve()), identity, __version__, device])
+    return [[f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for f in files for st in [f.stat()]]
 
 
-def fingerprint(path: Path, device: str, label: str, store: Store | None = None, show_progress: bool = True) -> dict:
+def _stat_key(path: Path, device: str, ident: list | None = None) -> str:
+    return digest([str(path.resolve()), identity(path) if ident is None else ident, __version__, device,
+                   code_digest(FINGERPRINT_CODE)])
+
+
+def unchanged(path: Path, fp: dict, what: str) -> None:
+    """The model's files must have the identity they had when its fingerprint pass hashed them."""
+    then = (fp.get("run") or {}).get("identity")
+    now = identity(Path(path))
+    if then is not None and now != then:
+        moved = sorted({f[0] for f in now if f not in then} | {f[0] for f in then if f not in now})
+        raise ForensicsError(Path(path) / moved[0] if Path(path).is_dir() else Path(path),
+                             f"changed during the analysis: its size, modification or status-change time is not "
+                             f"what it was when the fingerprint pass hashed it (checked around {what})")
+
+
+def fingerprint(path: Path, device: str, label: str, store: Store | None = None, show_progress: bool = True,
+                collectors: Callable | None = None) -> dict:
     """The model's weight fingerprint (forensics.fingerprint), with a byte progress bar; cached while no file of the
-    model changed."""
+    model changed. With `collectors` (see fingerprint_model), the pass is run whatever the cache holds, since they
+    need the tensors."""
     from forensics.fingerprint import fingerprint_model
 
-    key = _stat_key(Path(path), device) if store else None
-    if store and (cached := store.get("fingerprints", key)) is not None:
+    path = Path(path)
+    before = identity(path)
+    key = _stat_key(path, device, before) if store else None
+    if store and collectors is None and (cached := store.get("fingerprints", key)) is not None:
         err.print(f"[dim]fingerprint of {label}: cached (no file changed)[/]")
         return cached
     with byte_progress(show_progress) as bar:
         task = bar.add_task(label, total=None)
-        fp = fingerprint_model(path, device=device,
+        fp = fingerprint_model(path, device=device, collectors=collectors,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    fp["run"]["identity"] = before
+    unchanged(path, fp, "the fingerprint pass")
     if store:
         store.put("fingerprints", key, fp)
     return fp
@@ -114,29 +139,23 @@ def fingerprint(path: Path, device: str, label: str, store: Store | None = None,
 
 def activations(path: Path, fp: dict, corpus, plan: dict, device: str, store: Store | None = None,
                 show_progress: bool = True) -> dict:
-    """The activation signals of the model whose fingerprint is `fp`; the files transformers reads are first
-    checked against the fingerprint's SHA-256, so the activations describe the same bytes as the weights."""
+    """The activation signals of the model whose fingerprint is `fp`. The forward pass reads the weights through
+    transformers, not hashed again: the files must keep the identity they had when the fingerprint pass hashed them,
+    before and after it (`unchanged`), so the activations describe the same bytes as the weights."""
     from forensics.signals.activations import activation_signals, streams
 
     # `auto` resolved here, so the cache holds what was run (a streamed pass batches windows differently).
     plan = {**plan, "stream": "always" if streams(path, plan.get("stream", "auto"), device) else "never"}
-    key = digest([file_key(fp), corpus.sha256, plan, device, __version__])
+    key = digest([file_key(fp), corpus.sha256, plan, device, __version__, code_digest(ACTIVATION_CODE)])
     if store and (cached := store.get("activations", key)) is not None:
         err.print(f"[dim]activations of {Path(path).name}: cached[/]")
         return cached
-    same_bytes(fp, rehash(Path(path), fp), "the activation pass")
+    unchanged(path, fp, "the activation pass")
     signals = activation_signals(path, corpus, device=device, show_progress=show_progress, **plan)
+    unchanged(path, fp, "the activation pass")
     if store:
         store.put("activations", key, signals)
     return signals
-
-
-def rehash(path: Path, fp: dict) -> list[dict]:
-    """The SHA-256 of every file the fingerprint lists, read again now."""
-    from forensics.evidence.hashing import sha256_file
-
-    root = path if path.is_dir() else path.parent
-    return [{"path": f["path"], "sha256": sha256_file(root / f["path"])} for f in fp["model"]["files"]]
 
 
 def same_bytes(fp: dict, files: list[dict], what: str) -> None:
@@ -161,65 +180,114 @@ def keep_signals(fp: dict, wanted: tuple[str, ...]) -> dict:
 
 # -- neuron matching --------------------------------------------------------------------------------------------------
 
-def neuron_test(suspect: Path, candidate: Path, neuron_settings=None, suspect_width: int | None = None,
-                candidate_width: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
-    """Neuron matching of one pair (forensics/stats/neurons.py has the procedure): the residual streams are aligned
-    (forensics/stats/residual.py: through shared tokens, else through the attention weights), one pass per model reads
-    its FFN sketches on the aligned directions (a seeded sample of the suspect's coordinates), the statistics match
-    them."""
-    from forensics.signals.neurons import read_embedding_rows, read_profile, read_sketch
+@dataclass
+class PairPlan:
+    """A neuron pair's first steps (forensics/stats/neurons.py has the procedure), taken from look-ups before either
+    model's pass: the widths, the shared tokens and the alignment their embedding rows give, and the seeded sample
+    of the suspect's coordinates the sketches keep. `result` is set once the test is decided not to apply; `fit` is
+    None until an alignment is accepted (the weights' profiles are tried after the passes, from what they read)."""
+
+    suspect: Path
+    candidate: Path
+    suspect_width: int
+    tokens: dict = field(default_factory=dict)
+    tried: list = field(default_factory=list)
+    fit: object | None = None  # stats.residual.Fit
+    dims: np.ndarray | None = None
+    result: dict | None = None
+    looked_up: dict = field(default_factory=dict)  # "suspect"/"candidate" -> {file: bytes} read by the look-ups
+
+    def suspect_projection(self) -> np.ndarray:
+        return np.eye(self.suspect_width)[:, self.dims]
+
+    def candidate_projection(self) -> np.ndarray:
+        return self.fit.matrix[:, self.dims]
+
+    @property
+    def weights_route(self) -> bool:
+        from forensics.stats.residual import WEIGHTS_PERMUTATION
+
+        return self.fit is not None and self.fit.how == WEIGHTS_PERMUTATION
+
+
+def plan_pair(suspect: Path, candidate: Path, s) -> PairPlan:
+    """Look-ups of both models (headers, vocabularies, the shared tokens' embedding rows) and the alignment through
+    the shared tokens."""
+    from forensics.signals.neurons import hidden_size, read_embedding_rows
     from forensics.sources.vocabulary import shared_tokens, vocabulary
-    from forensics.stats import residual
-    from forensics.stats.neurons import NeuronSettings, unavailable
+    from forensics.stats.neurons import unavailable
     from forensics.seeds import rng_for
 
-    s = neuron_settings or NeuronSettings()
     suspect, candidate = Path(suspect), Path(candidate)
-    if suspect_width and candidate_width and suspect_width > candidate_width:
-        return unavailable(_wider(suspect_width, candidate_width))
+    widths = hidden_size(suspect), hidden_size(candidate)
+    plan = PairPlan(suspect, candidate, widths[0])
+    if widths[0] > widths[1]:
+        plan.result = unavailable(_wider(*widths))
+        return plan
     (va, sa), (vb, sb) = vocabulary(suspect), vocabulary(candidate)
     pairs = np.asarray(shared_tokens(va, vb, sa, sb))
-    tokens, rows = {}, None
     if len(pairs):
-        tokens = {"shared_tokens": len(pairs)}
+        plan.tokens = {"shared_tokens": len(pairs)}
         if len(pairs) > s.tokens:
             pairs = pairs[np.sort(rng_for(s.seed, "tokens").choice(len(pairs), s.tokens, replace=False))]
-        tokens["tokens_used"] = int(len(pairs))
-        rows = read_embedding_rows(suspect, pairs[:, 0]), read_embedding_rows(candidate, pairs[:, 1])
-    fit, tried, refused = _alignment(rows, lambda: (read_profile(suspect), read_profile(candidate)), s, tokens)
-    if refused:
-        return refused
-    d = fit.matrix.shape[1]
-    dims = np.sort(rng_for(s.seed, "dims").choice(d, min(s.dims, d), replace=False))
-    weights_route = fit.how == residual.WEIGHTS_PERMUTATION
-    sus = read_sketch(suspect, np.eye(d)[:, dims], readers=weights_route)
-    dense = not fit.signed_permutation
-    cand = read_sketch(candidate, fit.matrix[:, dims], gains=read_profile(candidate).gains if dense else None,
-                       readers=weights_route)
-    return _matched(sus, cand, fit, tried, s, progress, tokens, len(dims))
+        plan.tokens["tokens_used"] = int(len(pairs))
+        (es, plan.looked_up["suspect"]), (ec, plan.looked_up["candidate"]) = (
+            read_embedding_rows(suspect, pairs[:, 0]), read_embedding_rows(candidate, pairs[:, 1]))
+        plan.fit, plan.result = _by_tokens(es, ec, s, plan.tried)
+    plan.dims = np.sort(rng_for(s.seed, "dims").choice(widths[0], min(s.dims, widths[0]), replace=False))
+    return plan
+
+
+def weights_alignment(plan: PairPlan, profiles: tuple, s) -> None:
+    """The alignment through the attention weights' profiles, for a pair the shared tokens did not align: sets the
+    plan's fit, or its result when none is accepted."""
+    plan.fit, plan.result = _by_weights(*profiles, s, plan.tried, plan.tokens)
+
+
+def neuron_test(suspect: Path, candidate: Path, neuron_settings=None,
+                progress: Callable[[int], None] | None = None) -> dict:
+    """Neuron matching of one pair, each step in a read of its own (a case takes the sketches from the fingerprint
+    passes instead, `gather`): the residual streams are aligned (forensics/stats/residual.py: through shared tokens,
+    else through the attention weights), one pass per model reads its FFN sketches on the aligned directions (a
+    seeded sample of the suspect's coordinates), the statistics match them."""
+    from forensics.signals.neurons import read_gains, read_profile, read_sketch
+    from forensics.stats.neurons import NeuronSettings
+
+    s = neuron_settings or NeuronSettings()
+    plan = plan_pair(suspect, candidate, s)
+    if plan.result is None and plan.fit is None:
+        weights_alignment(plan, (read_profile(plan.suspect), read_profile(plan.candidate)), s)
+    if plan.result is not None:
+        return plan.result
+    sus = read_sketch(plan.suspect, plan.suspect_projection(), readers=True)
+    cand = read_sketch(plan.candidate, plan.candidate_projection(), readers=plan.weights_route,
+                       gains=None if plan.fit.signed_permutation else read_gains(plan.candidate)[0])
+    return _matched(sus, cand, plan.fit, plan.tried, s, progress, plan.tokens, len(plan.dims))
 
 
 def neuron_test_record(suspect: Path, record, neuron_settings, progress: Callable[[int], None] | None = None) -> dict:
     """Neuron matching of the suspect against a registry's record of a reference (signals.neurons.Record): the same
     alignment as `neuron_test`, but the sketch is on the reference's stored coordinates, and the suspect is read on
     the directions the alignment maps them to. The reference's weights are not read."""
-    from forensics.signals.neurons import read_embedding_rows, read_profile, read_sketch, selection
+    from forensics.signals.neurons import hidden_size, read_embedding_rows, read_gains, read_profile, read_sketch, \
+        selection
     from forensics.sources.vocabulary import spellings, vocabulary
     from forensics.stats import residual
     from forensics.stats.neurons import unavailable
 
     s = neuron_settings
     suspect = Path(suspect)
-    if record.sketch.hidden_size < (width := _hidden_size(suspect)):
+    if record.sketch.hidden_size < (width := hidden_size(suspect)):
         return unavailable(_wider(width, record.sketch.hidden_size))
     vocab, spelling = vocabulary(suspect)
     index = spellings(vocab, spelling) if vocab else {}
     pairs = np.array([(index[t], i) for i, t in enumerate(record.texts) if t in index], dtype=np.int64).reshape(-1, 2)
-    tokens, rows = {}, None
+    tokens, tried, fit, refused = {}, [], None, None
     if len(pairs):
         tokens = {"shared_tokens": len(pairs), "tokens_used": len(pairs)}
-        rows = read_embedding_rows(suspect, pairs[:, 0]), record.rows[pairs[:, 1]]
-    fit, tried, refused = _alignment(rows, lambda: (read_profile(suspect), record.profile), s, tokens)
+        fit, refused = _by_tokens(read_embedding_rows(suspect, pairs[:, 0])[0], record.rows[pairs[:, 1]], s, tried)
+    if fit is None and refused is None:
+        fit, refused = _by_weights(read_profile(suspect), record.profile, s, tried, tokens)
     if refused:
         return refused
     weights_route = fit.how == residual.WEIGHTS_PERMUTATION
@@ -234,43 +302,43 @@ def neuron_test_record(suspect: Path, record, neuron_settings, progress: Callabl
         onto, cand = onto[mapped], cand.columns(mapped) if len(mapped) < len(record.dims) else cand
     projection = onto.T
     sus = read_sketch(suspect, projection, readers=weights_route,
-                      gains=read_profile(suspect).gains if selection(projection) is None else None)
+                      gains=read_gains(suspect)[0] if selection(projection) is None else None)
     return _matched(sus, cand, fit, tried, s, progress, tokens, projection.shape[1], sign_suspect=True)
 
 
-def _alignment(rows: tuple | None, profiles: Callable[[], tuple], s, tokens: dict) -> tuple:
-    """The first accepted map of the two residual streams (stats/residual.py), from the shared tokens' embedding
-    rows, else from the weights' profiles (read only then): (fit, maps tried, None), or (None, maps tried, the
-    unavailable result)."""
+def _by_tokens(es: np.ndarray, ec: np.ndarray, s, tried: list[dict]) -> tuple:
+    """(accepted fit or None, None), or (None, the unavailable result) when the embeddings cannot be aligned so."""
     from forensics.stats import residual
     from forensics.stats.neurons import unavailable
     from forensics.seeds import rng_for
 
-    tried: list[dict] = []
-    fit = None
-    if rows is not None:
-        es, ec = rows
-        if es.shape[1] > ec.shape[1]:
-            return None, tried, unavailable(f"the suspect's embedding is wider than the candidate's ({es.shape[1]} vs "
-                                     f"{ec.shape[1]})")
-        fits = residual.by_tokens(es, ec, rng_for(s.seed, "chance", "tokens"))
-        tried += [f.as_dict() for f in fits]
-        fit = residual.choose_token_fit(fits)
-    if fit is None:
-        ps, pc = profiles()
-        keys = sorted(set(ps.features) & set(pc.features))
-        ms, mc = ps.matrix(keys) if keys else None, pc.matrix(keys) if keys else None
-        if keys and ms.shape[0] > mc.shape[0]:
-            return None, tried, unavailable(_wider(ms.shape[0], mc.shape[0]))
-        if ps.num_layers == pc.num_layers and len(keys) >= 8:
-            weights = residual.by_profiles(ms, mc, np.array([layer for _, layer in keys]),
-                                           rng_for(s.seed, "chance", "weights"))
-            tried.append(weights.as_dict())
-            fit = weights if weights.accepted else None
-    if fit is None:
-        return None, tried, {**unavailable(_no_alignment(tried, tokens.get("shared_tokens", 0))),
-                      "alignment": {"how": None, **tokens, "tried": tried}}
-    return fit, tried, None
+    if es.shape[1] > ec.shape[1]:
+        return None, unavailable(f"the suspect's embedding is wider than the candidate's ({es.shape[1]} vs "
+                                 f"{ec.shape[1]})")
+    fits = residual.by_tokens(es, ec, rng_for(s.seed, "chance", "tokens"))
+    tried += [f.as_dict() for f in fits]
+    return residual.choose_token_fit(fits), None
+
+
+def _by_weights(ps, pc, s, tried: list[dict], tokens: dict) -> tuple:
+    """(accepted fit, None) from the two models' profiles, or (None, the unavailable result saying why no map of
+    either kind was accepted)."""
+    from forensics.stats import residual
+    from forensics.stats.neurons import unavailable
+    from forensics.seeds import rng_for
+
+    keys = sorted(set(ps.features) & set(pc.features))
+    ms, mc = ps.matrix(keys) if keys else None, pc.matrix(keys) if keys else None
+    if keys and ms.shape[0] > mc.shape[0]:
+        return None, unavailable(_wider(ms.shape[0], mc.shape[0]))
+    if ps.num_layers == pc.num_layers and len(keys) >= 8:
+        weights = residual.by_profiles(ms, mc, np.array([layer for _, layer in keys]),
+                                       rng_for(s.seed, "chance", "weights"))
+        tried.append(weights.as_dict())
+        if weights.accepted:
+            return weights, None
+    return None, {**unavailable(_no_alignment(tried, tokens.get("shared_tokens", 0))),
+                  "alignment": {"how": None, **tokens, "tried": tried}}
 
 
 def _matched(sus, cand, fit, tried: list[dict], s, progress, tokens: dict, dims: int, sign_suspect: bool = False) -> dict:
@@ -303,30 +371,29 @@ def _wider(suspect: int, candidate: int) -> str:
             f"to test that direction)")
 
 
-def _hidden_size(path: Path) -> int:
-    from forensics.sources import Reads, open_model
+# The modules whose code a cached value depends on: an entry is reused only by the code that made it (the version
+# alone does not change with every commit, and a fingerprint of older code differs in its last bits).
+READING = ("forensics.sources", "forensics.sources.base", "forensics.sources.dtypes", "forensics.sources.safetensors",
+           "forensics.sources.hf", "forensics.sources.gguf", "forensics.sources.onnx", "forensics.sources.e5s1",
+           "forensics.roles")
+FINGERPRINT_CODE = READING + ("forensics.fingerprint", "forensics.signals.weights", "forensics.signals.attention")
+ACTIVATION_CODE = READING + ("forensics.signals.activations", "forensics.corpus")
+NEURON_CODE = FINGERPRINT_CODE + ("forensics.signals.neurons", "forensics.stats.neurons", "forensics.stats.residual",
+                                  "forensics.sources.vocabulary", __name__)
 
-    reads = Reads()
-    try:
-        return open_model(Path(path), reads).info().hidden_size or 0
-    finally:
-        reads.close()
+
+@functools.cache
+def code_digest(modules: tuple[str, ...]) -> str:
+    """SHA-256 of the named modules' source files."""
+    h = hashlib.sha256()
+    for name in modules:
+        h.update(name.encode() + b"\0" + Path(importlib.import_module(name).__file__).read_bytes())
+    return h.hexdigest()
 
 
 def neuron_code() -> str:
-    """SHA-256 of the modules that compute a neuron test (this one included): a cached test is reused only by the
-    code that made it."""
-    import forensics.roles
-    import forensics.signals.neurons
-    import forensics.sources.vocabulary
-    import forensics.stats.neurons
-    import forensics.stats.residual
-
-    h = hashlib.sha256()
-    for module in (forensics.signals.neurons, forensics.stats.neurons, forensics.stats.residual,
-                   forensics.sources.vocabulary, forensics.roles, sys.modules[__name__]):
-        h.update(Path(module.__file__).read_bytes())
-    return h.hexdigest()
+    """The digest of the code that computes a neuron test (reading, sketching, aligning, matching)."""
+    return code_digest(NEURON_CODE)
 
 
 def _no_alignment(tried: list[dict], shared: int) -> str:
@@ -354,12 +421,15 @@ def neurons(suspect: Path, candidate: Path, fps: tuple[dict, dict], neuron_setti
             store: Store | None = None) -> dict:
     """`neuron_test` with a progress bar, cached by both models' file hashes; the bytes it read are checked against
     the fingerprint pass."""
-    widths = [(fp.get("model") or {}).get("hidden_size") for fp in fps]
-    key = digest([[file_key(fp) for fp in fps], asdict(neuron_settings), __version__, neuron_code()])
-    result = _with_progress(store, key, Path(candidate).name, neuron_settings.permutations,
-                            lambda advance: neuron_test(suspect, candidate, neuron_settings, *widths, progress=advance))
+    result = _with_progress(store, _neuron_key(fps, neuron_settings), Path(candidate).name,
+                            neuron_settings.permutations,
+                            lambda advance: neuron_test(suspect, candidate, neuron_settings, progress=advance))
     same_inputs(result, fps)
     return result
+
+
+def _neuron_key(fps: tuple[dict, dict], neuron_settings) -> str:
+    return digest([[file_key(fp) for fp in fps], asdict(neuron_settings), __version__, neuron_code()])
 
 
 def _with_progress(store: Store | None, key: str, label: str, total: int, run: Callable) -> dict:
@@ -398,27 +468,113 @@ class ActivationPlan:
 
 @dataclass
 class Evidence:
-    """Everything read from a set of models: fingerprints (activation signals merged in) and neuron tests."""
+    """Everything read from a set of models: fingerprints (activation signals merged in), neuron tests, and the
+    bytes read of every file, by kind of read."""
 
     fingerprints: dict[str, dict]
     windows: dict[str, dict] = field(default_factory=dict)  # per model: the token windows its activations used
     neurons: dict[str, dict] = field(default_factory=dict)  # per candidate: its neuron test against the suspect
+    reads: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # model -> file -> READS -> bytes
+
+
+# How a case reads a file: the one pass (front to back, hashed); look-ups before it (embedding rows, norm gains:
+# only those bytes); a later pass over it again (the weights alignment's sketch, known only after the passes).
+READS = ("pass", "look-up", "again")
 
 
 def gather(models: dict[str, Path], device: str, store: Store | None = None, plan: ActivationPlan | None = None,
            neuron_pairs: list[tuple[str, str]] = (), neuron_settings=None, show_progress: bool = True) -> Evidence:
     """Fingerprints of `models` (name -> path), their activation signals when `plan` says how, and the neuron test
-    of each (suspect, candidate) pair named."""
-    fps = {name: fingerprint(path, device, name, store, show_progress) for name, path in models.items()}
+    of each (suspect, candidate) pair named, each model read once: the pairs are aligned from look-ups first, and the
+    fingerprint pass of each model collects its neuron sketches and profile beside its weight signals. Only a pair
+    aligned through the weights' profiles (known after the passes) reads its candidate again, for the sketch."""
+    from forensics.signals.neurons import Layout, ProfileCollector, SketchCollector, read_gains, read_sketch
+
+    reads: dict[str, dict[str, dict[str, int]]] = {name: {} for name in models}
+
+    def count(name: str, kind: str, per_file: dict[str, int]) -> None:
+        for f, n in per_file.items():
+            reads[name].setdefault(f, dict.fromkeys(READS, 0))[kind] += n
+
+    cached = {name: store.get("fingerprints", _stat_key(Path(path), device)) if store else None
+              for name, path in models.items()}
+    tests, plans = {}, {}
+    for sus, cand in neuron_pairs:
+        hit = None
+        if store and cached[sus] and cached[cand]:
+            hit = store.get("neurons", _neuron_key((cached[sus], cached[cand]), neuron_settings))
+        if hit is not None:
+            err.print(f"[dim]neuron matching against {cand}: cached[/]")
+            tests[cand] = hit
+            continue
+        plans[(sus, cand)] = p = plan_pair(models[sus], models[cand], neuron_settings)
+        for side, name in (("suspect", sus), ("candidate", cand)):
+            count(name, "look-up", p.looked_up.get(side, {}))
+
+    # What each model's pass collects for the pairs still to test: name -> [(what, make(layout) -> collector)].
+    wanted: dict[str, list] = {}
+    for (sus, cand), p in plans.items():
+        if p.result is not None:
+            continue
+        if not any(what == "sketch" for what, _ in wanted.get(sus, [])):
+            wanted.setdefault(sus, []).append(("sketch", lambda layout, p=p: SketchCollector(
+                layout, p.suspect_projection(), readers=True)))
+        if p.fit is None:
+            for name in (sus, cand):
+                if not any(what == "profile" for what, _ in wanted.get(name, [])):
+                    wanted.setdefault(name, []).append(("profile", ProfileCollector))
+        else:
+            gains = None
+            if not p.fit.signed_permutation:
+                gains, looked = read_gains(p.candidate)
+                count(cand, "look-up", looked)
+            wanted.setdefault(cand, []).append(("sketch", lambda layout, p=p, g=gains: SketchCollector(
+                layout, p.candidate_projection(), gains=g)))
+    made: dict[str, dict[str, object]] = {}
+
+    def collectors(name: str, path: Path):
+        def make(info):
+            layout = Layout(Path(path), info)
+            made[name] = {what: build(layout) for what, build in wanted[name]}
+            return list(made[name].values())
+        return make if name in wanted else None
+
+    fps = {}
+    for name, path in models.items():
+        if cached[name] is not None and name not in wanted:
+            fps[name] = cached[name]
+            continue
+        fps[name] = fingerprint(path, device, name, store, show_progress, collectors(name, path))
+        count(name, "pass", fps[name]["run"].get("bytes_read_per_file", {}))
+
+    for (sus, cand), p in plans.items():
+        def run(advance, sus=sus, cand=cand, p=p):
+            if p.result is None and p.fit is None:
+                weights_alignment(p, (made[sus]["profile"].profile(), made[cand]["profile"].profile()),
+                                  neuron_settings)
+            if p.result is not None:
+                return p.result
+            sus_files, cand_files = fps[sus]["model"]["files"], fps[cand]["model"]["files"]
+            sketch = made[sus]["sketch"].sketch(sus_files)
+            if "sketch" in made.get(cand, {}):
+                other = made[cand]["sketch"].sketch(cand_files)
+            else:
+                other = read_sketch(p.candidate, p.candidate_projection(), readers=True,
+                                    gains=None if p.fit.signed_permutation else made[cand]["profile"].gains)
+                count(cand, "again", {f["path"]: f["size"] for f in other.files})
+            return _matched(sketch, other, p.fit, p.tried, neuron_settings, advance, p.tokens, len(p.dims))
+
+        tests[cand] = _with_progress(store, _neuron_key((fps[sus], fps[cand]), neuron_settings), cand,
+                                     neuron_settings.permutations, run)
+        same_inputs(tests[cand], (fps[sus], fps[cand]))
+
     windows = {}
     if plan is not None:
         for name, path in models.items():
             acts = activations(path, fps[name], plan.corpus, plan.settings, plan.device, store, show_progress)
             fps[name] = with_signals(fps[name], acts)
             windows[name] = acts["act_norm"].get("windows") or {"unavailable": acts["act_norm"].get("reason")}
-    tests = {cand: neurons(models[sus], models[cand], (fps[sus], fps[cand]), neuron_settings, store)
-             for sus, cand in neuron_pairs}
-    return Evidence(fps, windows, tests)
+    return Evidence(fps, windows, tests, reads)
 
 
 def compare(suspect: dict, candidates: dict[str, dict], controls: dict[str, dict], panel: list[dict], stats_settings,
@@ -548,16 +704,16 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
     disk_fps = {m.name: fps[m.name] for m in on_disk}  # a registry's references are inputs through the registry file
     return publish(out_root / case.id, case.id, raw_results, fps, raw_yaml, case_path, case.model_dump(mode="json"),
                    signing, argv, inputs, corpus=corpus_record, windows=evidence.windows or None,
-                   registries=described or None, weights=disk_fps)
+                   registries=described or None, weights=disk_fps, reads=evidence.reads)
 
 
 def publish(out_dir: Path, case_id: str, raw_results: bytes, fps: dict[str, dict], raw_yaml: bytes,
             yaml_path: Path, case: dict, signing, argv: list[str] | None, inputs: list, corpus: dict | None = None,
             windows: dict | None = None, registries: list[dict] | None = None, extra: dict[str, bytes] | None = None,
-            weights: dict[str, dict] | None = None) -> Path:
+            weights: dict[str, dict] | None = None, reads: dict | None = None) -> Path:
     """results.json, the fingerprints, the manifest and the signed dossier, staged and moved into `out_dir` whole.
     `inputs`: input records beside the weights of `weights` (the models read from disk; default: all of `fps`);
-    `extra`: more files to write (name -> bytes)."""
+    `reads`: the bytes read of each weight file (Evidence.reads); `extra`: more files to write (name -> bytes)."""
     from forensics.evidence.manifest import build_manifest, fingerprint_inputs
     from forensics.report.dossier import build_dossier
 
@@ -570,7 +726,7 @@ def publish(out_dir: Path, case_id: str, raw_results: bytes, fps: dict[str, dict
             (staging / "fingerprints" / f"{_safe(name)}.json").write_text(json.dumps(fp, indent=1, sort_keys=True))
         manifest = build_manifest(case_id=case_id, argv=argv or sys.argv, case_yaml_bytes=raw_yaml,
                                   case_yaml_path=yaml_path, results=raw_results,
-                                  inputs=fingerprint_inputs(fps if weights is None else weights) + inputs,
+                                  inputs=fingerprint_inputs(fps if weights is None else weights, reads) + inputs,
                                   corpus=corpus, token_windows=windows, inputs_base=Path.cwd(), registries=registries)
         build_dossier(raw_results, manifest, raw_yaml, staging, signing, case=case)
     return out_dir
@@ -597,18 +753,38 @@ RECORD_DIMS, RECORD_TOKENS, RECORD_SEED = 64, 8192, 0
 
 def reference_entry(ref: Reference, device: str = "cpu", show_progress: bool = False):
     """The registry entry of one model: its fingerprint (every file read and hashed), canonical, and its neuron
-    record (none for a model neuron matching cannot read, e.g. one without FFN matrices or token embedding)."""
+    record (none for a model neuron matching cannot read, e.g. one without FFN matrices or token embedding), the
+    record's sketch and profile collected by the fingerprint pass, its token rows by a look-up before it."""
     from forensics.evidence.registry import Entry, canonical
-    from forensics.signals.neurons import read_record
+    from forensics.signals.neurons import Layout, ProfileCollector, Record, SketchCollector, record_lookups
 
-    fp = fingerprint(ref.path, device, ref.name, show_progress=show_progress)
+    made: dict = {}
     try:
-        record = read_record(ref.path, RECORD_DIMS, RECORD_TOKENS, RECORD_SEED)
+        texts, rows, chosen = record_lookups(ref.path, RECORD_DIMS, RECORD_TOKENS, RECORD_SEED)
     except ForensicsError as e:
-        err.print(f"[yellow]{ref.name}: no neuron record ({e.problem})[/]", highlight=False, soft_wrap=True)
-        record = None
+        lookups, problem = None, e.problem
     else:
-        same_bytes(fp, record.sketch.files, "the neuron record")
+        lookups, problem = (texts, rows, chosen), None
+
+    def collectors(info):
+        layout = Layout(Path(ref.path), info)
+        made["profile"] = ProfileCollector(layout)
+        made["sketch"] = SketchCollector(layout, np.eye(layout.d)[:, lookups[2]], readers=True)
+        return [made["profile"], made["sketch"]]
+
+    fp = fingerprint(ref.path, device, ref.name, show_progress=show_progress,
+                     collectors=collectors if lookups else None)
+    record = None
+    if lookups:
+        try:
+            sketch = made["sketch"].sketch(fp["model"]["files"])
+        except ForensicsError as e:
+            problem = e.problem
+        else:
+            record = Record(texts, rows, made["profile"].profile(), chosen, sketch,
+                            {"dims": RECORD_DIMS, "tokens": RECORD_TOKENS, "seed": RECORD_SEED})
+    if record is None:
+        err.print(f"[yellow]{ref.name}: no neuron record ({problem})[/]", highlight=False, soft_wrap=True)
     return Entry(ref.name, canonical(fp), ref.declared, record.to_bytes() if record else None)
 
 

@@ -96,6 +96,18 @@ def test_case_writes_signed_dossier_that_verifies(ran, models):
         assert len(list(tmp.glob("page-*.png"))) >= 5
 
 
+def test_manifest_records_one_read_of_every_weight_file(ran):
+    """The case read each file of each model front to back once (the neuron sketches came from the fingerprint
+    passes), looked up little before it (headers, the token embedding) and nothing again."""
+    _, out = ran
+    weights = [r for r in json.loads((out / "manifest.json").read_text())["inputs"] if r["kind"] == "weights"]
+    assert weights and all(r["bytes_read"]["pass"] == r["size"] and r["bytes_read"]["again"] == 0 for r in weights)
+    size = sum(r["size"] for r in weights)
+    looked_up = sum(r["bytes_read"]["look-up"] for r in weights)
+    assert 0 < looked_up < 0.1 * size
+    assert {r["model"] for r in weights if r["bytes_read"]["look-up"]} == {"child", "parent", "stranger"}
+
+
 def test_results_json_is_what_the_typed_results_describe(ran):
     from forensics.results import CaseResults
     from forensics.stats.compare import to_json

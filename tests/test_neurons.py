@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from forensics.corpus import load_corpus
 from forensics.errors import ForensicsError
@@ -202,7 +203,7 @@ def test_a_child_of_the_independent_model_is_found_through_its_rotation(lineage)
 
 
 def test_no_shared_vocabulary_falls_back_to_the_weights_and_a_wider_suspect_is_refused(lineage, tmp_path):
-    r = neuron_test(lineage / "parent", lineage / "parent", FAST, 64, 32)
+    r = neuron_test(lineage / "parent", lineage / "width-pruned", FAST)
     assert r["status"] == "unavailable" and "wider" in r["reason"]
     bare = tmp_path / "bare"
     (bare).mkdir()
@@ -285,6 +286,60 @@ def test_bytes_matched_are_the_fingerprinted_evidence(lineage):
         {**f, "sha256": "0" * 64} if f["path"] == "model.safetensors" else f for f in fps[1]["model"]["files"]]}}
     with pytest.raises(ForensicsError, match="changed during the analysis"):
         same_inputs(r, (fps[0], stale))
+
+
+@pytest.fixture(scope="module")
+def bf16(lineage, tmp_path_factory):
+    """The permuted child stored in bfloat16 (the fingerprint pass decodes such FFN matrices a chunk at a time, and
+    the sketch only at the coordinates it keeps)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("bf16") / "permuted-bf16"
+    AutoModelForCausalLM.from_pretrained(lineage / "permuted").to(torch.bfloat16).save_pretrained(out)
+    for f in (lineage / "permuted").glob("tokenizer*"):
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("suspect", ["permuted", "bf16", "rotated", "width-pruned", "vocab-replaced"])
+def test_a_case_reads_each_model_once_and_matches_as_separate_reads_do(lineage, bf16, suspect):
+    """`gather` aligns each pair from look-ups (embedding rows, norm gains) and takes both sketches from the
+    fingerprint passes: the same test, byte for byte, as reading each step separately; every file of both models is
+    read front to back once, and only a pair aligned through the weights (vocab-replaced) reads the candidate again."""
+    import json
+
+    from forensics.pipeline import gather
+
+    path = bf16 if suspect == "bf16" else lineage / suspect
+    models = {"suspect": path, "parent": lineage / "parent"}
+    ev = gather(models, "cpu", neuron_pairs=[("suspect", "parent")], neuron_settings=FAST, show_progress=False)
+    alone = neuron_test(path, lineage / "parent", FAST)
+    one_pass = ev.neurons["parent"]
+    # The inputs a separate sketch pass names are the files it opened; the fingerprint pass's are all the model's.
+    for side, name in (("suspect", "suspect"), ("candidate", "parent")):
+        assert all(f in ev.fingerprints[name]["model"]["files"] for f in one_pass["inputs"][side])
+        assert all(f in one_pass["inputs"][side] for f in alone["inputs"][side])
+    assert json.dumps({**one_pass, "inputs": None}, sort_keys=True) == json.dumps({**alone, "inputs": None},
+                                                                                   sort_keys=True)
+    assert alone["pvalue"] == pytest.approx(FLOOR)
+    weights_route = alone["alignment"]["how"] == residual.WEIGHTS_PERMUTATION
+    assert weights_route == (suspect == "vocab-replaced")
+    for name, root in models.items():
+        sizes = {f["path"]: f["size"] for f in ev.fingerprints[name]["model"]["files"]}
+        reads = ev.reads[name]
+        assert {f: r["pass"] for f, r in reads.items() if r["pass"]} == sizes
+        again = {f: r["again"] for f, r in reads.items() if r["again"]}
+        assert again == ({"config.json": sizes["config.json"], "model.safetensors": sizes["model.safetensors"]}
+                         if weights_route and name == "parent" else {})
+        # Before the pass: the header and the token embedding, and for a rotated pair the candidate's norm gains
+        # (the header read again), nothing of the FFN.
+        with safe_open(root / "model.safetensors", "np") as f:
+            nbytes = {n: int(np.prod(f.get_slice(n).get_shape())) * {"F32": 4, "BF16": 2}[f.get_slice(n).get_dtype()]
+                      for n in f.keys()}
+        header = 8 + int.from_bytes((root / "model.safetensors").read_bytes()[:8], "little")
+        norms = sum(n for name, n in nbytes.items() if "norm" in name)
+        assert reads["model.safetensors"]["look-up"] <= nbytes["model.embed_tokens.weight"] + 2 * header + norms
+        assert reads["model.safetensors"]["look-up"] < sizes["model.safetensors"] / 4
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,14 +49,20 @@ def test_a_poisoned_cache_entry_is_recomputed_and_said_so(models, tmp_path, monk
     assert again["signals"] == fp["signals"]
 
 
-def test_activation_pass_checks_the_bytes_against_the_fingerprint(models, tmp_path):
-    fp = pipeline.fingerprint(models / "child", "cpu", "child")
-    changed = json.loads(json.dumps(fp))
-    changed["model"]["files"] = [{**f, "sha256": "0" * 64} if f["path"] == "config.json" else f
-                                 for f in changed["model"]["files"]]
+def test_activation_pass_refuses_files_written_after_the_fingerprint_pass(models, tmp_path):
+    """The forward pass reads through transformers, not hashed again: a write since the fingerprint pass (the same
+    bytes written back still change its status-change time) stops it."""
+    child = tmp_path / "child"
+    shutil.copytree(models / "child", child)
+    fp = pipeline.fingerprint(child, "cpu", "child", show_progress=False)
     plan = {"batch_size": 1, "seq_len": 16, "num_batches": 1, "seed": 0}
-    with pytest.raises(ForensicsError, match="changed during the analysis.*activation pass"):
-        pipeline.activations(models / "child", changed, load_corpus(show_progress=False), plan, "cpu")
+    corpus = load_corpus(show_progress=False)
+    assert pipeline.activations(child, fp, corpus, plan, "cpu", show_progress=False)["act_norm"]["values"]
+    config = child / "config.json"
+    config.write_bytes(config.read_bytes())
+    with pytest.raises(ForensicsError, match="changed during the analysis.*activation pass") as e:
+        pipeline.activations(child, fp, corpus, plan, "cpu", show_progress=False)
+    assert Path(e.value.path) == config
 
 
 def test_case_refuses_an_output_inside_the_evidence_before_reading(models, tmp_path, monkeypatch):

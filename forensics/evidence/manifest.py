@@ -118,8 +118,10 @@ def input_records(inputs: Iterable[str | Path | Mapping], base: str | Path = "."
     return records
 
 
-def fingerprint_inputs(models: Mapping[str, Mapping]) -> list[dict]:
-    """Input records for the weight files each fingerprint read (``model.files``, relative to ``model.path``)."""
+def fingerprint_inputs(models: Mapping[str, Mapping], reads: Mapping[str, Mapping] | None = None) -> list[dict]:
+    """Input records for the weight files each fingerprint read (``model.files``, relative to ``model.path``).
+    ``reads`` (model -> file -> kind of read -> bytes, pipeline.Evidence.reads) adds what this run read of each file
+    as ``bytes_read``: zero of every kind where a cache answered."""
     records = []
     for name, fp in models.items():
         model = fp.get("model", {})
@@ -127,8 +129,10 @@ def fingerprint_inputs(models: Mapping[str, Mapping]) -> list[dict]:
         folder = root.parent if root.is_file() else root  # a single-file model (GGUF) lists its own name
         for f in model.get("files", []):
             path = folder / f["path"]
-            records.append({"path": str(path), "size": f["size"], "sha256": f["sha256"], "model": name,
-                            "kind": "weights"})
+            record = {"path": str(path), "size": f["size"], "sha256": f["sha256"], "model": name, "kind": "weights"}
+            if reads is not None:
+                record["bytes_read"] = dict(reads.get(name, {}).get(f["path"]) or {})
+            records.append(record)
     return records
 
 

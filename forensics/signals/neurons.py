@@ -30,7 +30,7 @@ import numpy as np
 
 from forensics import roles
 from forensics.errors import ForensicsError
-from forensics.sources import Reads, open_model
+from forensics.sources import ModelInfo, Reads, open_model
 
 # role -> (unit kind, part)
 FFN_ROLES = {r.value: (r.unit, r.part) for r in roles.Role if r.unit}
@@ -78,32 +78,76 @@ class Sketch:
                       {k: a[:, keep] for k, a in self.readers.items()}, self.files)
 
 
-class _Model:
-    """One model's source and role table, for one pass over its tensors in file order."""
+@dataclass(frozen=True)
+class Layout:
+    """What reading a model's neurons needs to know of it besides its tensors: hidden size, role-table key, and how
+    its norms apply their gains."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.reads = Reads()
-        self.source = open_model(self.path, self.reads)
-        self.info = self.source.info()
-        self.table, self.matches = roles.resolve(self.path, self.info, self.source.names())
-        self.key = roles.architecture_key(self.info.table or self.info.architecture)
-        self.embedding = re.compile(roles.EMBEDDINGS.get(self.key, roles.DECODER_EMBEDDING))
-        if not self.info.hidden_size:
-            raise ForensicsError(self.path, "hidden size unknown (no hidden_size in the config or metadata)")
+    path: Path
+    info: ModelInfo
+
+    @property
+    def d(self) -> int:
+        return self.info.hidden_size
+
+    @property
+    def key(self) -> str:
+        return roles.architecture_key(self.info.table or self.info.architecture)
+
+    @property
+    def post_norm(self) -> bool:
+        return self.key in roles.POST_NORM
 
     def gain(self, w: np.ndarray) -> np.ndarray:
         w = w.astype(np.float64)
         plus_one = self.info.table != "gguf" and self.info.architecture in roles.NORM_PLUS_ONE
         return w + 1.0 if plus_one else w
 
+
+class _Model:
+    """One model's source and role table, for one pass over its tensors in file order (`random`: a look-up that
+    reads only the tensors asked for and hashes nothing)."""
+
+    def __init__(self, path: Path, random: bool = False):
+        self.path = Path(path)
+        self.reads = Reads(random=random)
+        self.source = open_model(self.path, self.reads)
+        self.info = self.source.info()
+        self.table, self.matches = roles.resolve(self.path, self.info, self.source.names())
+        self.layout = Layout(self.path, self.info)
+        self.embedding = re.compile(roles.EMBEDDINGS.get(self.layout.key, roles.DECODER_EMBEDDING))
+        if not self.info.hidden_size:
+            raise ForensicsError(self.path, "hidden size unknown (no hidden_size in the config or metadata)")
+
+    def collect(self, collectors: list) -> None:
+        """Every tensor some collector wants, split into its parts, handed to each that wants it."""
+        for ref in self.source.tensors():
+            match = self.matches.get(ref.name)
+            if match is None or not any(c.wants(match.target) for c in collectors):
+                continue
+            for part in self.table.parts(ref.name, match, ref.load(), self.info):
+                for c in collectors:
+                    if c.wants(match.target):
+                        c.add(part)
+            part = None
+
     def close(self) -> None:
         self.reads.close()
 
 
-def read_embedding_rows(path: Path, ids: np.ndarray) -> np.ndarray:
-    """Rows `ids` of the model's token embedding (float32: the alignment needs correlations, not exact sums)."""
-    m = _Model(path)
+def hidden_size(path: Path) -> int:
+    """The model's residual width, from its header alone."""
+    reads = Reads(random=True)
+    try:
+        return open_model(Path(path), reads).info().hidden_size or 0
+    finally:
+        reads.close()
+
+
+def read_embedding_rows(path: Path, ids: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows `ids` of the model's token embedding (float32: the alignment needs correlations, not exact sums), read
+    as a look-up before the model's one pass, and the bytes that read per file."""
+    m = _Model(path, random=True)
     try:
         for ref in m.source.tensors():
             if m.embedding.fullmatch(ref.name):
@@ -111,7 +155,7 @@ def read_embedding_rows(path: Path, ids: np.ndarray) -> np.ndarray:
                 if w.ndim != 2 or w.shape[1] != m.info.hidden_size or (len(ids) and ids.max() >= w.shape[0]):
                     raise ForensicsError(ref.file or path, f"token embedding {ref.name} has shape {w.shape}, "
                                                            f"not (vocabulary, {m.info.hidden_size})")
-                return w[ids].astype(np.float32)
+                return w[ids].astype(np.float32), m.reads.bytes_read(m.path)
     finally:
         m.close()
     raise ForensicsError(path, "no token embedding found (looked for a tensor named like "
@@ -135,116 +179,165 @@ PROFILE_ROLES = PROFILE_READERS | {"o"} | GAIN_ROLES
 FUSED_QKV = {"split_qkv_rows", "split_c_attn", "split_neox_qkv"}  # role-table targets that split into q, k, v
 
 
+class ProfileCollector:
+    """`read_profile`'s statistics, from the parts of a pass as it meets them (`gains_only`: the norms' gains)."""
+
+    def __init__(self, layout: Layout, gains_only: bool = False):
+        self.layout = layout
+        self.targets = GAIN_ROLES if gains_only else PROFILE_ROLES | FUSED_QKV
+        self.norms: dict[tuple[str, int], np.ndarray] = {}
+        self.gains: dict[tuple[str, int], np.ndarray] = {}
+        self.layers: set[int] = set()
+
+    def wants(self, target: str) -> bool:
+        return target in self.targets
+
+    def add(self, part, decode=None) -> None:
+        if part.layer is None or part.role not in PROFILE_ROLES:
+            return
+        w = np.asarray(part.tensor if decode is None else decode(part.tensor), dtype=np.float64)
+        d = self.layout.d
+        self.layers.add(part.layer)
+        if part.role in GAIN_ROLES:
+            if w.reshape(-1).shape[0] == d:
+                self.gains[(part.role, part.layer)] = self.layout.gain(w.reshape(-1))
+            return
+        if w.ndim != 2:
+            return
+        if self.layout.key in roles.IN_OUT_LAYOUT:
+            w = w.T
+        residual_axis = 1 if part.role in PROFILE_READERS else 0  # torch layout (out, in)
+        if w.shape[residual_axis] == d:
+            self.norms[(part.role, part.layer)] = np.linalg.norm(w, axis=1 - residual_axis)
+
+    def profile(self) -> Profile:
+        fold = not self.layout.post_norm  # post-norm layers read the previous layer's output norm, not attn_norm
+        features = {}
+        for (role, layer), n in self.norms.items():
+            gain = self.gains.get(("attn_norm", layer)) if fold and role in PROFILE_READERS else None
+            value = n * np.abs(gain) if gain is not None else n
+            features[(role, layer)] = np.log(np.maximum(value, 1e-30))
+        return Profile(features, self.gains, len(self.layers))
+
+
 def read_profile(path: Path) -> Profile:
     """Log column norms of q, k, v (gain folded in) and log row norms of o, per coordinate and layer, and the gains.
 
     Reordering heads or neurons, rescaling q·c with k/c per head or folding a gain into the readers leaves the
     products of a coordinate's gain and column norms where they were (up to the per-head factor, common to all
-    coordinates). Reads only the attention and norm tensors; the sketch pass hashes the model.
+    coordinates). A look-up of the attention and norm tensors; a case takes the profile from the fingerprint pass.
     """
-    m = _Model(path)
-    d = m.info.hidden_size
-    norms: dict[tuple[str, int], np.ndarray] = {}
-    gains: dict[tuple[str, int], np.ndarray] = {}
-    layers = set()
+    m = _Model(path, random=True)
     try:
-        for ref in m.source.tensors():
-            match = m.matches.get(ref.name)
-            if match is None or match.target not in PROFILE_ROLES | FUSED_QKV:
-                continue
-            for part in m.table.parts(ref.name, match, ref.load(), m.info):
-                if part.layer is None or part.role not in PROFILE_ROLES:
-                    continue
-                w = np.asarray(part.tensor, dtype=np.float64)
-                layers.add(part.layer)
-                if part.role in GAIN_ROLES:
-                    if w.reshape(-1).shape[0] == d:
-                        gains[(part.role, part.layer)] = m.gain(w.reshape(-1))
-                    continue
-                if w.ndim != 2:
-                    continue
-                if m.key in roles.IN_OUT_LAYOUT:
-                    w = w.T
-                residual_axis = 1 if part.role in PROFILE_READERS else 0  # torch layout (out, in)
-                if w.shape[residual_axis] == d:
-                    norms[(part.role, part.layer)] = np.linalg.norm(w, axis=1 - residual_axis)
+        collector = ProfileCollector(m.layout)
+        m.collect([collector])
     finally:
         m.close()
-    fold = m.key not in roles.POST_NORM  # post-norm layers read the previous layer's output norm, not attn_norm
-    features = {}
-    for (role, layer), n in norms.items():
-        gain = gains.get(("attn_norm", layer)) if fold and role in PROFILE_READERS else None
-        value = n * np.abs(gain) if gain is not None else n
-        features[(role, layer)] = np.log(np.maximum(value, 1e-30))
-    return Profile(features, gains, len(layers))
+    return collector.profile()
+
+
+def read_gains(path: Path) -> tuple[dict[tuple[str, int], np.ndarray], dict[str, int]]:
+    """The norms' gains alone (a look-up of a few small tensors), for a dense projection read in the one pass, and
+    the bytes that read per file."""
+    m = _Model(path, random=True)
+    try:
+        collector = ProfileCollector(m.layout, gains_only=True)
+        m.collect([collector])
+        return collector.gains, m.reads.bytes_read(m.path)
+    finally:
+        m.close()
+
+
+class SketchCollector:
+    """Every FFN neuron projected on the columns of `projection` (hidden, k), from the parts of a pass.
+
+    A signed selection (one ±1 per column) is read by indexing (a tensor stored in a format decoded element by
+    element, bf16, is decoded at the selected coordinates alone); any other projection needs the input norms' gains
+    (`gains`) before it, since a gain must be folded into the full rows it scales. With `readers`, the q, k, v
+    matrices' columns on the same directions are kept too (the weights alignment's signs need them).
+    """
+
+    def __init__(self, layout: Layout, projection: np.ndarray, gains: dict | None = None, readers: bool = False):
+        d = layout.d
+        if projection.shape[0] != d:
+            raise ForensicsError(layout.path, f"a projection of {projection.shape[0]} coordinates for a hidden size "
+                                              f"of {d}")
+        self.layout, self.projection, self.gains = layout, projection, gains
+        self.chosen = selection(projection)
+        if self.chosen is None and gains is None:
+            raise ValueError("a dense projection needs the model's gains")
+        self.readers = readers
+        self.targets = NEEDED | (PROFILE_READERS | FUSED_QKV if readers else set())
+        self.raw: dict[UnitKey, dict[str, np.ndarray]] = {}
+        self.seen: dict[tuple[str, int], np.ndarray] = {}
+        self.kept: dict[tuple[str, int], np.ndarray] = {}
+
+    def wants(self, target: str) -> bool:
+        return target in self.targets
+
+    def _project(self, rows: np.ndarray, gain: np.ndarray | None, decode) -> np.ndarray:
+        """(n, hidden) -> (n, k); gain, when given, scales the coordinates first."""
+        if self.chosen is not None:
+            idx, signs = self.chosen
+            picked = rows[:, idx]
+            if decode is not None:
+                picked = decode(np.ascontiguousarray(picked))
+            return picked * signs  # the gain, at the selected coordinates, is folded in with the sketch
+        if decode is not None:
+            rows = decode(np.ascontiguousarray(rows))
+        rows = rows.astype(np.float64)
+        return (rows * gain if gain is not None else rows) @ self.projection
+
+    def add(self, part, decode=None) -> None:
+        layout = self.layout
+        if part.role in GAIN_ROLES:
+            g = np.asarray(part.tensor if decode is None else decode(part.tensor)).reshape(-1)
+            if g.shape[0] == layout.d:
+                self.seen[(part.role, part.layer)] = layout.gain(g)
+        elif part.role in FFN_ROLES:
+            kind, which = FFN_ROLES[part.role]
+            unit = UnitKey(part.layer, kind, -1 if part.expert is None else part.expert)
+            gain = None
+            if self.chosen is None and which != "down":
+                gain = self.gains.get(("attn_norm" if layout.post_norm else "mlp_norm", part.layer))
+            self.raw.setdefault(unit, {})[which] = np.ascontiguousarray(
+                self._project(_rows(np.asarray(part.tensor), which, layout, part.role), gain, decode),
+                dtype=np.float32)
+        elif self.readers and part.role in PROFILE_READERS:
+            self.kept[(part.role, part.layer)] = self._project(
+                _rows(np.asarray(part.tensor), part.role, layout, part.role), None, decode)
+
+    def sketch(self, files: list[dict]) -> Sketch:
+        """The sketch of what the pass read; `files` are the pass's file records (path, size, SHA-256)."""
+        if not self.raw:
+            raise ForensicsError(self.layout.path, "no FFN matrices found for neuron matching")
+        layout, chosen = self.layout, self.chosen
+        norm = "attn_norm" if layout.post_norm else "mlp_norm"
+        sketch = Sketch(layout.path, layout.info.architecture, layout.d, files=files)
+        for unit in sorted(self.raw):
+            # A selection read the rows unscaled: its gain (at the selected coordinates) is folded in here.
+            gain = self.seen.get((norm, unit.layer)) if chosen is not None else None
+            sketch.units[unit] = {which: _invariant(rows, gain[chosen[0]] if gain is not None else None)
+                                  if which != "down" else _invariant(rows, None)
+                                  for which, rows in self.raw[unit].items()}
+        for (role, layer), cols in self.kept.items():
+            gain = self.seen.get(("attn_norm", layer)) if not layout.post_norm and chosen is not None else None
+            sketch.readers[(role, layer)] = (cols * gain[chosen[0]] if gain is not None else cols).astype(np.float32)
+        return sketch
 
 
 def read_sketch(path: Path, projection: np.ndarray, gains: dict | None = None, readers: bool = False) -> Sketch:
-    """Every FFN neuron projected on the columns of `projection` (hidden, k), in one pass over the model.
-
-    A signed selection (one ±1 per column) is read by indexing; any other projection needs the input norms' gains
-    (`gains`, from `read_profile`) before it, since a gain must be folded into the full rows it scales. With `readers`,
-    the q, k, v matrices' columns on the same directions are kept too (the weights alignment's signs need them).
-    """
+    """`SketchCollector`'s sketch in a pass of its own, which reads every file to the end and hashes it (so the
+    bytes matched can be checked against the fingerprinted evidence)."""
     m = _Model(path)
-    d = m.info.hidden_size
-    if projection.shape[0] != d:
-        raise ForensicsError(path, f"a projection of {projection.shape[0]} coordinates for a hidden size of {d}")
-    chosen = selection(projection)
-    if chosen is None and gains is None:
-        raise ValueError("a dense projection needs the model's gains")
-    raw: dict[UnitKey, dict[str, np.ndarray]] = {}
-    seen: dict[tuple[str, int], np.ndarray] = {}
-    kept: dict[tuple[str, int], np.ndarray] = {}
-    post_norm = m.key in roles.POST_NORM
-
-    def project(rows: np.ndarray, gain: np.ndarray | None) -> np.ndarray:
-        """(n, hidden) -> (n, k); gain, when given, scales the coordinates first."""
-        if chosen is not None:
-            idx, signs = chosen
-            return rows[:, idx] * signs  # the gain, at the selected coordinates, is folded in with the sketch
-        rows = rows.astype(np.float64)
-        return (rows * gain if gain is not None else rows) @ projection
-
-    wanted = NEEDED | (PROFILE_READERS | FUSED_QKV if readers else set())
     try:
-        for ref in m.source.tensors():
-            match = m.matches.get(ref.name)
-            if match is None or match.target not in wanted:
-                continue
-            for part in m.table.parts(ref.name, match, ref.load(), m.info):
-                if part.role in GAIN_ROLES:
-                    g = np.asarray(part.tensor).reshape(-1)
-                    if g.shape[0] == d:
-                        seen[(part.role, part.layer)] = m.gain(g)
-                elif part.role in FFN_ROLES:
-                    kind, which = FFN_ROLES[part.role]
-                    unit = UnitKey(part.layer, kind, -1 if part.expert is None else part.expert)
-                    gain = None
-                    if chosen is None and which != "down":
-                        gain = gains.get(("attn_norm" if post_norm else "mlp_norm", part.layer))
-                    raw.setdefault(unit, {})[which] = np.ascontiguousarray(
-                        project(_rows(np.asarray(part.tensor), which, d, m, ref.name), gain), dtype=np.float32)
-                elif readers and part.role in PROFILE_READERS:
-                    kept[(part.role, part.layer)] = project(_rows(np.asarray(part.tensor), part.role, d, m, ref.name),
-                                                            None)
-        # Read to the end and hashed, so the bytes matched can be checked against the fingerprinted evidence.
+        collector = SketchCollector(m.layout, projection, gains, readers)
+        m.collect([collector])
         files = m.reads.finish(m.path)
     except BaseException:
         m.close()
         raise
-    if not raw:
-        raise ForensicsError(path, "no FFN matrices found for neuron matching")
-    sketch = Sketch(m.path, m.info.architecture, d, files=files)
-    for unit in sorted(raw):
-        # A selection read the rows unscaled: its gain (at the selected coordinates) is folded in here.
-        gain = seen.get(("attn_norm" if post_norm else "mlp_norm", unit.layer)) if chosen is not None else None
-        sketch.units[unit] = {which: _invariant(rows, gain[chosen[0]] if gain is not None else None)
-                              if which != "down" else _invariant(rows, None) for which, rows in raw[unit].items()}
-    for (role, layer), cols in kept.items():
-        gain = seen.get(("attn_norm", layer)) if not post_norm and chosen is not None else None
-        sketch.readers[(role, layer)] = (cols * gain[chosen[0]] if gain is not None else cols).astype(np.float32)
-    return sketch
+    return collector.sketch(files)
 
 
 def selection(m: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -256,16 +349,16 @@ def selection(m: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return idx, m[idx, np.arange(m.shape[1])]
 
 
-def _rows(w: np.ndarray, which: str, d: int, m: _Model, name: str) -> np.ndarray:
+def _rows(w: np.ndarray, which: str, layout: Layout, name: str) -> np.ndarray:
     """(n, hidden) rows in the residual basis: gate/up/q/k/v rows as stored, down columns transposed."""
     if w.ndim != 2:
-        raise ForensicsError(m.path, f"{name}: matrix of shape {w.shape}")
-    if m.key in roles.IN_OUT_LAYOUT:
+        raise ForensicsError(layout.path, f"{name}: matrix of shape {w.shape}")
+    if layout.key in roles.IN_OUT_LAYOUT:
         w = w.T
     rows = w.T if which == "down" else w  # torch layout: readers (n, d), down (d, n)
-    if rows.shape[1] != d:
-        raise ForensicsError(m.path, f"{name}: matrix of shape {w.shape} does not have the hidden size {d} "
-                                     f"where a {which} projection should")
+    if rows.shape[1] != layout.d:
+        raise ForensicsError(layout.path, f"{name}: matrix of shape {w.shape} does not have the hidden size "
+                                          f"{layout.d} where a {which} projection should")
     return rows
 
 
@@ -358,9 +451,9 @@ class Record:
         return record
 
 
-def read_record(path: Path, dims: int, tokens: int, seed: int) -> Record:
-    """The neuron record of the model at `path` (see `Record`); the sketch pass reads every file to the end and
-    hashes it."""
+def record_lookups(path: Path, dims: int, tokens: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """What a record takes from look-ups before the model's one pass: the texts of a seeded sample of its tokens,
+    their embedding rows, and the seeded sample of its residual coordinates its sketch keeps."""
     from forensics.sources.vocabulary import spellings, vocabulary
     from forensics.seeds import rng_for
 
@@ -374,11 +467,15 @@ def read_record(path: Path, dims: int, tokens: int, seed: int) -> Record:
             keep = np.sort(rng_for(seed, "record tokens").choice(len(texts), tokens, replace=False))
             texts = [texts[i] for i in keep]
         ids = np.array([index[t] for t in texts], dtype=np.int64)
-    profile = read_profile(path)
-    width = _Model(path)
-    d = width.info.hidden_size
-    width.close()
+    d = hidden_size(path)
     chosen = np.sort(rng_for(seed, "dims").choice(d, min(dims, d), replace=False))
-    rows = read_embedding_rows(path, ids) if len(ids) else np.zeros((0, d), np.float32)
-    sketch = read_sketch(path, np.eye(d)[:, chosen], readers=True)
-    return Record(texts, rows, profile, chosen, sketch, {"dims": dims, "tokens": tokens, "seed": seed})
+    rows = read_embedding_rows(path, ids)[0] if len(ids) else np.zeros((0, d), np.float32)
+    return texts, rows, chosen
+
+
+def read_record(path: Path, dims: int, tokens: int, seed: int) -> Record:
+    """The neuron record of the model at `path` (see `Record`), in a pass of its own, which reads every file to the
+    end and hashes it (a registry takes it from the reference's fingerprint pass instead)."""
+    texts, rows, chosen = record_lookups(path, dims, tokens, seed)
+    sketch = read_sketch(path, np.eye(hidden_size(path))[:, chosen], readers=True)
+    return Record(texts, rows, read_profile(path), chosen, sketch, {"dims": dims, "tokens": tokens, "seed": seed})

@@ -1,7 +1,9 @@
 """What every checkpoint reader hands the engine: lazy tensors, and the files whose bytes it read.
 
 Every byte a reader needs goes through a `HashedFile`, which hashes as it reads, so the SHA-256 of every input comes
-out of the same pass that computes the statistics: a file is read once, front to back.
+out of the same pass that computes the statistics: a file is read once, front to back. A look-up before that pass
+(the embedding rows an alignment needs, the norm gains) opens the model with `Reads(random=True)`: its files are read
+only where asked, not hashed, and the bytes are counted, so a case can say how much it read beyond the one pass.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class HashedFile:
     """
 
     def __init__(self, path: Path, hasher: ThreadPoolExecutor, on_bytes: Callable[[int], None] | None = None,
-                 root: Path | None = None, pending: deque[Future] | None = None):
+                 root: Path | None = None, pending: deque[Future] | None = None, random: bool = False):
         self.path = path
+        self.random = random  # read where asked, nothing hashed (a look-up, not the pass)
         self._f = open_regular(path, root)
         self.real = Path(self._f.name)  # the resolved path, for libraries that open the file by name again
         self.size = os.fstat(self._f.fileno()).st_size
@@ -57,10 +60,12 @@ class HashedFile:
         self._pending: deque[Future] = deque() if pending is None else pending
         self._on_bytes = on_bytes
         self.record: FileRecord | None = None
+        self.bytes_read = 0
 
     def _read_into(self, view: memoryview) -> None:
         """Read into `view`, queueing each chunk for the hashing thread as it comes in, without a wait: the chunks
         share the caller's buffer, which it holds while it computes on it, and hashing them overlaps that work."""
+        self.bytes_read += len(view)
         for start in range(0, len(view), CHUNK):
             piece = view[start:start + CHUNK]
             got = 0
@@ -73,7 +78,8 @@ class HashedFile:
                     raise ForensicsError(self.path, f"truncated: file ends at byte {self._pos + got}, "
                                                     f"expected at least {self._pos + len(view) - start}")
                 got += n
-            self._pending.append(self._hasher.submit(self._sha.update, piece))
+            if not self.random:
+                self._pending.append(self._hasher.submit(self._sha.update, piece))
             self._pos += len(piece)
             if self._on_bytes:
                 self._on_bytes(len(piece))
@@ -83,6 +89,10 @@ class HashedFile:
             self._pending.popleft().result()
 
     def skip_to(self, offset: int) -> None:
+        if self.random:
+            self._f.seek(offset)
+            self._pos = offset
+            return
         if offset < self._pos:
             raise ForensicsError(self.path, f"internal: read order went backwards ({offset} < {self._pos})")
         while self._pos < offset:
@@ -112,7 +122,8 @@ class HashedFile:
         return nbytes
 
     def read_all(self) -> bytearray:
-        return self.read_at(self._pos, self.size - self._pos)
+        start = 0 if self.random else self._pos
+        return self.read_at(start, self.size - start)
 
     def close(self) -> None:
         while self._pending:
@@ -120,6 +131,8 @@ class HashedFile:
         self._f.close()
 
     def finish(self) -> FileRecord:
+        if self.random:
+            raise ForensicsError(self.path, "internal: a look-up read (random access) does not hash the file")
         if self.record is None:
             self.skip_to(self.size)
             if self._f.read(1):
@@ -134,8 +147,9 @@ class HashedFile:
 class Reads:
     """The files a source opened, in order; the engine finishes them all (and so hashes all) at the end."""
 
-    def __init__(self, on_bytes: Callable[[int], None] | None = None):
+    def __init__(self, on_bytes: Callable[[int], None] | None = None, random: bool = False):
         self.on_bytes = on_bytes
+        self.random = random
         self.root: Path | None = None  # every file opened must lie inside it; set by the Source reading the model
         self._files: dict[Path, HashedFile] = {}
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
@@ -143,15 +157,18 @@ class Reads:
 
     def open(self, path: Path) -> HashedFile:
         if path not in self._files:
-            self._files[path] = HashedFile(path, self._hasher, self.on_bytes, self.root, self._pending)
+            self._files[path] = HashedFile(path, self._hasher, self.on_bytes, self.root, self._pending, self.random)
         return self._files[path]
+
+    def bytes_read(self, root: Path) -> dict[str, int]:
+        """Bytes read so far per file (relative to the model's root, as `finish` names them)."""
+        return {_relative(path, root): f.bytes_read for path, f in self._files.items()}
 
     def finish(self, root: Path) -> list[dict]:
         records = []
         for path, f in self._files.items():
             r = f.finish()
-            rel = os.path.relpath(path, root) if root.is_dir() else path.name
-            records.append({"path": rel, "size": r.size, "sha256": r.sha256})
+            records.append({"path": _relative(path, root), "size": r.size, "sha256": r.sha256})
         self._hasher.shutdown()
         return sorted(records, key=lambda r: r["path"])
 
@@ -160,6 +177,10 @@ class Reads:
         for f in self._files.values():
             f.close()
         self._hasher.shutdown()
+
+
+def _relative(path: Path, root: Path) -> str:
+    return os.path.relpath(path, root) if root.is_dir() else path.name
 
 
 @dataclass
