@@ -195,7 +195,7 @@ class PairPlan:
     fit: object | None = None  # stats.residual.Fit
     dims: np.ndarray | None = None
     result: dict | None = None
-    looked_up: dict = field(default_factory=dict)  # "suspect"/"candidate" -> {file: bytes} read by the look-ups
+    looked_up: dict = field(default_factory=dict)  # file -> bytes the candidate's look-ups read
 
     def suspect_projection(self) -> np.ndarray:
         return np.eye(self.suspect_width)[:, self.dims]
@@ -210,32 +210,43 @@ class PairPlan:
         return self.fit is not None and self.fit.how == WEIGHTS_PERMUTATION
 
 
-def plan_pair(suspect: Path, candidate: Path, s) -> PairPlan:
-    """Look-ups of both models (headers, vocabularies, the shared tokens' embedding rows) and the alignment through
-    the shared tokens."""
+def plan_pairs(suspect: Path, candidates: dict[str, Path], s) -> tuple[dict[str, PairPlan], dict[str, int]]:
+    """Look-ups of the suspect and each candidate (headers, vocabularies, the shared tokens' embedding rows, the
+    suspect's read once for every pair) and each pair's alignment through the shared tokens: the plans, and the
+    bytes the suspect's look-up read per file (each candidate's are in its plan)."""
     from forensics.signals.neurons import hidden_size, read_embedding_rows
     from forensics.sources.vocabulary import shared_tokens, vocabulary
     from forensics.stats.neurons import unavailable
     from forensics.seeds import rng_for
 
-    suspect, candidate = Path(suspect), Path(candidate)
-    widths = hidden_size(suspect), hidden_size(candidate)
-    plan = PairPlan(suspect, candidate, widths[0])
-    if widths[0] > widths[1]:
-        plan.result = unavailable(_wider(*widths))
-        return plan
-    (va, sa), (vb, sb) = vocabulary(suspect), vocabulary(candidate)
-    pairs = np.asarray(shared_tokens(va, vb, sa, sb))
-    if len(pairs):
-        plan.tokens = {"shared_tokens": len(pairs)}
-        if len(pairs) > s.tokens:
-            pairs = pairs[np.sort(rng_for(s.seed, "tokens").choice(len(pairs), s.tokens, replace=False))]
-        plan.tokens["tokens_used"] = int(len(pairs))
-        (es, plan.looked_up["suspect"]), (ec, plan.looked_up["candidate"]) = (
-            read_embedding_rows(suspect, pairs[:, 0]), read_embedding_rows(candidate, pairs[:, 1]))
-        plan.fit, plan.result = _by_tokens(es, ec, s, plan.tried)
-    plan.dims = np.sort(rng_for(s.seed, "dims").choice(widths[0], min(s.dims, widths[0]), replace=False))
-    return plan
+    suspect = Path(suspect)
+    width = hidden_size(suspect)
+    dims = np.sort(rng_for(s.seed, "dims").choice(width, min(s.dims, width), replace=False))
+    va, sa = vocabulary(suspect)
+    plans, shared = {}, {}
+    for name, candidate in candidates.items():
+        plans[name] = plan = PairPlan(suspect, Path(candidate), width, dims=dims)
+        other = hidden_size(plan.candidate)
+        if width > other:
+            plan.result = unavailable(_wider(width, other))
+            continue
+        vb, sb = vocabulary(plan.candidate)
+        pairs = np.asarray(shared_tokens(va, vb, sa, sb))
+        if len(pairs):
+            plan.tokens = {"shared_tokens": len(pairs)}
+            if len(pairs) > s.tokens:
+                pairs = pairs[np.sort(rng_for(s.seed, "tokens").choice(len(pairs), s.tokens, replace=False))]
+            plan.tokens["tokens_used"] = int(len(pairs))
+            shared[name] = pairs
+    looked: dict[str, int] = {}
+    if shared:
+        ids = np.unique(np.concatenate([pairs[:, 0] for pairs in shared.values()]))
+        rows, looked = read_embedding_rows(suspect, ids)
+        for name, pairs in shared.items():
+            plan = plans[name]
+            ec, plan.looked_up = read_embedding_rows(plan.candidate, pairs[:, 1])
+            plan.fit, plan.result = _by_tokens(rows[np.searchsorted(ids, pairs[:, 0])], ec, s, plan.tried)
+    return plans, looked
 
 
 def weights_alignment(plan: PairPlan, profiles: tuple, s) -> None:
@@ -254,7 +265,7 @@ def neuron_test(suspect: Path, candidate: Path, neuron_settings=None,
     from forensics.stats.neurons import NeuronSettings
 
     s = neuron_settings or NeuronSettings()
-    plan = plan_pair(suspect, candidate, s)
+    plan = plan_pairs(suspect, {"candidate": candidate}, s)[0]["candidate"]
     if plan.result is None and plan.fit is None:
         weights_alignment(plan, (read_profile(plan.suspect), read_profile(plan.candidate)), s)
     if plan.result is not None:
@@ -498,7 +509,7 @@ def gather(models: dict[str, Path], device: str, store: Store | None = None, pla
 
     cached = {name: store.get("fingerprints", _stat_key(Path(path), device)) if store else None
               for name, path in models.items()}
-    tests, plans = {}, {}
+    tests, todo = {}, {}
     for sus, cand in neuron_pairs:
         hit = None
         if store and cached[sus] and cached[cand]:
@@ -506,10 +517,15 @@ def gather(models: dict[str, Path], device: str, store: Store | None = None, pla
         if hit is not None:
             err.print(f"[dim]neuron matching against {cand}: cached[/]")
             tests[cand] = hit
-            continue
-        plans[(sus, cand)] = p = plan_pair(models[sus], models[cand], neuron_settings)
-        for side, name in (("suspect", sus), ("candidate", cand)):
-            count(name, "look-up", p.looked_up.get(side, {}))
+        else:
+            todo.setdefault(sus, {})[cand] = models[cand]
+    plans = {}
+    for sus, candidates in todo.items():
+        made_plans, looked = plan_pairs(models[sus], candidates, neuron_settings)
+        count(sus, "look-up", looked)
+        for cand, p in made_plans.items():
+            plans[(sus, cand)] = p
+            count(cand, "look-up", p.looked_up)
 
     # What each model's pass collects for the pairs still to test: name -> [(what, make(layout) -> collector)].
     wanted: dict[str, list] = {}
