@@ -280,41 +280,68 @@ def neuron_test_record(suspect: Path, record, neuron_settings, progress: Callabl
     """Neuron matching of the suspect against a registry's record of a reference (signals.neurons.Record): the same
     alignment as `neuron_test`, but the sketch is on the reference's stored coordinates, and the suspect is read on
     the directions the alignment maps them to. The reference's weights are not read."""
-    from forensics.signals.neurons import hidden_size, read_embedding_rows, read_gains, read_profile, read_sketch, \
-        selection
+    return record_tests(suspect, {"reference": record}, neuron_settings, lambda name: progress)["reference"]
+
+
+def record_tests(suspect: Path, records: dict, neuron_settings,
+                 progress: Callable[[str], Callable[[int], None] | None] = lambda name: None) -> dict[str, dict]:
+    """`neuron_test_record` of the suspect against every record of `records` (name -> Record), the suspect read once
+    for all: its look-ups (vocabulary, the embedding rows every record's tokens need, the profile and gains when one
+    needs them) first, then one pass collecting the sketch each record's alignment asks for."""
+    from forensics.signals.neurons import hidden_size, read_embedding_rows, read_gains, read_profile, \
+        read_sketches, selection
     from forensics.sources.vocabulary import spellings, vocabulary
     from forensics.stats import residual
     from forensics.stats.neurons import unavailable
 
     s = neuron_settings
     suspect = Path(suspect)
-    if record.sketch.hidden_size < (width := hidden_size(suspect)):
-        return unavailable(_wider(width, record.sketch.hidden_size))
+    width = hidden_size(suspect)
     vocab, spelling = vocabulary(suspect)
     index = spellings(vocab, spelling) if vocab else {}
-    pairs = np.array([(index[t], i) for i, t in enumerate(record.texts) if t in index], dtype=np.int64).reshape(-1, 2)
-    tokens, tried, fit, refused = {}, [], None, None
-    if len(pairs):
-        tokens = {"shared_tokens": len(pairs), "tokens_used": len(pairs)}
-        fit, refused = _by_tokens(read_embedding_rows(suspect, pairs[:, 0])[0], record.rows[pairs[:, 1]], s, tried)
-    if fit is None and refused is None:
-        fit, refused = _by_weights(read_profile(suspect), record.profile, s, tried, tokens)
-    if refused:
-        return refused
-    weights_route = fit.how == residual.WEIGHTS_PERMUTATION
-    onto = fit.matrix[record.dims, :]  # (kept reference coordinates, suspect width): each one's suspect direction
-    cand = record.sketch
-    if fit.signed_permutation:
-        # A narrower suspect holds only some of the kept coordinates: the sketch keeps those.
-        mapped = np.flatnonzero(np.abs(onto).sum(axis=1) > 0)
-        if len(mapped) < 8:
-            return unavailable(f"only {len(mapped)} of the reference's {len(record.dims)} sketched coordinates are "
-                               f"in the suspect's residual stream; neuron matching needs 8")
-        onto, cand = onto[mapped], cand.columns(mapped) if len(mapped) < len(record.dims) else cand
-    projection = onto.T
-    sus = read_sketch(suspect, projection, readers=weights_route,
-                      gains=read_gains(suspect)[0] if selection(projection) is None else None)
-    return _matched(sus, cand, fit, tried, s, progress, tokens, projection.shape[1], sign_suspect=True)
+    results, shared = {}, {}
+    for name, record in records.items():
+        if record.sketch.hidden_size < width:
+            results[name] = unavailable(_wider(width, record.sketch.hidden_size))
+            continue
+        shared[name] = np.array([(index[t], i) for i, t in enumerate(record.texts) if t in index],
+                                dtype=np.int64).reshape(-1, 2)
+    ids = np.unique(np.concatenate([pairs[:, 0] for pairs in shared.values()])) if shared else np.zeros(0, int)
+    rows = read_embedding_rows(suspect, ids)[0] if len(ids) else None
+    profile, gains = functools.cache(lambda: read_profile(suspect)), functools.cache(lambda: read_gains(suspect)[0])
+    planned = {}
+    for name, pairs in shared.items():
+        record = records[name]
+        tokens, tried, fit, refused = {}, [], None, None
+        if len(pairs):
+            tokens = {"shared_tokens": len(pairs), "tokens_used": len(pairs)}
+            fit, refused = _by_tokens(rows[np.searchsorted(ids, pairs[:, 0])], record.rows[pairs[:, 1]], s, tried)
+        if fit is None and refused is None:
+            fit, refused = _by_weights(profile(), record.profile, s, tried, tokens)
+        if refused:
+            results[name] = refused
+            continue
+        onto = fit.matrix[record.dims, :]  # (kept reference coordinates, suspect width): each one's suspect direction
+        cand = record.sketch
+        if fit.signed_permutation:
+            # A narrower suspect holds only some of the kept coordinates: the sketch keeps those.
+            mapped = np.flatnonzero(np.abs(onto).sum(axis=1) > 0)
+            if len(mapped) < 8:
+                results[name] = unavailable(f"only {len(mapped)} of the reference's {len(record.dims)} sketched "
+                                            f"coordinates are in the suspect's residual stream; neuron matching "
+                                            f"needs 8")
+                continue
+            onto, cand = onto[mapped], cand.columns(mapped) if len(mapped) < len(record.dims) else cand
+        projection = onto.T
+        spec = (projection, gains() if selection(projection) is None else None,
+                fit.how == residual.WEIGHTS_PERMUTATION)
+        planned[name] = (fit, tried, tokens, cand, spec)
+    if planned:
+        sketches = read_sketches(suspect, [spec for *_, spec in planned.values()])
+        for (name, (fit, tried, tokens, cand, spec)), sus in zip(planned.items(), sketches):
+            results[name] = _matched(sus, cand, fit, tried, s, progress(name), tokens, spec[0].shape[1],
+                                     sign_suspect=True)
+    return {name: results[name] for name in records}
 
 
 def _by_tokens(es: np.ndarray, ec: np.ndarray, s, tried: list[dict]) -> tuple:
@@ -449,17 +476,24 @@ def _with_progress(store: Store | None, key: str, label: str, total: int, run: C
         err.print(f"[dim]neuron matching against {label}: cached[/]")
         return cached
     with step_progress() as bar:
-        tasks = []  # the bar appears once matching starts (not for a pair the test does not apply to)
-
-        def advance(done: int) -> None:
-            if not tasks:
-                tasks.append(bar.add_task(f"neuron matching vs {label}", total=total))
-            bar.update(tasks[0], completed=done)
-
-        result = run(advance)
+        result = run(_matching_bars(bar, total)(label))
     if store:
         store.put("neurons", key, result)
     return result
+
+
+def _matching_bars(bar, total: int) -> Callable[[str], Callable[[int], None]]:
+    """label -> the progress callback of its neuron matching; a bar appears once matching starts (not for a pair the
+    test does not apply to)."""
+    tasks: dict[str, object] = {}
+
+    def of(label: str) -> Callable[[int], None]:
+        def advance(done: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(f"neuron matching vs {label}", total=total)
+            bar.update(tasks[label], completed=done)
+        return advance
+    return of
 
 
 def same_inputs(result: dict, fps: tuple[dict, dict]) -> None:
@@ -701,12 +735,13 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
     suspect_fp = evidence.fingerprints[case.suspect.name]
     for path in sorted({m.registry for m in from_registry}):
         with Registry(path) as reg:
-            for m in (m for m in from_registry if m.registry == path):
-                entry = reg.get(m.reference)
-                evidence.fingerprints[m.name] = entry.fp()
-                if case.neurons.enabled:
-                    evidence.neurons[m.name] = record_neurons(case.suspect.path, suspect_fp, reg, entry,
-                                                              neuron_settings, store)
+            entries = {m.name: reg.get(m.reference) for m in from_registry if m.registry == path}
+            for name, entry in entries.items():
+                evidence.fingerprints[name] = entry.fp()
+            if case.neurons.enabled:
+                tested = registry_neurons(case.suspect.path, suspect_fp, reg, list(entries.values()),
+                                          neuron_settings, store)
+                evidence.neurons.update({name: tested[entry.name] for name, entry in entries.items()})
 
     fps = {name: keep_signals(fp, wanted) for name, fp in evidence.fingerprints.items()}
     _, raw_results = compare(fps[case.suspect.name], {m.name: fps[m.name] for m in case.candidates},
@@ -866,21 +901,36 @@ SCAN_FULL = 20  # references a scan puts through the full verdict rule, the best
 SCAN_NULL = 500  # declared-unrelated pairs of the registry in a scan's null, at most (a seeded sample beyond)
 
 
-def record_neurons(suspect: Path, suspect_fp: dict, reg, entry, neuron_settings, store: Store | None) -> dict:
-    """`neuron_test_record` of the suspect against a registry entry's record, with a progress bar, cached by the
-    suspect's file hashes and the record's SHA-256; what it read of the suspect is checked against its fingerprint."""
+def registry_neurons(suspect: Path, suspect_fp: dict, reg, entries: list, neuron_settings,
+                     store: Store | None) -> dict[str, dict]:
+    """`record_tests` of the suspect against registry entries' records (the suspect read once for all of them), with
+    a progress bar each, cached per entry by the suspect's file hashes and the record's SHA-256; what it read of the
+    suspect is checked against its fingerprint."""
     from forensics.signals.neurons import Record
     from forensics.stats.neurons import unavailable
 
-    if entry.record_sha256 is None:
-        return unavailable("the registry holds no neuron record of this reference")
-    key = digest([file_key(suspect_fp), entry.record_sha256, asdict(neuron_settings), __version__, neuron_code()])
-    result = _with_progress(store, key, entry.name, neuron_settings.permutations,
-                            lambda advance: neuron_test_record(
-                                suspect, Record.from_bytes(reg.neuron_record(entry.name), entry.name),
-                                neuron_settings, advance))
-    same_bytes(suspect_fp, (result.get("inputs") or {}).get("suspect", []), "neuron matching")
-    return result
+    results, keys, records = {}, {}, {}
+    for entry in entries:
+        if entry.record_sha256 is None:
+            results[entry.name] = unavailable("the registry holds no neuron record of this reference")
+            continue
+        keys[entry.name] = digest([file_key(suspect_fp), entry.record_sha256, asdict(neuron_settings), __version__,
+                                   neuron_code()])
+        if store and (cached := store.get("neurons", keys[entry.name])) is not None:
+            err.print(f"[dim]neuron matching against {entry.name}: cached[/]")
+            results[entry.name] = cached
+        else:
+            records[entry.name] = Record.from_bytes(reg.neuron_record(entry.name), entry.name)
+    if records:
+        with step_progress() as bar:
+            fresh = record_tests(suspect, records, neuron_settings, _matching_bars(bar, neuron_settings.permutations))
+        for name, result in fresh.items():
+            if store:
+                store.put("neurons", keys[name], result)
+            results[name] = result
+    for result in results.values():
+        same_bytes(suspect_fp, (result.get("inputs") or {}).get("suspect", []), "neuron matching")
+    return {e.name: results[e.name] for e in entries}
 
 
 def scan_permutations(references: int, alpha: float, method: str, at_least: int) -> int:
@@ -935,7 +985,7 @@ def scan(suspect: Path, registry_path: Path, stats_settings, device: str = "auto
         scanned = {**describe_registry(registry_path, reg), "fully_compared": len(chosen),
                    "null_pairs": len(pairs), "neuron_permutations": permutations}
         by_name = {e.name: e for e in entries}
-        tests = {name: record_neurons(suspect, fp, reg, by_name[name], s, store) for name in chosen}
+        tests = registry_neurons(suspect, fp, reg, [by_name[name] for name in chosen], s, store)
     settings = replace(stats_settings, untested=len(entries) - len(chosen))
     null = [(a, fps[a], b, fps[b]) for a, b in pairs]
     results, raw = compare(fp, {n: fps[n] for n in chosen}, {}, [], settings, tests, null)

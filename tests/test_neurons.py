@@ -379,6 +379,23 @@ def test_a_record_of_an_independent_model_does_not_align(lineage, records, suspe
     assert r["status"] == "unavailable" and "no near-exact alignment" in r["reason"]
 
 
+def test_a_suspect_is_read_once_for_every_record(lineage, records):
+    """A scan matches the suspect against many records from one pass of it: each result is what the record alone
+    gives, the sketches' alignments (tokens here, the weights for the vocab-replaced child) each its own."""
+    import json
+
+    from forensics.pipeline import neuron_test_record, record_tests
+
+    refs = {"parent": records["parent"], "independent1": records["independent1"]}
+    for child in ("permuted", "vocab-replaced"):
+        together = record_tests(lineage / child, refs, FAST)
+        for name, record in refs.items():
+            alone = neuron_test_record(lineage / child, record, FAST)
+            assert json.dumps(together[name], sort_keys=True) == json.dumps(alone, sort_keys=True)
+        assert together["parent"]["pvalue"] == pytest.approx(FLOOR)
+        assert together["independent1"]["status"] == "unavailable"
+
+
 def test_a_record_round_trips_byte_for_byte(records):
     from forensics.signals.neurons import Record
 

@@ -327,17 +327,22 @@ class SketchCollector:
 
 
 def read_sketch(path: Path, projection: np.ndarray, gains: dict | None = None, readers: bool = False) -> Sketch:
-    """`SketchCollector`'s sketch in a pass of its own, which reads every file to the end and hashes it (so the
-    bytes matched can be checked against the fingerprinted evidence)."""
+    """`SketchCollector`'s sketch in a pass of its own (see `read_sketches`)."""
+    return read_sketches(path, [(projection, gains, readers)])[0]
+
+
+def read_sketches(path: Path, specs: list[tuple[np.ndarray, dict | None, bool]]) -> list[Sketch]:
+    """One sketch per (projection, gains, readers) of `specs`, all from one pass, which reads every file to the end
+    and hashes it (so the bytes matched can be checked against the fingerprinted evidence)."""
     m = _Model(path)
     try:
-        collector = SketchCollector(m.layout, projection, gains, readers)
-        m.collect([collector])
+        collectors = [SketchCollector(m.layout, *spec) for spec in specs]
+        m.collect(collectors)
         files = m.reads.finish(m.path)
     except BaseException:
         m.close()
         raise
-    return collector.sketch(files)
+    return [c.sketch(files) for c in collectors]
 
 
 def selection(m: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
