@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup test test-slow bench bench-ci bench-weights bench-neurons bench-stats bench-scan bench-activations calibrate fingerprint models lab panel panel-check case verify device-check registry
+.PHONY: setup test test-slow bench bench-ci bench-weights bench-case bench-neurons bench-stats bench-scan bench-activations calibrate fingerprint models lab panel panel-check case verify device-check registry
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,11 @@ bench-scan: registry lab
 # The layer-streamed activation pass on a Qwen2-7B-shaped bf16 checkpoint (15.2 GB, written once to out/bench-7b).
 bench-activations: $(STAMP)
 	$(PY) bench/bench_activations.py
+
+# A whole case on a 7B pair (the Qwen2-7B-shaped checkpoint and its neuron-permuted child, 2 x 15.2 GB in
+# out/bench-7b): wall time against openssl of both, and the bytes read from the manifest.
+bench-case: $(STAMP)
+	$(PY) bench/bench_case.py
 
 # Neuron matching on a 7B-sized pair (Llama-2-7B shapes, 2 x 13.5 GB written once to out/bench-neurons): its cost.
 bench-neurons: $(STAMP)

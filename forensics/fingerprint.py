@@ -10,6 +10,7 @@ import math
 import resource
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -56,8 +57,7 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
     attention = LayerCollector(info, roles.architecture_key(info.table or info.architecture), matches)
     extra = collectors(info) if collectors else []
 
-    per_role: dict[str, dict[tuple[int, int | None], Moments]] = defaultdict(dict)
-    nonfinite = []
+    stats = _Moments(dev, path)
     # One BLAS thread: the attention spectra's many small factorisations ran 10-20x slower with OpenBLAS's threads
     # competing with each other and the hashing thread (Gemma3-270M: 2.1 s against 29 s on 2 cores).
     try:
@@ -66,30 +66,30 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
                 match = matches.get(ref.name)
                 if match is None:
                     continue
-                # A tensor that only its moments need, stored in a format decoded element by element, is decoded
-                # a chunk at a time inside them: the whole float32 copy (twice a bf16 tensor) is never made.
+                # A tensor that the attention spectra do not need, stored in a format decoded element by element
+                # (bf16, fp8), is decoded a piece at a time where it is used (the moments' chunks, the sketches'
+                # coordinates): the whole float32 copy, twice a bf16 tensor, is never made.
                 streamed = (ref.decode is not None and match.target not in roles.SPLITS
                             and match.target not in roles.STACKED and not attention.wants(match.target))
                 tensor = ref.load_stored() if streamed else ref.load()
-                bad_nan = bad_inf = 0
-                for part in table.parts(ref.name, match, tensor, info):
-                    m = moments(part.tensor, dev, ref.decode if streamed else None)
-                    bad_nan, bad_inf = bad_nan + m.nan, bad_inf + m.inf
-                    per_role[part.role][(part.layer, part.expert)] = m
+                parts = table.parts(ref.name, match, tensor, info)
+                decode = ref.decode if streamed else None
+                stats.submit(ref, parts, decode)
+                for part in parts:
                     if not streamed:
                         attention.add(part)
                     for c in extra:
                         if c.wants(match.target):
-                            c.add(part, ref.decode if streamed else None)
-                if bad_nan or bad_inf:
-                    nonfinite.append({"tensor": ref.name, "file": str(ref.file or path), "nan": bad_nan,
-                                      "inf": bad_inf})
-                # The last part is a view of the tensor: both go before the next tensor is read.
-                del tensor
+                            c.add(part, decode)
+                # The parts are views of the tensor: all go (once their moments are taken) before the next is read.
+                del tensor, parts
                 part = None
+            stats.wait()
             attention.finish()
     finally:
+        stats.close()
         attention.close()
+    per_role, nonfinite = stats.per_role, stats.nonfinite
     if nonfinite and not allow_nonfinite:
         first = nonfinite[0]
         raise ForensicsError(first["file"], f"non-finite weights in {len(nonfinite)} tensor(s), first "
@@ -126,6 +126,39 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
             "bytes_read_per_file": reads.bytes_read(path),
         },
     }
+
+
+class _Moments:
+    """Each tensor's moments on a worker thread while the next tensor is read: the copy out of the page cache, the
+    hashing and the moments then share both cores. One tensor is in flight at a time (`submit` waits for the one
+    before), so two at most are held."""
+
+    def __init__(self, device, path: Path):
+        self.device, self.path = device, path
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moments")
+        self.pending: tuple | None = None
+        self.per_role: dict[str, dict[tuple[int, int | None], Moments]] = defaultdict(dict)
+        self.nonfinite: list[dict] = []
+
+    def submit(self, ref, parts: list, decode) -> None:
+        self.wait()
+        work = self.pool.submit(lambda: [moments(p.tensor, self.device, decode) for p in parts])
+        self.pending = (work, ref, [(p.role, p.layer, p.expert) for p in parts])
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        work, ref, keys = self.pending
+        self.pending = None
+        found = work.result()
+        for (role, layer, expert), m in zip(keys, found):
+            self.per_role[role][(layer, expert)] = m
+        nan, inf = sum(m.nan for m in found), sum(m.inf for m in found)
+        if nan or inf:
+            self.nonfinite.append({"tensor": ref.name, "file": str(ref.file or self.path), "nan": nan, "inf": inf})
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _signal(role: str, entries: dict[tuple[int, int | None], Moments], num_layers: int) -> dict:

@@ -106,6 +106,19 @@ def test_nan_weights_refused_by_default_and_recorded_when_allowed(tmp_path):
     assert fp["signals"]["up"]["values"][1] == pytest.approx(float(finite.std(unbiased=False)), rel=1e-9)
 
 
+def test_nan_attention_weights_leave_their_layer_without_spectra(tmp_path):
+    model = tiny.build_model("llama")
+    state = dict(model.state_dict())
+    bad = state["model.layers.1.self_attn.k_proj.weight"].clone()
+    bad[-1, -1] = float("nan")  # in the last head block: every block before it is reduced first
+    state["model.layers.1.self_attn.k_proj.weight"] = bad
+    path = tiny.save_raw(state, model.config.to_dict(), tmp_path / "nan-k")
+    spectra = fingerprint_model(path, device="cpu", allow_nonfinite=True)["signals"]
+    for name in ("qk_spectrum", "ov_spectrum"):  # the layer's attention is left out whole, as before
+        values = spectra[name]["values"]
+        assert values[1] is None and all(v is not None for i, v in enumerate(values) if i != 1)
+
+
 def test_missing_shard(tmp_path):
     path = tiny.save(tiny.build_model("llama"), tmp_path / "sharded", max_shard_size="20KB")
     victim = sorted(path.glob("model-*.safetensors"))[1]

@@ -46,18 +46,29 @@ PIECES = ("q", "k", "v", "o")
 MLA_ROLES = {"q_a", "q_b", "kv_a", "kv_b"}
 
 
-def _heads(w: np.ndarray, n: int, gain: np.ndarray | None = None) -> np.ndarray:
-    """(n, rows/n, cols) float64: the per-head row blocks of a (out, in) projection, each column scaled by `gain`.
-    One float64 copy, scaled in place: the spectra run beside the pass, whose peak memory they add to."""
-    w = np.array(w, dtype=np.float64, order="C")
-    if gain is not None:
-        w *= np.asarray(gain, dtype=np.float64)
-    return w.reshape(n, w.shape[0] // n, w.shape[1])
+class NonFinite(ValueError):
+    """A head block holds NaN or Inf (weights fingerprinted with --allow-nonfinite): the layer gets no value."""
 
 
-def _r_factors(blocks: np.ndarray) -> np.ndarray:
-    """R with RᵀR = X Xᵀ for each block X: (n, r, d) -> (n, r, r)."""
-    gram = blocks @ np.swapaxes(blocks, 1, 2)
+def _r_factors(w: np.ndarray, n: int, gain: np.ndarray | None = None, columns: bool = False) -> np.ndarray:
+    """R with RᵀR = X Xᵀ for each of the n head blocks X of a (out, in) projection: its row blocks, or with `columns`
+    its column blocks (transposed), each column of X scaled by `gain`: (n, r, r).
+
+    One head at a time through a float64 buffer of one block: a float64 copy of the whole matrix (100 MB for a 7B
+    model's q) was fresh memory every layer, and its page faults cost more than the products."""
+    w = np.asarray(w)
+    rows = w.shape[1] if columns else w.shape[0]
+    r, d = rows // n, w.shape[0] if columns else w.shape[1]
+    g = None if gain is None else np.asarray(gain, dtype=np.float64)
+    block = np.empty((r, d))
+    gram = np.empty((n, r, r))
+    for h in range(n):
+        np.copyto(block, w[:, h * r:(h + 1) * r].T if columns else w[h * r:(h + 1) * r])
+        if not np.isfinite(block).all():
+            raise NonFinite
+        if g is not None:
+            block *= g
+        np.matmul(block, block.T, out=gram[h])
     try:
         return np.swapaxes(np.linalg.cholesky(gram), 1, 2)
     except np.linalg.LinAlgError:
@@ -87,17 +98,16 @@ def _kv_index(n_heads: int, n_kv: int) -> np.ndarray:
 def qk_singular_values(q: np.ndarray, k: np.ndarray, n_heads: int, n_kv: int,
                        gain: np.ndarray | None = None) -> np.ndarray:
     """(n_heads, d_head) singular values of G W_q^hᵀ W_k^j G, largest first; q, k in (out, in) layout."""
-    rq = _r_factors(_heads(q, n_heads, gain))
-    rk = _r_factors(_heads(k, n_kv, gain))
+    rq = _r_factors(q, n_heads, gain)
+    rk = _r_factors(k, n_kv, gain)
     return _singular_values(rq @ np.swapaxes(rk, 1, 2)[_kv_index(n_heads, n_kv)])
 
 
 def ov_singular_values(v: np.ndarray, o: np.ndarray, n_heads: int, n_kv: int,
                        gain: np.ndarray | None = None) -> np.ndarray:
     """(n_heads, d_head) singular values of W_o^h W_v^j G, largest first; v, o in (out, in) layout."""
-    rv = _r_factors(_heads(v, n_kv, gain))
-    # o's per-head blocks are column blocks: the row blocks of its transpose.
-    ro = _r_factors(_heads(np.asarray(o).T, n_heads))
+    rv = _r_factors(v, n_kv, gain)
+    ro = _r_factors(o, n_heads, columns=True)  # o's per-head blocks are its column blocks
     return _singular_values(ro @ np.swapaxes(rv, 1, 2)[_kv_index(n_heads, n_kv)])
 
 
@@ -184,7 +194,10 @@ class LayerCollector:
         n_kv = self._kv_heads(q, k, v, o, gain)
         if n_kv is None:
             return None
-        return qk_spectrum(q, k, self.n_heads, n_kv, gain), ov_spectrum(v, o, self.n_heads, n_kv, gain)
+        try:
+            return qk_spectrum(q, k, self.n_heads, n_kv, gain), ov_spectrum(v, o, self.n_heads, n_kv, gain)
+        except NonFinite:
+            return None
 
     def _collect(self) -> None:
         """Wait for the layer being reduced and keep its values (re-raising what went wrong there)."""
@@ -198,8 +211,8 @@ class LayerCollector:
 
     def _kv_heads(self, q, k, v, o, gain) -> int | None:
         """The kv head count, read off k's rows (configs of fused-qkv models may carry one that does not apply), if
-        the weights are finite and their shapes split into the configured heads; else None: an unusual layout, or NaN
-        weights fingerprinted with --allow-nonfinite, gets no value."""
+        their shapes split into the configured heads and the gain is finite; else None: an unusual layout gets no
+        value (nor, through `NonFinite`, a layer with NaN weights fingerprinted with --allow-nonfinite)."""
         if any(w.ndim != 2 for w in (q, k, v, o)):
             return None
         d = q.shape[1]
@@ -209,7 +222,7 @@ class LayerCollector:
                   and k.shape == (n_kv * dh, d) and v.shape[1] == d and v.shape[0] % n_kv == 0
                   and o.shape == (d, self.n_heads * (v.shape[0] // n_kv))
                   and (gain is None or gain.shape == (d,)) and (self.hidden is None or d == self.hidden))
-        finite = shapes and all(np.isfinite(w).all() for w in (q, k, v, o) + (() if gain is None else (gain,)))
+        finite = shapes and (gain is None or np.isfinite(gain).all())
         return n_kv if finite else None
 
     def finish(self) -> None:

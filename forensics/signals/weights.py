@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 # 4 Mi elements: a 32 MiB float64 chunk keeps the working set small next to the tensor itself.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 19
 # The chunk buffer, one per thread, kept between tensors: a fresh 32 MiB array per tensor cost its page faults again.
 _chunk = threading.local()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,11 +23,39 @@ from forensics.errors import ForensicsError
 from forensics.files import model_root, open_regular
 
 CHUNK = 8 << 20
-# Chunks of skipped bytes queued for the hashing thread, in buffers of their own. One is enough to overlap hashing a
-# chunk with reading the next; more kept buffers alive long enough for glibc to stop returning them, and RSS grew with
-# the model (measured, when whole tensors were queued so: a 2.6 GB checkpoint peaked at 2.7 GiB with 8, 0.37 GiB
-# with 1, and ran 3x faster).
-MAX_PENDING = 1
+# Chunks of skipped bytes queued for the hashing thread at a time: one is hashed while the next is read.
+MAX_PENDING = 2
+# Buffers kept for reuse by the reads of one model (`Buffers`).
+KEPT_BUFFERS = 4
+
+
+class Buffers:
+    """Reusable read buffers. A fresh buffer costs the kernel a page fault and a zeroed page for every page of it,
+    which in a pass over a checkpoint cost as much as the copy out of the page cache (15 GB: ~4 s of CPU). A kept
+    buffer is lent again only when nothing refers to it any more (no array viewing it, no hash queued on it), which
+    CPython's reference count tells exactly; otherwise a new one is made."""
+
+    def __init__(self, kept: int = KEPT_BUFFERS):
+        self._kept: list[np.ndarray] = []
+        self._limit = kept
+
+    def take(self, nbytes: int) -> np.ndarray:
+        best = None
+        for i in range(len(self._kept)):
+            # References: the list's, and getrefcount's own argument.
+            if self._kept[i].size >= nbytes and sys.getrefcount(self._kept[i]) == 2:
+                if best is None or self._kept[i].size < self._kept[best].size:
+                    best = i
+        if best is not None:
+            return self._kept[best][:nbytes]
+        fresh = np.empty(nbytes, np.uint8)
+        if len(self._kept) < self._limit:
+            self._kept.append(fresh)
+        else:
+            idle = [i for i in range(len(self._kept)) if sys.getrefcount(self._kept[i]) == 2]
+            if idle:  # the smallest idle one makes room for this larger one
+                self._kept[min(idle, key=lambda i: self._kept[i].size)] = fresh
+        return fresh[:nbytes]
 
 
 @dataclass(frozen=True)
@@ -46,7 +75,8 @@ class HashedFile:
     """
 
     def __init__(self, path: Path, hasher: ThreadPoolExecutor, on_bytes: Callable[[int], None] | None = None,
-                 root: Path | None = None, pending: deque[Future] | None = None, random: bool = False):
+                 root: Path | None = None, pending: deque[Future] | None = None, random: bool = False,
+                 buffers: Buffers | None = None):
         self.path = path
         self.random = random  # read where asked, nothing hashed (a look-up, not the pass)
         self._f = open_regular(path, root)
@@ -59,6 +89,7 @@ class HashedFile:
         # buffer also covers the last shard's last tensor.
         self._pending: deque[Future] = deque() if pending is None else pending
         self._on_bytes = on_bytes
+        self._buffers = buffers or Buffers(0)
         self.record: FileRecord | None = None
         self.bytes_read = 0
 
@@ -97,7 +128,7 @@ class HashedFile:
             raise ForensicsError(self.path, f"internal: read order went backwards ({offset} < {self._pos})")
         while self._pos < offset:
             self._drain(MAX_PENDING - 1)  # a skipped chunk's buffer is held by its hash alone
-            self._read_into(memoryview(bytearray(min(CHUNK, offset - self._pos))))
+            self._read_into(memoryview(self._buffers.take(min(CHUNK, offset - self._pos))))
 
     def read_at(self, offset: int, nbytes: int) -> bytearray:
         buf = bytearray(self._start(offset, nbytes))
@@ -105,9 +136,10 @@ class HashedFile:
         return buf
 
     def read_array(self, offset: int, nbytes: int) -> np.ndarray:
-        """`read_at` into an uninitialised uint8 array, for tensor payloads: a bytearray is zero-filled first, one
-        more write of every byte (measured: a quarter of a 15 GB checkpoint's fingerprint)."""
-        buf = np.empty(self._start(offset, nbytes), np.uint8)
+        """`read_at` into a uint8 array, for tensor payloads: a kept buffer no longer in use (`Buffers`), else an
+        uninitialised one (a bytearray is zero-filled first, one more write of every byte)."""
+        nbytes = self._start(offset, nbytes)
+        buf = self._buffers.take(nbytes)
         self._read_into(memoryview(buf))
         return buf
 
@@ -154,10 +186,12 @@ class Reads:
         self._files: dict[Path, HashedFile] = {}
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self._pending: deque[Future] = deque()
+        self._buffers = Buffers()
 
     def open(self, path: Path) -> HashedFile:
         if path not in self._files:
-            self._files[path] = HashedFile(path, self._hasher, self.on_bytes, self.root, self._pending, self.random)
+            self._files[path] = HashedFile(path, self._hasher, self.on_bytes, self.root, self._pending, self.random,
+                                           self._buffers)
         return self._files[path]
 
     def bytes_read(self, root: Path) -> dict[str, int]:
