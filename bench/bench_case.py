@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parent = ROOT / "out" / "bench-7b" / "qwen2-7b-shaped"
     child = ROOT / "out" / "bench-7b" / "qwen2-7b-shaped-permuted"
     t = time.perf_counter()
-    for make, target in ((lambda: write_model(parent), parent), (lambda: write_child(parent, child), child)):
-        writer = multiprocessing.get_context("spawn").Process(target=make)
+    for make, args_, target in ((write_model, (parent,), parent), (write_child, (parent, child), child)):
+        writer = multiprocessing.get_context("spawn").Process(target=make, args=args_)
         writer.start()
         writer.join()
         if writer.exitcode:

@@ -103,6 +103,20 @@ def test_alignment_recovers_a_signed_permutation():
     assert residual.choose_token_fit(unrelated) is None
 
 
+def test_the_rotation_is_fitted_only_when_it_could_be_chosen():
+    """An accepted signed permutation of quality above 1 - ROTATION_MARGIN leaves a rotation no room: it is not fitted
+    (its SVDs are most of a 7B pair's alignment time). A rotated stream, or a looser permutation, gets both."""
+    rng = np.random.default_rng(0)
+    es = rng.standard_normal((500, 40))
+    exact = residual.by_tokens(es, -es[:, rng.permutation(40)], np.random.default_rng(1))
+    assert [f.how for f in exact] == [residual.TOKENS_PERMUTATION] and exact[0].quality > 1 - residual.ROTATION_MARGIN
+    assert residual.choose_token_fit(exact) is exact[0]
+    rotation = np.linalg.qr(rng.standard_normal((40, 40)))[0]
+    rotated = residual.by_tokens(es, es @ rotation.T, np.random.default_rng(1))
+    assert [f.how for f in rotated] == [residual.TOKENS_PERMUTATION, residual.TOKENS_ORTHOGONAL]
+    assert residual.choose_token_fit(rotated).how == residual.TOKENS_ORTHOGONAL
+
+
 @pytest.mark.parametrize("child", ["permuted", "updown", "norm", "qk", "finetuned"])
 def test_derived_children_reach_the_floor(lineage, child):
     r = neuron_test(lineage / child, lineage / "parent", FAST)

@@ -113,6 +113,38 @@ def test_loaders_return_c_contiguous_arrays_of_the_contract_dtype(tmp_path, dtyp
     assert np.array_equal(a.astype(expect.dtype), expect)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
+def test_row_look_ups_equal_the_whole_matrix_rows_and_read_only_them(tmp_path, dtype):
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(50, 12, generator=g) * 4).to(dtype)
+    path = tiny.save_raw({"w": t}, {"model_type": "llama"}, tmp_path / "m")
+    ids = np.array([7, 3, 3, 49, 0])
+    reads = Reads(random=True)
+    (ref,) = open_model(path, reads).tensors()
+    header = reads.bytes_read(path)["model.safetensors"]
+    rows = ref.rows(ids)
+    assert reads.bytes_read(path)["model.safetensors"] - header == 4 * 12 * t.element_size()  # 4 distinct rows
+    assert np.array_equal(rows, ref.load()[ids], equal_nan=True) and rows.dtype == ref.load().dtype
+    with pytest.raises(IndexError):
+        ref.rows(np.array([50]))
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0, Q.Q5_0])
+def test_gguf_row_look_ups_equal_the_dequantised_rows(tmp_path, qtype):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "m.gguf"
+    tiny.write_llama_gguf(transformers.LlamaForCausalLM(cfg).eval(), path, None if qtype == Q.F32 else qtype)
+    ids = np.array([5, 63, 0, 5])
+    refs = {r.name: r for r in open_model(path, Reads(random=True)).tensors()}
+    emb = refs["token_embd.weight"]
+    assert emb.read_rows is not None and refs["blk.0.attn_q.weight"].read_rows is None  # q is un-permuted whole
+    assert np.array_equal(emb.rows(ids), emb.load()[ids])
+
+
 def test_gguf_header_walk_equals_gguf_reader(tmp_path):
     def vocab(w):
         w.add_tokenizer_model("gpt2")

@@ -151,11 +151,11 @@ def read_embedding_rows(path: Path, ids: np.ndarray) -> tuple[np.ndarray, dict[s
     try:
         for ref in m.source.tensors():
             if m.embedding.fullmatch(ref.name):
-                w = ref.load()
-                if w.ndim != 2 or w.shape[1] != m.info.hidden_size or (len(ids) and ids.max() >= w.shape[0]):
-                    raise ForensicsError(ref.file or path, f"token embedding {ref.name} has shape {w.shape}, "
+                shape = ref.shape
+                if len(shape) != 2 or shape[1] != m.info.hidden_size or (len(ids) and ids.max() >= shape[0]):
+                    raise ForensicsError(ref.file or path, f"token embedding {ref.name} has shape {shape}, "
                                                            f"not (vocabulary, {m.info.hidden_size})")
-                return w[ids].astype(np.float32), m.reads.bytes_read(m.path)
+                return ref.rows(ids).astype(np.float32), m.reads.bytes_read(m.path)
     finally:
         m.close()
     raise ForensicsError(path, "no token embedding found (looked for a tensor named like "

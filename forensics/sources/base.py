@@ -235,6 +235,19 @@ class TensorRef:
     # so that a statistic that streams can decode chunk by chunk instead of holding the whole float32 tensor.
     load_stored: Callable[[], np.ndarray] | None = field(default=None, repr=False)
     decode: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    # For a matrix whose rows lie whole and in order on disk: rows `ids` (sorted, unique) as `load()` would give them,
+    # each read alone, so that a look-up of a few thousand embedding rows does not read a 1 GB table.
+    read_rows: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of the matrix (any order, repeats allowed)."""
+        if self.read_rows is None:
+            return self.load()[ids]
+        unique, where = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+        if len(unique) and (unique[0] < 0 or unique[-1] >= self.shape[0]):
+            raise IndexError(f"row {unique[-1] if unique[-1] >= self.shape[0] else unique[0]} of a "
+                             f"{self.shape[0]}-row matrix")
+        return self.read_rows(unique)[where]
 
 
 @dataclass

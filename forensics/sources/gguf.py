@@ -239,7 +239,19 @@ class GGUFFile(Source):
 
     def tensors(self) -> Iterator[TensorRef]:
         for t in sorted(self.directory, key=lambda t: t.offset):
-            yield TensorRef(t.name, t.shape, t.qtype.name, lambda t=t: self._load(t), self.path)
+            # A row is a whole number of blocks (gguf quantises along rows); only q and k need the whole matrix.
+            whole = len(t.shape) != 2 or t.nbytes % t.shape[0] or t.name.endswith(("attn_q.weight", "attn_k.weight"))
+            yield TensorRef(t.name, t.shape, t.qtype.name, lambda t=t: self._load(t), self.path,
+                            read_rows=None if whole else lambda ids, t=t: self._rows(t, ids))
+
+    def _rows(self, t: TensorInfo, ids: np.ndarray) -> np.ndarray:
+        width = t.nbytes // t.shape[0]
+        raw = [self.file.read_array(t.offset + int(r) * width, width) for r in ids]
+        try:
+            return np.stack([dequantize(b, t.qtype) for b in raw]) if raw else np.zeros((0, t.shape[1]), np.float32)
+        except NotImplementedError as e:
+            raise ForensicsError(self.path, f"tensor {t.name}: quantisation type {t.qtype.name} is not supported "
+                                            f"by the gguf package") from e
 
     def _load(self, t: TensorInfo) -> np.ndarray:
         raw = self.file.read_array(t.offset, t.nbytes)

@@ -96,11 +96,19 @@ def tensors(f: HashedFile, data_start: int, header: dict, only: set[str] | None 
             return np.frombuffer(f.read_array(data_start + begin, end - begin), dtype=DTYPES[dtype]).reshape(shape)
 
         decode = DECODE.get(e["dtype"])
+        rows = None
+        if len(e["shape"]) == 2:
+            def rows(ids, begin=begin, dtype=e["dtype"], shape=e["shape"], decode=decode) -> np.ndarray:
+                width = shape[1] * DTYPES[dtype].itemsize
+                out = np.stack([np.frombuffer(f.read_array(data_start + begin + int(r) * width, width),
+                                              dtype=DTYPES[dtype]) for r in ids]) if len(ids) else \
+                    np.zeros((0, shape[1]), DTYPES[dtype])
+                return out if decode is None else decode(out)
         if decode is None:
-            yield TensorRef(name, tuple(e["shape"]), e["dtype"], load_stored, f.path)
+            yield TensorRef(name, tuple(e["shape"]), e["dtype"], load_stored, f.path, read_rows=rows)
         else:
             yield TensorRef(name, tuple(e["shape"]), e["dtype"], lambda s=load_stored, d=decode: d(s()), f.path,
-                            load_stored, decode)
+                            load_stored, decode, rows)
 
 
 def shards(index_path: Path, raw: bytes, root: Path) -> dict[str, list[str]]:

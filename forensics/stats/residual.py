@@ -10,7 +10,9 @@ behind a new vocabulary whose embeddings were re-initialised. Three maps, tried 
 2. `tokens, orthogonal`: the orthogonal Procrustes map of the same embedding rows (columns orthonormal, so also a
    subspace when the suspect is narrower), for a stream that was rotated rather than reordered. Used when it explains
    clearly more than the signed permutation (`ROTATION_MARGIN`), since the signed permutation is exact for every
-   coordinate-wise edit and cheaper to apply.
+   coordinate-wise edit and cheaper to apply. So it is not fitted at all when an accepted signed permutation leaves
+   it no room (quality above 1 - `ROTATION_MARGIN`, and no quality exceeds 1): the choice is the same, and its ten
+   d x d SVDs (with the chance draws) cost a 7B pair 2.5 minutes.
 3. `weights, signed permutation`: when no token map holds (no shared spelling, or shared spellings whose embeddings
    were re-initialised), each coordinate's profile over the layers (log column norm of q, k, v with the input norm's
    gain folded in, log row norm of o: all invariant to neuron and head reordering and to gain folding), matched one to
@@ -148,6 +150,8 @@ def by_tokens(es: np.ndarray, ec: np.ndarray, rng: np.random.Generator) -> list[
     fits = []
     for how, fitter, fs, fc in ((TOKENS_PERMUTATION, _permutation_fit, zs, zc),
                                 (TOKENS_ORTHOGONAL, _orthogonal_fit, cs, cc)):
+        if fits and fits[0].accepted and fits[0].quality + ROTATION_MARGIN >= 1.0:
+            break  # the rotation could not be chosen (`choose_token_fit`): a quality never exceeds 1
         m, q = fitter((fs, fc), (js, jc))
 
         def shuffled(order, fitter=fitter, fs=fs, fc=fc):
@@ -158,8 +162,11 @@ def by_tokens(es: np.ndarray, ec: np.ndarray, rng: np.random.Generator) -> list[
 
 
 def choose_token_fit(fits: list[Fit]) -> Fit | None:
-    """The signed permutation unless the orthogonal map is accepted and explains clearly more; None if neither holds."""
-    perm, orth = fits
+    """The signed permutation unless the orthogonal map is accepted and explains clearly more; None if neither holds.
+    `fits` holds the signed permutation alone when the rotation was not fitted (`by_tokens`)."""
+    perm, orth = fits if len(fits) == 2 else (fits[0], None)
+    if orth is None:
+        return perm if perm.accepted else None
     if orth.accepted and (not perm.accepted or orth.quality > perm.quality + ROTATION_MARGIN):
         return orth
     return perm if perm.accepted else None
