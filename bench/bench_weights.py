@@ -15,6 +15,7 @@ otherwise idle machine.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -97,7 +98,8 @@ def best_of(n: int, cmd: list[str]) -> tuple[float, int | None]:
     return min(r[0] for r in runs), max((r[1] or 0) for r in runs)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     gguf_e = MODELS / "E-smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf_f = MODELS / "F-gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
     gguf_g = MODELS / "G-qwen2.5-coder-0.5b" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
