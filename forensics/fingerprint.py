@@ -55,12 +55,11 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
     dev = pick_device(device)
     # Per-layer attention spectra, reduced as soon as a layer's q, k, v, o and norm gain are in.
     attention = LayerCollector(info, roles.architecture_key(info.table or info.architecture), matches)
-    extra = collectors(info) if collectors else []
-
     stats = _Moments(dev, path)
     # One BLAS thread: the attention spectra's many small factorisations ran 10-20x slower with OpenBLAS's threads
     # competing with each other and the hashing thread (Gemma3-270M: 2.1 s against 29 s on 2 cores).
     try:
+        extra = collectors(info) if collectors else []
         with threadpool_limits(limits=1, user_api="blas"):
             for ref in source.tensors():
                 match = matches.get(ref.name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import importlib
+import importlib.util
 import json
 import secrets
 import sys
@@ -91,10 +91,13 @@ def file_key(fp: dict) -> list:
 
 
 def identity(path: Path) -> list:
-    """The model's files by identity (name, size, mtime, ctime, inode). Any write changes ctime, which user space
-    cannot set back: the same identity before and after a pass means no byte changed while it ran."""
-    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
-    return [[f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for f in files for st in [f.stat()]]
+    """The model's files by identity (path below the model, size, mtime, ctime, inode), every regular file of its
+    directory tree. Any write changes ctime, which user space cannot set back: the same identity before and after a
+    pass means no byte changed while it ran."""
+    path = Path(path)
+    files = [(path.name, path)] if path.is_file() else sorted(
+        (str(f.relative_to(path)), f) for f in path.rglob("*") if f.is_file())
+    return [[name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for name, f in files for st in [f.stat()]]
 
 
 def _stat_key(path: Path, device: str, ident: list | None = None) -> str:
@@ -103,25 +106,29 @@ def _stat_key(path: Path, device: str, ident: list | None = None) -> str:
 
 
 def unchanged(path: Path, fp: dict, what: str) -> None:
-    """The model's files must have the identity they had when its fingerprint pass hashed them."""
+    """Every file the fingerprint lists must have the identity it had before the fingerprint pass (and the look-ups
+    before it) read it."""
     then = (fp.get("run") or {}).get("identity")
-    now = identity(Path(path))
-    if then is not None and now != then:
-        moved = sorted({f[0] for f in now if f not in then} | {f[0] for f in then if f not in now})
-        raise ForensicsError(Path(path) / moved[0] if Path(path).is_dir() else Path(path),
-                             f"changed during the analysis: its size, modification or status-change time is not "
-                             f"what it was when the fingerprint pass hashed it (checked around {what})")
+    if then is None:
+        raise ValueError("internal: a fingerprint without its files' identity (made outside pipeline.fingerprint)")
+    then, now = {f[0]: f for f in then}, {f[0]: f for f in identity(Path(path))}
+    for f in fp["model"]["files"]:
+        if then.get(f["path"]) != now.get(f["path"]):
+            raise ForensicsError(Path(path) / f["path"] if Path(path).is_dir() else Path(path),
+                                 f"changed during the analysis: its size, modification or status-change time is "
+                                 f"not what it was before the fingerprint pass hashed it (checked around {what})")
 
 
 def fingerprint(path: Path, device: str, label: str, store: Store | None = None, show_progress: bool = True,
-                collectors: Callable | None = None) -> dict:
+                collectors: Callable | None = None, since: list | None = None) -> dict:
     """The model's weight fingerprint (forensics.fingerprint), with a byte progress bar; cached while no file of the
     model changed. With `collectors` (see fingerprint_model), the pass is run whatever the cache holds, since they
-    need the tensors."""
+    need the tensors. `since`: the files' identity when the analysis of this model began (before its look-ups), else
+    now; the pass's files must still have it when the pass ends."""
     from forensics.fingerprint import fingerprint_model
 
     path = Path(path)
-    before = identity(path)
+    before = identity(path) if since is None else since
     key = _stat_key(path, device, before) if store else None
     if store and collectors is None and (cached := store.get("fingerprints", key)) is not None:
         err.print(f"[dim]fingerprint of {label}: cached (no file changed)[/]")
@@ -138,7 +145,7 @@ def fingerprint(path: Path, device: str, label: str, store: Store | None = None,
 
 
 def activations(path: Path, fp: dict, corpus, plan: dict, device: str, store: Store | None = None,
-                show_progress: bool = True) -> dict:
+                show_progress: bool = True, ran: Callable[[dict], None] | None = None) -> dict:
     """The activation signals of the model whose fingerprint is `fp`. The forward pass reads the weights through
     transformers, not hashed again: the files must keep the identity they had when the fingerprint pass hashed them,
     before and after it (`unchanged`), so the activations describe the same bytes as the weights."""
@@ -153,6 +160,8 @@ def activations(path: Path, fp: dict, corpus, plan: dict, device: str, store: St
     unchanged(path, fp, "the activation pass")
     signals = activation_signals(path, corpus, device=device, show_progress=show_progress, **plan)
     unchanged(path, fp, "the activation pass")
+    if ran:
+        ran(signals)  # told only when the pass ran (its reads are transformers': counted as the files it loads)
     if store:
         store.put("activations", key, signals)
     return signals
@@ -227,6 +236,11 @@ def plan_pairs(suspect: Path, candidates: dict[str, Path], s) -> tuple[dict[str,
     for name, candidate in candidates.items():
         plans[name] = plan = PairPlan(suspect, Path(candidate), width, dims=dims)
         other = hidden_size(plan.candidate)
+        if not width or not other:
+            plan.result = unavailable(f"the {'suspect' if not width else 'candidate'}'s hidden size is unknown (no "
+                                      f"hidden_size in its config or metadata): its residual stream cannot be "
+                                      f"sampled")
+            continue
         if width > other:
             plan.result = unavailable(_wider(width, other))
             continue
@@ -284,7 +298,8 @@ def neuron_test_record(suspect: Path, record, neuron_settings, progress: Callabl
 
 
 def record_tests(suspect: Path, records: dict, neuron_settings,
-                 progress: Callable[[str], Callable[[int], None] | None] = lambda name: None) -> dict[str, dict]:
+                 progress: Callable[[str], Callable[[int], None] | None] = lambda name: None,
+                 count: Callable[[str, dict], None] = lambda kind, per_file: None) -> dict[str, dict]:
     """`neuron_test_record` of the suspect against every record of `records` (name -> Record), the suspect read once
     for all: its look-ups (vocabulary, the embedding rows every record's tokens need, the profile and gains when one
     needs them) first, then one pass collecting the sketch each record's alignment asks for."""
@@ -307,8 +322,17 @@ def record_tests(suspect: Path, records: dict, neuron_settings,
         shared[name] = np.array([(index[t], i) for i, t in enumerate(record.texts) if t in index],
                                 dtype=np.int64).reshape(-1, 2)
     ids = np.unique(np.concatenate([pairs[:, 0] for pairs in shared.values()])) if shared else np.zeros(0, int)
-    rows = read_embedding_rows(suspect, ids)[0] if len(ids) else None
-    profile, gains = functools.cache(lambda: read_profile(suspect)), functools.cache(lambda: read_gains(suspect)[0])
+    rows = None
+    if len(ids):
+        rows, looked = read_embedding_rows(suspect, ids)
+        count("look-up", looked)
+
+    def suspect_gains() -> dict:
+        found, looked = read_gains(suspect)
+        count("look-up", looked)
+        return found
+
+    profile, gains = functools.cache(lambda: read_profile(suspect)), functools.cache(suspect_gains)
     planned = {}
     for name, pairs in shared.items():
         record = records[name]
@@ -338,6 +362,7 @@ def record_tests(suspect: Path, records: dict, neuron_settings,
         planned[name] = (fit, tried, tokens, cand, spec)
     if planned:
         sketches = read_sketches(suspect, [spec for *_, spec in planned.values()])
+        count("again", {f["path"]: f["size"] for f in sketches[0].files})
         for (name, (fit, tried, tokens, cand, spec)), sus in zip(planned.items(), sketches):
             results[name] = _matched(sus, cand, fit, tried, s, progress(name), tokens, spec[0].shape[1],
                                      sign_suspect=True)
@@ -422,10 +447,10 @@ NEURON_CODE = FINGERPRINT_CODE + ("forensics.signals.neurons", "forensics.stats.
 
 @functools.cache
 def code_digest(modules: tuple[str, ...]) -> str:
-    """SHA-256 of the named modules' source files."""
+    """SHA-256 of the named modules' source files (found, not imported: a cache key must not cost onnx's import)."""
     h = hashlib.sha256()
     for name in modules:
-        h.update(name.encode() + b"\0" + Path(importlib.import_module(name).__file__).read_bytes())
+        h.update(name.encode() + b"\0" + Path(importlib.util.find_spec(name).origin).read_bytes())
     return h.hexdigest()
 
 
@@ -519,12 +544,17 @@ class Evidence:
     fingerprints: dict[str, dict]
     windows: dict[str, dict] = field(default_factory=dict)  # per model: the token windows its activations used
     neurons: dict[str, dict] = field(default_factory=dict)  # per candidate: its neuron test against the suspect
-    reads: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # model -> file -> READS -> bytes
+    reads: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # model -> file -> kind -> bytes
 
 
-# How a case reads a file: the one pass (front to back, hashed); look-ups before it (embedding rows, norm gains:
-# only those bytes); a later pass over it again (the weights alignment's sketch, known only after the passes).
-READS = ("pass", "look-up", "again")
+
+
+def add_reads(reads: dict, name: str, kind: str, per_file: dict[str, int]) -> None:
+    """Count bytes read of model `name`'s files (file -> bytes) as `kind` (evidence.manifest.READ_KINDS)."""
+    from forensics.evidence.manifest import READ_KINDS
+
+    for f, n in per_file.items():
+        reads.setdefault(name, {}).setdefault(f, dict.fromkeys(READ_KINDS, 0))[kind] += n
 
 
 def gather(models: dict[str, Path], device: str, store: Store | None = None, plan: ActivationPlan | None = None,
@@ -538,10 +568,10 @@ def gather(models: dict[str, Path], device: str, store: Store | None = None, pla
     reads: dict[str, dict[str, dict[str, int]]] = {name: {} for name in models}
 
     def count(name: str, kind: str, per_file: dict[str, int]) -> None:
-        for f, n in per_file.items():
-            reads[name].setdefault(f, dict.fromkeys(READS, 0))[kind] += n
+        add_reads(reads, name, kind, per_file)
 
-    cached = {name: store.get("fingerprints", _stat_key(Path(path), device)) if store else None
+    since = {name: identity(Path(path)) for name, path in models.items()}  # before any look-up
+    cached = {name: store.get("fingerprints", _stat_key(Path(path), device, since[name])) if store else None
               for name, path in models.items()}
     tests, todo = {}, {}
     for sus, cand in neuron_pairs:
@@ -594,7 +624,7 @@ def gather(models: dict[str, Path], device: str, store: Store | None = None, pla
         if cached[name] is not None and name not in wanted:
             fps[name] = cached[name]
             continue
-        fps[name] = fingerprint(path, device, name, store, show_progress, collectors(name, path))
+        fps[name] = fingerprint(path, device, name, store, show_progress, collectors(name, path), since[name])
         count(name, "pass", fps[name]["run"].get("bytes_read_per_file", {}))
 
     for (sus, cand), p in plans.items():
@@ -621,9 +651,13 @@ def gather(models: dict[str, Path], device: str, store: Store | None = None, pla
     windows = {}
     if plan is not None:
         for name, path in models.items():
-            acts = activations(path, fps[name], plan.corpus, plan.settings, plan.device, store, show_progress)
+            def ran(signals: dict, name: str = name) -> None:
+                if not signals["act_norm"].get("unavailable"):  # a model transformers could not run read no weights
+                    count(name, "activations", {f["path"]: f["size"] for f in fps[name]["model"]["files"]})
+
+            acts = activations(path, fps[name], plan.corpus, plan.settings, plan.device, store, show_progress, ran)
             fps[name] = with_signals(fps[name], acts)
-            windows[name] = acts["act_norm"].get("windows") or {"unavailable": acts["act_norm"].get("reason")}
+            windows[name] = acts["act_norm"].get("windows") or {"unavailable": acts["act_norm"].get("unavailable")}
     return Evidence(fps, windows, tests, reads)
 
 
@@ -740,7 +774,8 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
                 evidence.fingerprints[name] = entry.fp()
             if case.neurons.enabled:
                 tested = registry_neurons(case.suspect.path, suspect_fp, reg, list(entries.values()),
-                                          neuron_settings, store)
+                                          neuron_settings, store, lambda kind, per_file: add_reads(
+                                              evidence.reads, case.suspect.name, kind, per_file))
                 evidence.neurons.update({name: tested[entry.name] for name, entry in entries.items()})
 
     fps = {name: keep_signals(fp, wanted) for name, fp in evidence.fingerprints.items()}
@@ -823,8 +858,16 @@ def reference_entry(ref: Reference, device: str = "cpu", show_progress: bool = F
         made["sketch"] = SketchCollector(layout, np.eye(layout.d)[:, lookups[2]], readers=True)
         return [made["profile"], made["sketch"]]
 
-    fp = fingerprint(ref.path, device, ref.name, show_progress=show_progress,
-                     collectors=collectors if lookups else None)
+    try:
+        fp = fingerprint(ref.path, device, ref.name, show_progress=show_progress,
+                         collectors=collectors if lookups else None)
+    except ForensicsError as e:
+        if not lookups:
+            raise
+        # A tensor the record's collectors cannot read (or the model itself: then this raises again): the entry is
+        # made without a record, as one for a model neuron matching cannot read.
+        fp = fingerprint(ref.path, device, ref.name, show_progress=show_progress)
+        lookups, problem = None, e.problem
     record = None
     if lookups:
         try:
@@ -901,8 +944,8 @@ SCAN_FULL = 20  # references a scan puts through the full verdict rule, the best
 SCAN_NULL = 500  # declared-unrelated pairs of the registry in a scan's null, at most (a seeded sample beyond)
 
 
-def registry_neurons(suspect: Path, suspect_fp: dict, reg, entries: list, neuron_settings,
-                     store: Store | None) -> dict[str, dict]:
+def registry_neurons(suspect: Path, suspect_fp: dict, reg, entries: list, neuron_settings, store: Store | None,
+                     count: Callable[[str, dict], None] = lambda kind, per_file: None) -> dict[str, dict]:
     """`record_tests` of the suspect against registry entries' records (the suspect read once for all of them), with
     a progress bar each, cached per entry by the suspect's file hashes and the record's SHA-256; what it read of the
     suspect is checked against its fingerprint."""
@@ -923,7 +966,8 @@ def registry_neurons(suspect: Path, suspect_fp: dict, reg, entries: list, neuron
             records[entry.name] = Record.from_bytes(reg.neuron_record(entry.name), entry.name)
     if records:
         with step_progress() as bar:
-            fresh = record_tests(suspect, records, neuron_settings, _matching_bars(bar, neuron_settings.permutations))
+            fresh = record_tests(suspect, records, neuron_settings, _matching_bars(bar, neuron_settings.permutations),
+                                 count)
         for name, result in fresh.items():
             if store:
                 store.put("neurons", keys[name], result)

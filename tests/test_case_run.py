@@ -106,6 +106,20 @@ def test_manifest_records_one_read_of_every_weight_file(ran):
     looked_up = sum(r["bytes_read"]["look-up"] for r in weights)
     assert 0 < looked_up < 0.1 * size
     assert {r["model"] for r in weights if r["bytes_read"]["look-up"]} == {"child", "parent", "stranger"}
+    # The activation pass (transformers' forward pass) reads every model's files again, unhashed.
+    assert all(r["bytes_read"]["activations"] == r["size"] for r in weights)
+
+
+def test_a_cached_rerun_reads_nothing_and_says_so(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORENSICS_KEY_DIR", str(tmp_path / "keys"))
+    case = write_case(tmp_path, models, activations={"enabled": False},
+                      statistics={"permutations": 99, "bootstrap": 100, "seed": 1, "panel": "none"})
+    first = run_case(case, out_root=tmp_path / "out", device="cpu")
+    shutil.rmtree(first)
+    again = run_case(case, out_root=tmp_path / "out", device="cpu")
+    weights = [r for r in json.loads((again / "manifest.json").read_text())["inputs"] if r["kind"] == "weights"]
+    assert weights and all(r["bytes_read"] == {"pass": 0, "look-up": 0, "again": 0, "activations": 0}
+                           for r in weights)
 
 
 def test_results_json_is_what_the_typed_results_describe(ran):

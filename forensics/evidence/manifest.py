@@ -118,6 +118,12 @@ def input_records(inputs: Iterable[str | Path | Mapping], base: str | Path = "."
     return records
 
 
+# What a case records it read of each weight file (`bytes_read`): the one pass (front to back, hashed); look-ups
+# before it (headers' tensors, embedding rows, norm gains: only those bytes); a pass over it again (a weights-aligned
+# pair's candidate sketch, a registry comparison's suspect sketch); the activation pass's forward pass.
+READ_KINDS = ("pass", "look-up", "again", "activations")
+
+
 def fingerprint_inputs(models: Mapping[str, Mapping], reads: Mapping[str, Mapping] | None = None) -> list[dict]:
     """Input records for the weight files each fingerprint read (``model.files``, relative to ``model.path``).
     ``reads`` (model -> file -> kind of read -> bytes, pipeline.Evidence.reads) adds what this run read of each file
@@ -131,7 +137,7 @@ def fingerprint_inputs(models: Mapping[str, Mapping], reads: Mapping[str, Mappin
             path = folder / f["path"]
             record = {"path": str(path), "size": f["size"], "sha256": f["sha256"], "model": name, "kind": "weights"}
             if reads is not None:
-                record["bytes_read"] = dict(reads.get(name, {}).get(f["path"]) or {})
+                record["bytes_read"] = {**dict.fromkeys(READ_KINDS, 0), **(reads.get(name, {}).get(f["path"]) or {})}
             records.append(record)
     return records
 

@@ -473,6 +473,8 @@ def record_lookups(path: Path, dims: int, tokens: int, seed: int) -> tuple[list[
             texts = [texts[i] for i in keep]
         ids = np.array([index[t] for t in texts], dtype=np.int64)
     d = hidden_size(path)
+    if not d:
+        raise ForensicsError(path, "hidden size unknown (no hidden_size in the config or metadata)")
     chosen = np.sort(rng_for(seed, "dims").choice(d, min(dims, d), replace=False))
     rows = read_embedding_rows(path, ids)[0] if len(ids) else np.zeros((0, d), np.float32)
     return texts, rows, chosen

@@ -240,7 +240,8 @@ class GGUFFile(Source):
     def tensors(self) -> Iterator[TensorRef]:
         for t in sorted(self.directory, key=lambda t: t.offset):
             # A row is a whole number of blocks (gguf quantises along rows); only q and k need the whole matrix.
-            whole = len(t.shape) != 2 or t.nbytes % t.shape[0] or t.name.endswith(("attn_q.weight", "attn_k.weight"))
+            whole = (len(t.shape) != 2 or not t.shape[0] or t.nbytes % t.shape[0]
+                     or t.name.endswith(("attn_q.weight", "attn_k.weight")))
             yield TensorRef(t.name, t.shape, t.qtype.name, lambda t=t: self._load(t), self.path,
                             read_rows=None if whole else lambda ids, t=t: self._rows(t, ids))
 
