@@ -252,15 +252,24 @@ def plan_pairs(suspect: Path, candidates: dict[str, Path], s) -> tuple[dict[str,
                 pairs = pairs[np.sort(rng_for(s.seed, "tokens").choice(len(pairs), s.tokens, replace=False))]
             plan.tokens["tokens_used"] = int(len(pairs))
             shared[name] = pairs
-    looked: dict[str, int] = {}
-    if shared:
-        ids = np.unique(np.concatenate([pairs[:, 0] for pairs in shared.values()]))
-        rows, looked = read_embedding_rows(suspect, ids)
-        for name, pairs in shared.items():
-            plan = plans[name]
-            ec, plan.looked_up = read_embedding_rows(plan.candidate, pairs[:, 1])
-            plan.fit, plan.result = _by_tokens(rows[np.searchsorted(ids, pairs[:, 0])], ec, s, plan.tried)
+    rows, looked = _suspect_rows(suspect, {name: pairs[:, 0] for name, pairs in shared.items()})
+    for name, pairs in shared.items():
+        plan = plans[name]
+        ec, plan.looked_up = read_embedding_rows(plan.candidate, pairs[:, 1])
+        plan.fit, plan.result = _by_tokens(rows[name], ec, s, plan.tried)
     return plans, looked
+
+
+def _suspect_rows(suspect: Path, wanted: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The suspect's embedding rows each pair needs (name -> token ids), from one look-up of all of them, and the
+    bytes it read per file."""
+    from forensics.signals.neurons import read_embedding_rows
+
+    ids = np.unique(np.concatenate(list(wanted.values()))) if wanted else np.zeros(0, np.int64)
+    if not len(ids):
+        return {name: None for name in wanted}, {}
+    rows, looked = read_embedding_rows(suspect, ids)
+    return {name: rows[np.searchsorted(ids, want)] for name, want in wanted.items()}, looked
 
 
 def weights_alignment(plan: PairPlan, profiles: tuple, s) -> None:
@@ -303,8 +312,7 @@ def record_tests(suspect: Path, records: dict, neuron_settings,
     """`neuron_test_record` of the suspect against every record of `records` (name -> Record), the suspect read once
     for all: its look-ups (vocabulary, the embedding rows every record's tokens need, the profile and gains when one
     needs them) first, then one pass collecting the sketch each record's alignment asks for."""
-    from forensics.signals.neurons import hidden_size, read_embedding_rows, read_gains, read_profile, \
-        read_sketches, selection
+    from forensics.signals.neurons import hidden_size, read_gains, read_profile, read_sketches, selection
     from forensics.sources.vocabulary import spellings, vocabulary
     from forensics.stats import residual
     from forensics.stats.neurons import unavailable
@@ -321,11 +329,8 @@ def record_tests(suspect: Path, records: dict, neuron_settings,
             continue
         shared[name] = np.array([(index[t], i) for i, t in enumerate(record.texts) if t in index],
                                 dtype=np.int64).reshape(-1, 2)
-    ids = np.unique(np.concatenate([pairs[:, 0] for pairs in shared.values()])) if shared else np.zeros(0, int)
-    rows = None
-    if len(ids):
-        rows, looked = read_embedding_rows(suspect, ids)
-        count("look-up", looked)
+    rows, looked = _suspect_rows(suspect, {name: pairs[:, 0] for name, pairs in shared.items()})
+    count("look-up", looked)
 
     def suspect_gains() -> dict:
         found, looked = read_gains(suspect)
@@ -339,7 +344,7 @@ def record_tests(suspect: Path, records: dict, neuron_settings,
         tokens, tried, fit, refused = {}, [], None, None
         if len(pairs):
             tokens = {"shared_tokens": len(pairs), "tokens_used": len(pairs)}
-            fit, refused = _by_tokens(rows[np.searchsorted(ids, pairs[:, 0])], record.rows[pairs[:, 1]], s, tried)
+            fit, refused = _by_tokens(rows[name], record.rows[pairs[:, 1]], s, tried)
         if fit is None and refused is None:
             fit, refused = _by_weights(profile(), record.profile, s, tried, tokens)
         if refused:
@@ -566,9 +571,7 @@ def gather(models: dict[str, Path], device: str, store: Store | None = None, pla
     from forensics.signals.neurons import Layout, ProfileCollector, SketchCollector, read_gains, read_sketch
 
     reads: dict[str, dict[str, dict[str, int]]] = {name: {} for name in models}
-
-    def count(name: str, kind: str, per_file: dict[str, int]) -> None:
-        add_reads(reads, name, kind, per_file)
+    count = functools.partial(add_reads, reads)
 
     since = {name: identity(Path(path)) for name, path in models.items()}  # before any look-up
     cached = {name: store.get("fingerprints", _stat_key(Path(path), device, since[name])) if store else None
@@ -591,31 +594,29 @@ def gather(models: dict[str, Path], device: str, store: Store | None = None, pla
             plans[(sus, cand)] = p
             count(cand, "look-up", p.looked_up)
 
-    # What each model's pass collects for the pairs still to test: name -> [(what, make(layout) -> collector)].
-    wanted: dict[str, list] = {}
+    # What each model's pass collects for the pairs still to test: name -> {"sketch"/"profile": make(layout)}.
+    wanted: dict[str, dict[str, Callable]] = {}
     for (sus, cand), p in plans.items():
         if p.result is not None:
             continue
-        if not any(what == "sketch" for what, _ in wanted.get(sus, [])):
-            wanted.setdefault(sus, []).append(("sketch", lambda layout, p=p: SketchCollector(
-                layout, p.suspect_projection(), readers=True)))
+        wanted.setdefault(sus, {}).setdefault("sketch", lambda layout, p=p: SketchCollector(
+            layout, p.suspect_projection(), readers=True))  # the same for every pair: one seeded sample
         if p.fit is None:
             for name in (sus, cand):
-                if not any(what == "profile" for what, _ in wanted.get(name, [])):
-                    wanted.setdefault(name, []).append(("profile", ProfileCollector))
+                wanted.setdefault(name, {})["profile"] = ProfileCollector
         else:
             gains = None
             if not p.fit.signed_permutation:
                 gains, looked = read_gains(p.candidate)
                 count(cand, "look-up", looked)
-            wanted.setdefault(cand, []).append(("sketch", lambda layout, p=p, g=gains: SketchCollector(
-                layout, p.candidate_projection(), gains=g)))
+            wanted.setdefault(cand, {})["sketch"] = lambda layout, p=p, g=gains: SketchCollector(
+                layout, p.candidate_projection(), gains=g)
     made: dict[str, dict[str, object]] = {}
 
     def collectors(name: str, path: Path):
         def make(info):
             layout = Layout(Path(path), info)
-            made[name] = {what: build(layout) for what, build in wanted[name]}
+            made[name] = {what: build(layout) for what, build in wanted[name].items()}
             return list(made[name].values())
         return make if name in wanted else None
 

@@ -484,5 +484,5 @@ def read_record(path: Path, dims: int, tokens: int, seed: int) -> Record:
     """The neuron record of the model at `path` (see `Record`), in a pass of its own, which reads every file to the
     end and hashes it (a registry takes it from the reference's fingerprint pass instead)."""
     texts, rows, chosen = record_lookups(path, dims, tokens, seed)
-    sketch = read_sketch(path, np.eye(hidden_size(path))[:, chosen], readers=True)
+    sketch = read_sketch(path, np.eye(rows.shape[1])[:, chosen], readers=True)  # rows: (tokens, hidden)
     return Record(texts, rows, read_profile(path), chosen, sketch, {"dims": dims, "tokens": tokens, "seed": seed})

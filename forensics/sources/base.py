@@ -40,21 +40,17 @@ class Buffers:
         self._limit = kept
 
     def take(self, nbytes: int) -> np.ndarray:
-        best = None
-        for i in range(len(self._kept)):
-            # References: the list's, and getrefcount's own argument.
-            if self._kept[i].size >= nbytes and sys.getrefcount(self._kept[i]) == 2:
-                if best is None or self._kept[i].size < self._kept[best].size:
-                    best = i
-        if best is not None:
-            return self._kept[best][:nbytes]
+        # Idle: referred to by the list and getrefcount's own argument alone.
+        idle = sorted((i for i in range(len(self._kept)) if sys.getrefcount(self._kept[i]) == 2),
+                      key=lambda i: self._kept[i].size)
+        fits = [i for i in idle if self._kept[i].size >= nbytes]
+        if fits:
+            return self._kept[fits[0]][:nbytes]
         fresh = np.empty(nbytes, np.uint8)
         if len(self._kept) < self._limit:
             self._kept.append(fresh)
-        else:
-            idle = [i for i in range(len(self._kept)) if sys.getrefcount(self._kept[i]) == 2]
-            if idle:  # the smallest idle one makes room for this larger one
-                self._kept[min(idle, key=lambda i: self._kept[i].size)] = fresh
+        elif idle:  # the smallest idle one makes room for this larger one
+            self._kept[idle[0]] = fresh
         return fresh[:nbytes]
 
 

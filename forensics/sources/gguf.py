@@ -247,20 +247,18 @@ class GGUFFile(Source):
 
     def _rows(self, t: TensorInfo, ids: np.ndarray) -> np.ndarray:
         width = t.nbytes // t.shape[0]
-        raw = [self.file.read_array(t.offset + int(r) * width, width) for r in ids]
+        rows = [self._dequantize(t, self.file.read_array(t.offset + int(r) * width, width)) for r in ids]
+        return np.stack(rows) if rows else np.zeros((0, t.shape[1]), np.float32)
+
+    def _dequantize(self, t: TensorInfo, raw: np.ndarray) -> np.ndarray:
         try:
-            return np.stack([dequantize(b, t.qtype) for b in raw]) if raw else np.zeros((0, t.shape[1]), np.float32)
+            return dequantize(raw, t.qtype)
         except NotImplementedError as e:
             raise ForensicsError(self.path, f"tensor {t.name}: quantisation type {t.qtype.name} is not supported "
                                             f"by the gguf package") from e
 
     def _load(self, t: TensorInfo) -> np.ndarray:
-        raw = self.file.read_array(t.offset, t.nbytes)
-        try:
-            w = dequantize(raw, t.qtype).reshape(t.shape)
-        except NotImplementedError as e:
-            raise ForensicsError(self.path, f"tensor {t.name}: quantisation type {t.qtype.name} is not supported "
-                                            f"by the gguf package") from e
+        w = self._dequantize(t, self.file.read_array(t.offset, t.nbytes)).reshape(t.shape)
         info = self._info
         if info.architecture in PERMUTED_QK and info.num_heads:
             if t.name.endswith("attn_q.weight"):

@@ -96,19 +96,23 @@ def tensors(f: HashedFile, data_start: int, header: dict, only: set[str] | None 
             return np.frombuffer(f.read_array(data_start + begin, end - begin), dtype=DTYPES[dtype]).reshape(shape)
 
         decode = DECODE.get(e["dtype"])
-        rows = None
-        if len(e["shape"]) == 2:
-            def rows(ids, begin=begin, dtype=e["dtype"], shape=e["shape"], decode=decode) -> np.ndarray:
-                width = shape[1] * DTYPES[dtype].itemsize
-                out = np.stack([np.frombuffer(f.read_array(data_start + begin + int(r) * width, width),
-                                              dtype=DTYPES[dtype]) for r in ids]) if len(ids) else \
-                    np.zeros((0, shape[1]), DTYPES[dtype])
-                return out if decode is None else decode(out)
+        rows = _row_reader(f, data_start + begin, e["dtype"], e["shape"]) if len(e["shape"]) == 2 else None
         if decode is None:
             yield TensorRef(name, tuple(e["shape"]), e["dtype"], load_stored, f.path, read_rows=rows)
         else:
             yield TensorRef(name, tuple(e["shape"]), e["dtype"], lambda s=load_stored, d=decode: d(s()), f.path,
                             load_stored, decode, rows)
+
+
+def _row_reader(f: HashedFile, start: int, dtype: str, shape: list[int]):
+    """Rows `ids` (sorted, unique) of the matrix stored at `start`, each read alone, decoded as `load()` would."""
+    width, kind, decode = shape[1] * DTYPES[dtype].itemsize, DTYPES[dtype], DECODE.get(dtype)
+
+    def rows(ids: np.ndarray) -> np.ndarray:
+        out = np.stack([np.frombuffer(f.read_array(start + int(r) * width, width), dtype=kind) for r in ids]) \
+            if len(ids) else np.zeros((0, shape[1]), kind)
+        return out if decode is None else decode(out)
+    return rows
 
 
 def shards(index_path: Path, raw: bytes, root: Path) -> dict[str, list[str]]:
