@@ -252,7 +252,8 @@ def settings_for(permutations: int | None) -> Settings:
 
 def neuron_settings():
     """The case defaults (forensics.case.Neurons), as forensics.pipeline passes them to neuron_test."""
-    return Neurons().settings(Statistics().seed)
+    st = Statistics()
+    return Neurons().settings(st.seed, st.alpha)
 
 
 def outcome(truth: str, verdict: str | None) -> str:

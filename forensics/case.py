@@ -97,9 +97,9 @@ class Neurons(Strict):
     tokens: int = Field(NeuronSettings.tokens, ge=16, le=MAX_TOKENS,
                         description="shared tokens used to align the residual streams, at most")
 
-    def settings(self, seed: int) -> NeuronSettings:
+    def settings(self, seed: int, alpha: float) -> NeuronSettings:
         return NeuronSettings(permutations=self.permutations, neurons=self.neurons, dims=self.dims,
-                              tokens=self.tokens, seed=seed)
+                              tokens=self.tokens, seed=seed, alpha=alpha)
 
 
 class Signing(Strict):

@@ -764,7 +764,7 @@ def run_case(case_path: str | Path, out_root: str | Path = "out", device: str = 
                                        "num_batches": a.num_batches, "seed": case.statistics.seed,
                                        "stream": a.stream},
                               a.device if a.device != "auto" else device)
-    neuron_settings = case.neurons.settings(case.statistics.seed)
+    neuron_settings = case.neurons.settings(case.statistics.seed, case.statistics.alpha)
     pairs = [(case.suspect.name, m.name) for m in case.candidates if m.path is not None] if case.neurons.enabled else []
     evidence = gather({m.name: m.path for m in on_disk}, device, store, plan, pairs, neuron_settings)
     suspect_fp = evidence.fingerprints[case.suspect.name]
@@ -1026,7 +1026,7 @@ def scan(suspect: Path, registry_path: Path, stats_settings, device: str = "auto
         chosen = [names[i] for i in order[:max(full, 1)]]
         permutations = neuron_permutations or scan_permutations(len(entries), stats_settings.alpha,
                                                                 stats_settings.multitest, NeuronSettings.permutations)
-        s = NeuronSettings(permutations=permutations, seed=stats_settings.seed)
+        s = NeuronSettings(permutations=permutations, seed=stats_settings.seed, alpha=stats_settings.alpha)
         scanned = {**describe_registry(registry_path, reg), "fully_compared": len(chosen),
                    "null_pairs": len(pairs), "neuron_permutations": permutations}
         by_name = {e.name: e for e in entries}

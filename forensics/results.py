@@ -212,6 +212,7 @@ class NeuronSettingsRecord(Record):
     dims: int
     tokens: int
     seed: int
+    alpha: float | None = None
 
 
 class AlignmentFit(Record):
@@ -272,6 +273,8 @@ class NeuronTest(Record):
     statistic_definition: str | None = None
     pvalue: float | None = None
     n_permutations: int | None = None
+    draws: int | None = None
+    stopped: bool | None = None
     floor: float | None = None
     null: NullSummaryStats | None = None
     fisher: Fisher | None = None

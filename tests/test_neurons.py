@@ -3,10 +3,13 @@ received, independently initialised pairs no more often significant than alpha, 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from scipy.optimize import linear_sum_assignment
 
 from forensics.corpus import load_corpus
 from forensics.errors import ForensicsError
@@ -18,7 +21,7 @@ from forensics.sources.vocabulary import canonical, shared_tokens, vocabulary
 from forensics.stats.compare import Settings, compare_case
 from forensics.stats.lineage import EVIDENCE, tamper_flag
 from forensics.pipeline import neuron_test
-from forensics.stats.neurons import NeuronSettings, match_test
+from forensics.stats.neurons import SCREEN_MARGIN, NeuronSettings, _Matcher, match_test
 from tests.test_case_run import family
 from tests.test_corpus import byte_bpe
 
@@ -150,6 +153,39 @@ def test_upcycled_experts_match_the_dense_layer(lineage):
         assert {u["matches"]["layer"] for u in layer["units"]} == {layer["layer"]}
 
 
+@pytest.mark.parametrize("suspect, native", [("upcycled", True), ("independent0", True), ("upcycled", False)])
+def test_the_screened_search_finds_every_units_best_matching(lineage, suspect, native):
+    """Against the solver on every whole similarity matrix in float64, for the observed basis and signed
+    permutations, both signs of the stream and a candidate of mixed unit widths; the bfloat16 screen (native, or
+    float32 products of the rounded inputs) stays within a quarter of its margin of the exact bound."""
+    dims = np.eye(32)
+    sus, cand = read_sketch(lineage / suspect, dims), read_sketch(lineage / "parent", dims)
+    for k, unit in enumerate(sorted(cand.units)):
+        if k % 3 == 1:
+            cand.units[unit] = {p: rows[:len(rows) * 2 // 3] for p, rows in cand.units[unit].items()}
+    mt = _Matcher(sus, cand, FAST)
+    assert len({len(c) for c in mt.cand}) == 2
+    mt.screen.native = native
+    rng = np.random.default_rng(0)
+
+    def matching(sim: np.ndarray) -> float:
+        r, c = linear_sum_assignment(sim, maximize=True)
+        return sim[r, c].mean()
+
+    for draw in [()] + [mt.draw(rng) for _ in range(5)]:
+        got = mt.unit_stats(*draw, flips=(False, True))
+        x = mt.sus[:, np.argsort(draw[0])] * draw[1][np.argsort(draw[0])] if draw else mt.sus
+        for flip in (False, True):
+            side = (-x if flip else x).astype(np.float64)
+            sims = [[side[rows] @ c.T.astype(np.float64) for c in mt.cand] for rows in mt.rows]
+            exact = np.array([[matching(s) for s in unit] for unit in sims])
+            bound = np.array([[s.max(axis=1).mean() for s in unit] for unit in sims])
+            assert np.abs(mt.screen(x, mt.offsets, (flip,))[flip] - bound).max() < SCREEN_MARGIN / 4
+            stats_, where, _ = got[flip]
+            np.testing.assert_allclose(stats_, exact.max(axis=1), atol=1e-5)
+            assert (exact[np.arange(len(where)), where] >= exact.max(axis=1) - 1e-5).all()
+
+
 def test_sketch_is_invariant_to_output_preserving_edits(lineage):
     dims = np.eye(32)[:, ::2]
     parent = read_sketch(lineage / "parent", dims)
@@ -178,6 +214,45 @@ def test_independent_pairs_are_significant_no_more_often_than_alpha(lineage):
     assert (layers <= 0.05).mean() <= 0.09
     assert 0.35 < layers.mean() < 0.65  # roughly uniform, not piled at either end
     assert (np.array(fisher) <= 0.05).sum() <= 3
+
+
+def test_draws_stop_once_p_cannot_fall_below_alpha_and_change_no_decision(lineage):
+    """Besag-Clifford: with alpha, the draws are the full run's first L, L the h-th to reach the observed total
+    (h = ceil(alpha T)), p = h/L; where the run does not stop it is the full run's result, to the byte."""
+    dims = np.eye(32)
+    s = NeuronSettings(permutations=39, seed=3)
+    sequential = replace(s, alpha=0.05)
+    assert sequential.stop_after() == 2
+    pairs = [(lineage / "independent0", lineage / f"independent{i}") for i in range(1, 6)]
+    pairs.append((lineage / "permuted", lineage / "parent"))
+    stops = 0
+    for a, b in pairs:
+        sus, cand = read_sketch(a, dims), read_sketch(b, dims)
+        full, seq = match_test(sus, cand, s), match_test(sus, cand, sequential)
+        assert full["draws"] == 39 and not full["stopped"]
+        reach = np.flatnonzero(np.array(_null_totals(sus, cand, s)) >= full["statistic"])
+        if len(reach) >= 2:
+            stops += 1
+            assert seq["stopped"] and seq["draws"] == reach[1] + 1
+            assert seq["pvalue"] == pytest.approx(2 / seq["draws"]) and seq["pvalue"] >= 0.05
+            assert full["pvalue"] >= 0.05
+        else:
+            assert {k: v for k, v in seq.items() if k != "settings"} == \
+                {k: v for k, v in full.items() if k != "settings"}
+    assert stops >= 3  # unrelated pairs mostly stop early; the derived child never does
+    assert not match_test(read_sketch(pairs[-1][0], dims), read_sketch(pairs[-1][1], dims), sequential)["stopped"]
+
+
+def _null_totals(sus, cand, s) -> list[float]:
+    """Every draw's total, in the order the test draws them (its null, run with nothing to reach)."""
+    from forensics.stats.neurons import _null
+
+    mt = _Matcher(sus, cand, s)
+    layers = sorted({u.layer for u in mt.sus_units})
+    masks = [np.array([u.layer == layer for u in mt.sus_units]) for layer in layers]
+    per_layer = lambda units: np.array([units[m].mean() for m in masks])
+    never = np.full(len(mt.sus_units), np.inf)
+    return _null(mt, s, never, per_layer(never), per_layer, None, False)[3]
 
 
 def test_independent_pairs_find_no_alignment_and_are_not_compared(lineage):

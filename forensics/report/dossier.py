@@ -461,7 +461,9 @@ class _Story:
             a, fisher, settings = n.alignment, n.fisher, n.settings
             self.p(self.text(
                 w["result_line"], statistic=f_num(n.statistic), null_mean=f_num(n.null.mean),
-                null_max=f_num(n.null.max), T=n.n_permutations, p=f_p(n.pvalue, n.floor),
+                null_max=f_num(n.null.max), p=f_p(n.pvalue, n.floor),
+                draws=f"the first {n.draws} of {n.n_permutations} random reorderings, stopped once p could not "
+                      f"fall below the significance level" if n.stopped else f"{n.n_permutations} random reorderings",
                 p_adj=f_p(n.pvalue_adjusted), fisher=f_p(fisher.pvalue), df=fisher.df, parts=", ".join(n.parts),
                 neurons=settings.neurons, dims=settings.dims, how=a.how, quality=f_num(a.quality),
                 chance=f_num(next(t.chance_mean for t in a.tried if t.how == a.how)),

@@ -45,6 +45,11 @@ def neuron_conclusions(tests: dict[str, dict], alpha: float, method: str, untest
             conclusion = EVIDENCE
             reason = (f"the embedding-aligned residual basis matches the candidate's neurons better than all "
                       f"{t['n_permutations']} random bases (p = {p:.3g}, adjusted {p_adj:.3g} < {alpha})")
+        elif t.get("stopped"):
+            conclusion = NO_EVIDENCE
+            reason = (f"{t['draws']} of {t['n_permutations']} random bases matched the candidate's neurons as well, "
+                      f"enough that p (= {p:.3g}) cannot fall below {alpha}: the draws stopped there "
+                      f"(Besag-Clifford)")
         elif capped:
             conclusion = INCONCLUSIVE
             reason = (f"with T = {t['n_permutations']} the adjusted p cannot go below {alpha} "

@@ -16,7 +16,9 @@ the models and run in forensics.pipeline.neuron_test, steps 3-5 are `match_test`
    than a random signed permutation of the candidate's dimensions (step 1 accepts only near-exact maps, which
    unrelated models do not share: stats/residual.py). Each of T draws applies one such permutation (the
    same to every layer) and recomputes everything from step 3 on; p = (1 + #{null >= observed}) / (T + 1), per unit,
-   per layer and for the sum (exact, whatever the dependence between layers). Fisher's method
+   per layer and for the sum (exact, whatever the dependence between layers). With an alpha in the settings the draws
+   stop at the h-th total to reach the observed one, h = ceil(alpha T), and the joint p is then Besag and Clifford's
+   h/L after L draws: exact too, and never below alpha (a test that must fail is not run to its end). Fisher's method
    (`scipy.stats.combine_pvalues`) also combines the layers' p, as Zhu et al. do; it assumes independent layers and
    is reported beside the exact joint p, which is the one the dossier's conclusions use.
 """
@@ -46,11 +48,18 @@ class NeuronSettings:
     dims: int = 64  # residual dimensions the sketches keep
     tokens: int = 8192  # shared tokens used for the alignment, at most
     seed: int = 0
+    alpha: float | None = None  # with it, the draws stop once the joint p cannot fall below it (Besag-Clifford)
 
     def __post_init__(self):
-        if self.permutations < 1 or self.neurons < 2 or self.dims < 8 or self.tokens < 16:
+        if self.permutations < 1 or self.neurons < 2 or self.dims < 8 or self.tokens < 16 or \
+                not (self.alpha is None or 0 < self.alpha < 1):
             raise ForensicsError(None, f"invalid neuron-matching settings {asdict(self)}: need permutations >= 1, "
-                                       f"neurons >= 2, dims >= 8, tokens >= 16")
+                                       f"neurons >= 2, dims >= 8, tokens >= 16, alpha in (0, 1) or none")
+
+    def stop_after(self) -> int | None:
+        """h of Besag and Clifford's sequential p: once h null totals reach the observed one after L draws, p = h/L,
+        at least h/T >= alpha, so no adjustment across candidates can bring it below alpha."""
+        return math.ceil(self.alpha * self.permutations) if self.alpha else None
 
 
 def unavailable(reason: str) -> dict:
@@ -65,15 +74,78 @@ def _matrix(sketch: Sketch, unit: UnitKey, parts: list[str]) -> np.ndarray:
 def _lsa_mean(sim: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean similarity of the best one-to-one matching of rows to columns.
 
-    With m rows an optimal matching uses, for every row, one of its m best columns (a row sent elsewhere could move
-    to one of those left free without loss), so only their union goes to the solver.
+    Where every row's best column is its own, those columns are the optimal matching. Otherwise an optimal matching
+    uses, for every row, one of its m best columns (a row sent elsewhere could move to one of those left free without
+    loss), so only their union goes to the solver.
     """
     m, n = sim.shape
+    rows, best = np.arange(m), sim.argmax(axis=1)
+    if len(np.unique(best)) == m:
+        return float(sim[rows, best].mean()), rows, best
     cols = np.arange(n)
     if n > m:
         cols = np.unique(np.argpartition(-sim, m - 1, axis=1)[:, :m])
     r, c = linear_sum_assignment(sim[:, cols], maximize=True)
     return float(sim[r, cols[c]].mean()), r, cols[c]
+
+
+# The screen's bfloat16 products are within 5e-4 of float32 ones in a unit's mean row maximum (measured on the demo
+# pair's 3,600 unit pairs over 300 draws); a unit it puts this far below the best matching found is not visited.
+SCREEN_MARGIN = 2e-3
+SCREEN_BYTES = 32 << 20  # one block of the screen's products
+
+
+def _runs(widths: list[int], rows: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Blocks of consecutive candidate units, (first row, end row, [(units, width)] runs of one width), whose
+    products with `rows` suspect neurons fit SCREEN_BYTES in bfloat16."""
+    blocks, start, unit = [], 0, 0
+    while unit < len(widths):
+        end, runs = start, []
+        while unit < len(widths) and (end == start or rows * (end + widths[unit] - start) * 2 <= SCREEN_BYTES):
+            if runs and runs[-1][1] == widths[unit]:
+                runs[-1] = (runs[-1][0] + 1, widths[unit])
+            else:
+                runs.append((1, widths[unit]))
+            end += widths[unit]
+            unit += 1
+        blocks.append((start, end, runs))
+        start = end
+    return blocks
+
+
+class _Screen:
+    """Each suspect unit's mean row maximum (and minimum) against every candidate unit, from bfloat16 products in
+    float32 accumulation: the order in which the matcher visits candidate units, and where it stops."""
+
+    def __init__(self, cand: np.ndarray, widths: list[int], rows: int):
+        import torch
+
+        self.torch = torch
+        self.cand = torch.from_numpy(cand).to(torch.bfloat16)
+        self.blocks = _runs(widths, rows)
+        # Where the CPU has no bfloat16 instructions, the same products are float32 ones of the rounded inputs.
+        self.native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+    def __call__(self, sus: np.ndarray, offsets: np.ndarray, flips: tuple[bool, ...]) -> dict[bool, np.ndarray]:
+        torch = self.torch
+        s = torch.from_numpy(np.ascontiguousarray(sus)).to(torch.bfloat16)
+        if not self.native:
+            s = s.float()
+        high, low = [], []
+        for start, end, runs in self.blocks:
+            c = self.cand[start:end]
+            product = s @ (c if self.native else c.float()).T
+            product = product if self.native else product.to(torch.bfloat16)
+            at = 0
+            for units, width in runs:
+                view = product[:, at:at + units * width].unflatten(1, (units, width))
+                high.append(view.amax(dim=2))
+                if True in flips:
+                    low.append(view.amin(dim=2))
+                at += units * width
+        counts = np.diff(offsets)[:, None]
+        mean = lambda parts: np.add.reduceat(torch.cat(parts, 1).float().numpy(), offsets[:-1], axis=0) / counts
+        return {flip: -mean(low) if flip else mean(high) for flip in flips}
 
 
 class _Matcher:
@@ -93,17 +165,15 @@ class _Matcher:
             pick = np.sort(rng_for(s.seed, "neurons", u.label()).choice(n, min(s.neurons, n), replace=False))
             self.picks[u] = pick
             rows.append(full[pick])
-        self.m = [len(r) for r in rows]
         self.sus = np.concatenate(rows)  # (sum of m, parts * dims)
-        self.offsets = np.cumsum([0] + self.m)
-        self.cand = [_matrix(cand, u, self.parts) for u in self.cand_units]
+        self.offsets = np.cumsum([0] + [len(r) for r in rows])
+        self.rows = [np.arange(a, b) for a, b in zip(self.offsets, self.offsets[1:])]
+        whole = np.concatenate([_matrix(cand, u, self.parts) for u in self.cand_units])
+        widths = [cand.units[u][self.parts[0]].shape[0] for u in self.cand_units]
+        ends = np.cumsum([0] + widths)
+        self.cand = [whole[a:b] for a, b in zip(ends, ends[1:])]
+        self.screen = _Screen(whole, widths, len(self.sus))
         self.k = sus.units[self.sus_units[0]][self.parts[0]].shape[1]
-
-    def small(self) -> bool:
-        """Whether each product is too small for several BLAS threads to pay: they then mostly wait on each other
-        (measured: 20x slower than one thread on a busy 2-core machine)."""
-        largest = max(c.shape[0] for c in self.cand)
-        return 2 * self.sus.shape[0] * self.sus.shape[1] * largest < 5e8
 
     def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Column order and signs of one random signed permutation, the same in every part."""
@@ -118,32 +188,43 @@ class _Matcher:
         # Permuting the suspect's columns by the inverse is the same as permuting the candidate's (cosines are
         # invariant to one orthogonal map applied to both), and the suspect side is the small one.
         sus = self.sus if index is None else self.sus[:, np.argsort(index)] * signs[np.argsort(index)]
-        bound = {flip: np.empty((len(self.sus_units), len(self.cand))) for flip in flips}
-        for j, c in enumerate(self.cand):
-            product = sus @ c.T
-            for flip in flips:
-                best = -product.min(axis=1) if flip else product.max(axis=1)
-                bound[flip][:, j] = [best[a:b].mean() for a, b in zip(self.offsets, self.offsets[1:])]
+        screen = self.screen(sus, self.offsets, flips)
         out = {}
         for flip in flips:
-            side = -sus if flip else sus
-            stats_, where, details = np.empty(len(self.sus_units)), np.empty(len(self.sus_units), int), []
-            for i in range(len(self.sus_units)):
-                block = side[self.offsets[i]:self.offsets[i + 1]]
-                best, best_j, best_match = -np.inf, -1, None
-                # The row-wise maximum bounds any one-to-one matching: stop once no unit left can beat the best.
-                for j in np.argsort(-bound[flip][i], kind="stable"):
-                    if bound[flip][i, j] <= best:
-                        break
-                    value, r, c = _lsa_mean(block @ self.cand[j].T)
-                    if value > best:
-                        best, best_j, best_match = value, j, (r, c)
-                stats_[i], where[i] = best, best_j
-                if detail:
-                    r, c = best_match
-                    details.append(float(np.mean(self.picks[self.sus_units[i]][r] == c)))
+            stats_, where, matches = self._best_units(-sus if flip else sus, screen[flip])
+            details = [float(np.mean(self.picks[u][r] == c)) for u, (r, c) in zip(self.sus_units, matches)] \
+                if detail else []
             out[flip] = stats_, where, details
         return out
+
+    def _best_units(self, side: np.ndarray, screen: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+        """Each suspect unit's best matching over the candidate units, visited in the screen's order until the screen
+        says no unit left can beat the best found; ties go to the first candidate unit."""
+        n = len(self.sus_units)
+        order = np.argsort(-screen, axis=1, kind="stable")
+        best, best_j, matches = np.full(n, -np.inf), np.full(n, -1), [None] * n
+
+        def visit(i: int, j: int, product: np.ndarray) -> None:
+            # The row-wise maximum bounds any one-to-one matching.
+            if product.max(axis=1).mean() < best[i]:
+                return
+            value, r, c = _lsa_mean(product)
+            if value > best[i] or (value == best[i] and j < best_j[i]):
+                best[i], best_j[i], matches[i] = value, j, (r, c)
+
+        # Every unit's first candidate unit in one product with the other units that start there (it is read once).
+        for j in np.unique(order[:, 0]):
+            units = np.flatnonzero(order[:, 0] == j)
+            product = side[np.concatenate([self.rows[i] for i in units])] @ self.cand[j].T
+            for i, part in zip(units, np.split(product, np.cumsum([len(self.rows[i]) for i in units])[:-1])):
+                visit(i, j, part)
+        for i in range(n):
+            block = side[self.rows[i]]
+            for j in order[i, 1:]:
+                if screen[i, j] + SCREEN_MARGIN < best[i]:
+                    break
+                visit(i, j, block @ self.cand[j].T)
+        return best, best_j, matches
 
 
 def _best_sign(mt: _Matcher, per_layer, draw: tuple = (), both_signs: bool = False, detail: bool = False):
@@ -159,12 +240,14 @@ def _best_sign(mt: _Matcher, per_layer, draw: tuple = (), both_signs: bool = Fal
 
 def _null(mt: _Matcher, s: NeuronSettings, observed: np.ndarray, obs_layers: np.ndarray, per_layer,
           progress: Callable[[int], None] | None, both_signs: bool) -> tuple[np.ndarray, np.ndarray, int, list[float]]:
-    """How many of the T null draws reach the observed unit, layer and total statistics."""
+    """How many of the null draws reach the observed unit, layer and total statistics, and each draw's total: all T
+    draws, or with `s.alpha` those up to the one where `s.stop_after()` totals have reached the observed."""
     rng = rng_for(s.seed, "null")
     ge_units = np.zeros(len(observed), int)
     ge_layers = np.zeros(len(obs_layers), int)
     ge_total = 0
     null_totals = []
+    stop = s.stop_after()
     for t in range(s.permutations):
         null, null_layers = _best_sign(mt, per_layer, mt.draw(rng), both_signs)
         ge_units += null >= observed
@@ -173,6 +256,10 @@ def _null(mt: _Matcher, s: NeuronSettings, observed: np.ndarray, obs_layers: np.
         null_totals.append(float(null_layers.sum()))
         if progress:
             progress(t + 1)
+        if stop and ge_total >= stop:
+            if progress:
+                progress(s.permutations)
+            break
     return ge_units, ge_layers, ge_total, null_totals
 
 
@@ -192,12 +279,15 @@ def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[
         return np.array([unit_values[mask].mean() for mask in of_layer])
 
     observed, obs_layers, where, same_index, flipped = _best_sign(mt, per_layer, (), both_signs, detail=True)
-    with threadpool_limits(limits=1 if mt.small() else None, user_api="blas"):
+    # The matcher's own products are one unit pair each: too small for several BLAS threads to pay (they then mostly
+    # wait on each other); the screen's large ones run on torch's threads.
+    with threadpool_limits(limits=1, user_api="blas"):
         ge_units, ge_layers, ge_total, null_totals = _null(mt, s, observed, obs_layers, per_layer, progress,
                                                            both_signs)
-    T = s.permutations
-    p_units = (1 + ge_units) / (T + 1)
-    p_layers = (1 + ge_layers) / (T + 1)
+    T, drawn = s.permutations, len(null_totals)
+    stopped = s.stop_after() is not None and ge_total >= s.stop_after()
+    p_units = (1 + ge_units) / (drawn + 1)
+    p_layers = (1 + ge_layers) / (drawn + 1)
     fisher = stats.combine_pvalues(p_layers, method="fisher")
     unit_rows = []
     for i, u in enumerate(mt.sus_units):
@@ -212,7 +302,8 @@ def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[
         "statistic": float(obs_layers.sum()),
         "statistic_definition": "sum over suspect layers of the mean, over the layer's FFN units, of the best "
                                 "one-to-one neuron matching's mean cosine (gate, up, down)",
-        "pvalue": float((1 + ge_total) / (T + 1)), "n_permutations": T, "floor": 1 / (T + 1),
+        "pvalue": float(ge_total / drawn if stopped else (1 + ge_total) / (T + 1)), "n_permutations": T,
+        "draws": drawn, "stopped": stopped, "floor": 1 / (T + 1),
         "null": {"mean": float(null_totals.mean()), "max": float(null_totals.max())},
         "fisher": {"statistic": float(fisher.statistic), "pvalue": float(fisher.pvalue), "df": 2 * len(layers)},
         "layers": [{"layer": layer, "statistic": float(obs_layers[k]), "pvalue": float(p_layers[k]),
