@@ -67,19 +67,23 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
                     continue
                 # A tensor that the attention spectra do not need, stored in a format decoded element by element
                 # (bf16, fp8), is decoded a piece at a time where it is used (the moments' chunks, the sketches'
-                # coordinates): the whole float32 copy, twice a bf16 tensor, is never made.
-                streamed = (ref.decode is not None and match.target not in roles.SPLITS
-                            and match.target not in roles.STACKED and not attention.wants(match.target))
-                tensor = ref.load_stored() if streamed else ref.load()
+                # coordinates): the whole float32 copy, twice a bf16 tensor, is never made. One in blocks of a
+                # quantised format that nothing but its moments needs goes to them as stored (on the moments'
+                # thread, from its codes).
+                whole = (match.target not in roles.SPLITS and match.target not in roles.STACKED
+                         and not attention.wants(match.target))
+                wanted = [c for c in extra if c.wants(match.target)]
+                streamed = whole and ref.decode is not None
+                blocked = whole and not wanted and ref.load_blocks is not None
+                tensor = ref.load_blocks() if blocked else ref.load_stored() if streamed else ref.load()
                 parts = table.parts(ref.name, match, tensor, info)
                 decode = ref.decode if streamed else None
                 stats.submit(ref, parts, decode)
                 for part in parts:
-                    if not streamed:
+                    if not (streamed or blocked):
                         attention.add(part)
-                    for c in extra:
-                        if c.wants(match.target):
-                            c.add(part, decode)
+                    for c in wanted:
+                        c.add(part, decode)
                 # The parts are views of the tensor: all go (once their moments are taken) before the next is read.
                 del tensor, parts
                 part = None

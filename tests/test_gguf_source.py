@@ -88,3 +88,66 @@ def test_the_plain_reader_parses_what_gguf_parses_and_is_put_back(tmp_path):
         assert gguf.GGUFReader is _PlainReader
         raise RuntimeError
     assert gguf.GGUFReader is original
+
+
+def _random_blocks(qtype: Q, n: int, seed: int) -> np.ndarray:
+    """`n` blocks of random bytes (every pattern is a valid block of these types) with finite float16 scales."""
+    from gguf import GGML_QUANT_SIZES
+
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    scales = {Q.Q8_0: [0], Q.Q5_0: [0], Q.Q4_K: [0, 1]}.get(qtype, [104])  # Q6_K keeps d last
+    for k in scales:
+        blocks[:, 2 * k:2 * k + 2] = rng.normal(0, 0.01, (n, 1)).astype(np.float16).view(np.uint8)
+    return blocks
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K])
+def test_block_codes_give_ggufs_values_and_their_exact_moments(qtype):
+    """Our Q8_0 / Q5_0 decoders equal gguf's to the bit; the moments from scales and codes (no float32 copy) equal
+    float64 moments of gguf's decoded values (K-quants: of the exact values, which float32 decoding rounds, within
+    1e-9 of the std on these random blocks); a block with a NaN or infinite scale is decoded instead and its NaN
+    and Inf counted as the decoded tensor's are."""
+    from gguf import quants
+
+    from forensics.signals.weights import moments
+    from forensics.sources.base import Blocks
+    from forensics.sources.gguf import SCALED_CODES, _block_decoder, _code_sums
+
+    blocks = _random_blocks(qtype, 40_000, seed=int(qtype))
+    reference = getattr(quants, qtype.name).dequantize_blocks(blocks)
+    decoded = _block_decoder(qtype)(blocks)
+    if qtype in SCALED_CODES:
+        assert np.array_equal(decoded.view(np.uint32), reference.view(np.uint32))
+    per_block = reference.shape[1]
+    got = moments(Blocks((reference.size,), blocks, per_block, _code_sums(qtype), _block_decoder(qtype)))
+    values = reference.astype(np.float64).reshape(-1)
+    assert got.n == values.size and (got.nan, got.inf) == (0, 0)
+    tolerance = 1e-12 if qtype in SCALED_CODES else 1e-9
+    assert got.mean == pytest.approx(values.mean(), abs=tolerance * values.std())
+    assert got.std == pytest.approx(values.std(), rel=tolerance)
+    scale = {Q.Q6_K: 208}.get(qtype, 0)
+    blocks[7, scale:scale + 2] = np.array([np.inf], np.float16).view(np.uint8)
+    blocks[30_000, scale:scale + 2] = np.array([np.nan], np.float16).view(np.uint8)
+    with np.errstate(invalid="ignore"):
+        reference = getattr(quants, qtype.name).dequantize_blocks(blocks)
+    got = moments(Blocks((reference.size,), blocks, per_block, _code_sums(qtype), _block_decoder(qtype)))
+    plain = moments(reference)
+    assert (got.nan, got.inf) == (plain.nan, plain.inf) and got.nan > 0 and got.inf > 0
+    assert got.std == pytest.approx(plain.std, rel=tolerance)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0])
+def test_a_gguf_fingerprint_from_codes_equals_one_from_decoded_tensors(tmp_path, qtype):
+    """The pass takes the moments of tensors that only moments need from their codes: the same std, to 1e-13, as
+    the float64 moments of every tensor decoded whole."""
+    from forensics.signals.weights import moments
+    from forensics.sources import Reads, open_model
+
+    path = tmp_path / "q.gguf"
+    write_gguf(llama(hidden=256, inter=512), path, qtype)
+    fp = fingerprint_model(path, device="cpu")["signals"]
+    source = open_model(path, Reads(None))
+    stds = {t.name: moments(t.load()).std for t in source.tensors() if t.load_blocks is not None}
+    for signal, suffix in (("gate", "ffn_gate.weight"), ("up", "ffn_up.weight"), ("down", "ffn_down.weight")):
+        assert fp[signal]["values"] == pytest.approx([stds[f"blk.{i}.{suffix}"] for i in range(3)], rel=1e-13)

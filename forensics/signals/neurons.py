@@ -486,3 +486,60 @@ def read_record(path: Path, dims: int, tokens: int, seed: int) -> Record:
     texts, rows, chosen = record_lookups(path, dims, tokens, seed)
     sketch = read_sketch(path, np.eye(rows.shape[1])[:, chosen], readers=True)  # rows: (tokens, hidden)
     return Record(texts, rows, read_profile(path), chosen, sketch, {"dims": dims, "tokens": tokens, "seed": seed})
+
+
+SCREEN_BYTES = 32 << 20  # one block of the screen's products
+
+
+def _runs(widths: list[int], rows: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Blocks of consecutive candidate units, (first row, end row, [(units, width)] runs of one width), whose
+    products with `rows` suspect neurons fit SCREEN_BYTES in bfloat16."""
+    blocks, start, unit = [], 0, 0
+    while unit < len(widths):
+        end, runs = start, []
+        while unit < len(widths) and (end == start or rows * (end + widths[unit] - start) * 2 <= SCREEN_BYTES):
+            if runs and runs[-1][1] == widths[unit]:
+                runs[-1] = (runs[-1][0] + 1, widths[unit])
+            else:
+                runs.append((1, widths[unit]))
+            end += widths[unit]
+            unit += 1
+        blocks.append((start, end, runs))
+        start = end
+    return blocks
+
+
+class Screen:
+    """Each suspect unit's mean row maximum (and minimum) against every candidate unit, from bfloat16 products in
+    float32 accumulation: the order in which neuron matching (stats/neurons.py) visits candidate units, and where it
+    stops. torch's, since numpy has no bfloat16 product."""
+
+    def __init__(self, cand: np.ndarray, widths: list[int], rows: int):
+        import torch
+
+        self.torch = torch
+        self.cand = torch.from_numpy(cand).to(torch.bfloat16)
+        self.blocks = _runs(widths, rows)
+        # Where the CPU has no bfloat16 instructions, the same products are float32 ones of the rounded inputs.
+        self.native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+    def __call__(self, sus: np.ndarray, offsets: np.ndarray, flips: tuple[bool, ...]) -> dict[bool, np.ndarray]:
+        torch = self.torch
+        s = torch.from_numpy(np.ascontiguousarray(sus)).to(torch.bfloat16)
+        if not self.native:
+            s = s.float()
+        high, low = [], []
+        for start, end, runs in self.blocks:
+            c = self.cand[start:end]
+            product = s @ (c if self.native else c.float()).T
+            product = product if self.native else product.to(torch.bfloat16)
+            at = 0
+            for units, width in runs:
+                view = product[:, at:at + units * width].unflatten(1, (units, width))
+                high.append(view.amax(dim=2))
+                if True in flips:
+                    low.append(view.amin(dim=2))
+                at += units * width
+        counts = np.diff(offsets)[:, None]
+        mean = lambda parts: np.add.reduceat(torch.cat(parts, 1).float().numpy(), offsets[:-1], axis=0) / counts
+        return {flip: -mean(low) if flip else mean(high) for flip in flips}

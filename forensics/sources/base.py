@@ -213,6 +213,24 @@ def _relative(path: Path, root: Path) -> str:
     return os.path.relpath(path, root) if root.is_dir() else path.name
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """A block-quantised tensor of `shape` as stored: `codes`, (blocks, bytes per block) uint8, of `per_block` values
+    each. `sums(blocks)` gives the exact sum and sum of squares of their values from the scales and codes, or None
+    where a scale is not finite (or the format has no such sums); `decode(blocks)` gives the values, (blocks,
+    per_block) float32. A statistic that needs only moments then never makes the tensor's float32 copy."""
+
+    shape: tuple[int, ...]
+    codes: np.ndarray
+    per_block: int
+    sums: Callable[[np.ndarray], tuple[float, float] | None]
+    decode: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
 @dataclass
 class TensorRef:
     """One tensor as listed in a checkpoint; `load()` reads (and hashes) its bytes only when called.
@@ -234,6 +252,8 @@ class TensorRef:
     # For a matrix whose rows lie whole and in order on disk: rows `ids` (sorted, unique) as `load()` would give them,
     # each read alone, so that a look-up of a few thousand embedding rows does not read a 1 GB table.
     read_rows: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    # For a block-quantised format (GGUF): the tensor as stored, `Blocks`, whose moments need no float32 copy.
+    load_blocks: Callable[[], Blocks] | None = field(default=None, repr=False)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of the matrix (any order, repeats allowed)."""

@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 from threadpoolctl import threadpool_limits
 
 from forensics.errors import ForensicsError
-from forensics.signals.neurons import Sketch, UnitKey
+from forensics.signals.neurons import Screen, Sketch, UnitKey
 from forensics.seeds import rng_for
 
 SCHEMA = "llm-forensics.neurons/1"
@@ -92,60 +92,6 @@ def _lsa_mean(sim: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
 # The screen's bfloat16 products are within 5e-4 of float32 ones in a unit's mean row maximum (measured on the demo
 # pair's 3,600 unit pairs over 300 draws); a unit it puts this far below the best matching found is not visited.
 SCREEN_MARGIN = 2e-3
-SCREEN_BYTES = 32 << 20  # one block of the screen's products
-
-
-def _runs(widths: list[int], rows: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """Blocks of consecutive candidate units, (first row, end row, [(units, width)] runs of one width), whose
-    products with `rows` suspect neurons fit SCREEN_BYTES in bfloat16."""
-    blocks, start, unit = [], 0, 0
-    while unit < len(widths):
-        end, runs = start, []
-        while unit < len(widths) and (end == start or rows * (end + widths[unit] - start) * 2 <= SCREEN_BYTES):
-            if runs and runs[-1][1] == widths[unit]:
-                runs[-1] = (runs[-1][0] + 1, widths[unit])
-            else:
-                runs.append((1, widths[unit]))
-            end += widths[unit]
-            unit += 1
-        blocks.append((start, end, runs))
-        start = end
-    return blocks
-
-
-class _Screen:
-    """Each suspect unit's mean row maximum (and minimum) against every candidate unit, from bfloat16 products in
-    float32 accumulation: the order in which the matcher visits candidate units, and where it stops."""
-
-    def __init__(self, cand: np.ndarray, widths: list[int], rows: int):
-        import torch
-
-        self.torch = torch
-        self.cand = torch.from_numpy(cand).to(torch.bfloat16)
-        self.blocks = _runs(widths, rows)
-        # Where the CPU has no bfloat16 instructions, the same products are float32 ones of the rounded inputs.
-        self.native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-    def __call__(self, sus: np.ndarray, offsets: np.ndarray, flips: tuple[bool, ...]) -> dict[bool, np.ndarray]:
-        torch = self.torch
-        s = torch.from_numpy(np.ascontiguousarray(sus)).to(torch.bfloat16)
-        if not self.native:
-            s = s.float()
-        high, low = [], []
-        for start, end, runs in self.blocks:
-            c = self.cand[start:end]
-            product = s @ (c if self.native else c.float()).T
-            product = product if self.native else product.to(torch.bfloat16)
-            at = 0
-            for units, width in runs:
-                view = product[:, at:at + units * width].unflatten(1, (units, width))
-                high.append(view.amax(dim=2))
-                if True in flips:
-                    low.append(view.amin(dim=2))
-                at += units * width
-        counts = np.diff(offsets)[:, None]
-        mean = lambda parts: np.add.reduceat(torch.cat(parts, 1).float().numpy(), offsets[:-1], axis=0) / counts
-        return {flip: -mean(low) if flip else mean(high) for flip in flips}
 
 
 class _Matcher:
@@ -172,7 +118,7 @@ class _Matcher:
         widths = [cand.units[u][self.parts[0]].shape[0] for u in self.cand_units]
         ends = np.cumsum([0] + widths)
         self.cand = [whole[a:b] for a, b in zip(ends, ends[1:])]
-        self.screen = _Screen(whole, widths, len(self.sus))
+        self.screen = Screen(whole, widths, len(self.sus))
         self.k = sus.units[self.sus_units[0]][self.parts[0]].shape[1]
 
     def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
