@@ -85,7 +85,8 @@ def test_the_plain_reader_parses_what_gguf_parses_and_is_put_back(tmp_path):
         [(t.name, t.tensor_type, t.data.tobytes()) for t in theirs.tensors]
     original = gguf.GGUFReader
     with pytest.raises(RuntimeError), plain_reader():
-        assert gguf.GGUFReader is _PlainReader
+        first = gguf.GGUFReader(path)
+        assert isinstance(first, _PlainReader) and gguf.GGUFReader(str(path)) is first  # parsed once
         raise RuntimeError
     assert gguf.GGUFReader is original
 
