@@ -83,12 +83,13 @@ def test_the_plain_reader_parses_what_gguf_parses_and_is_put_back(tmp_path):
         assert ours.fields[name].contents() == field.contents(), name
     assert [(t.name, t.tensor_type, t.data.tobytes()) for t in ours.tensors] == \
         [(t.name, t.tensor_type, t.data.tobytes()) for t in theirs.tensors]
-    original = gguf.GGUFReader
+    original, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
     with pytest.raises(RuntimeError), plain_reader():
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3)
         first = gguf.GGUFReader(path)
         assert isinstance(first, _PlainReader) and gguf.GGUFReader(str(path)) is first  # parsed once
         raise RuntimeError
-    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader is original and gguf.get_tensor_name_map is original_map
 
 
 def _random_blocks(qtype: Q, n: int, seed: int) -> np.ndarray:

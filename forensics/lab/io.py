@@ -63,23 +63,22 @@ def load_source(path: str | Path) -> Source:
     fmt = "gguf" if "gguf_file" in kwargs else "hf"
     files = [file_record(f, str(f.relative_to(path))) for f in expand_input(path)] if fmt == "hf" else \
         [file_record(path, path.name)]
-    try:
-        with plain_reader():
+    with plain_reader():  # one parse of a GGUF file for the model and the tokenizer
+        try:
             model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
-    except Exception as e:  # transformers, safetensors and gguf each raise their own types for an unreadable model
-        raise ForensicsError(path, f"transformers cannot load it as a causal language model: "
-                                   f"{type(e).__name__}: {e}") from e
-    # Dequantised weights are plain float32 now; keeping the GGUF quantisation note would make the child's
-    # config.json ask transformers to read it as GGUF again.
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-        model.hf_quantizer = None
-    model.name_or_path = str(path)
-    try:
-        with plain_reader():
+        except Exception as e:  # transformers, safetensors and gguf each raise their own types for an unreadable model
+            raise ForensicsError(path, f"transformers cannot load it as a causal language model: "
+                                       f"{type(e).__name__}: {e}") from e
+        # Dequantised weights are plain float32 now; keeping the GGUF quantisation note would make the child's
+        # config.json ask transformers to read it as GGUF again.
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+            model.hf_quantizer = None
+        model.name_or_path = str(path)
+        try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError):
-        tokenizer = None  # only continued pre-training needs one, and it says so
+        except (OSError, ValueError, KeyError, TypeError):
+            tokenizer = None  # only continued pre-training needs one, and it says so
     recipe = None
     if fmt == "hf" and (path / RECIPE).is_file():
         try:

@@ -28,6 +28,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
+from transformers.initialization import no_init_weights
 
 from forensics.errors import ForensicsError
 
@@ -95,8 +96,11 @@ def _scale_cols(linear: nn.Linear, scale: torch.Tensor) -> None:
 
 
 def _build(model: nn.Module, config, state: dict[str, torch.Tensor], cls: type | None = None) -> nn.Module:
-    """A new model of `cls` (default: the source's class) for `config`, holding exactly `state`."""
-    out = (cls or type(model))(config)
+    """A new model of `cls` (default: the source's class) for `config`, holding exactly `state` (not initialised
+    first: every weight is loaded, and random initialisation was half of an upcycling's time)."""
+    with no_init_weights():
+        out = (cls or type(model))(config)
+    out.tie_weights()  # part of the initialisation skipped
     out.load_state_dict(state, strict=True)
     out.name_or_path = model.name_or_path
     return out.eval()
