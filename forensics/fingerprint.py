@@ -74,7 +74,7 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
                          and not attention.wants(match.target))
                 wanted = [c for c in extra if c.wants(match.target)]
                 streamed = whole and ref.decode is not None
-                blocked = whole and not wanted and ref.load_blocks is not None
+                blocked = whole and not wanted and ref.load_blocks is not None and str(dev) == "cpu"
                 tensor = ref.load_blocks() if blocked else ref.load_stored() if streamed else ref.load()
                 parts = table.parts(ref.name, match, tensor, info)
                 decode = ref.decode if streamed else None

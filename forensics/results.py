@@ -255,6 +255,14 @@ class NullSummaryStats(Record):
     max: float
 
 
+class NeuronScreen(Record):
+    """The screen that orders neuron matching's search: bfloat16 products, native or float32 ones rounded alike."""
+
+    dtype: str
+    native: bool
+    margin: float
+
+
 class NeuronInputs(Record):
     suspect: list[FileRecord]
     candidate: list[FileRecord]
@@ -275,6 +283,8 @@ class NeuronTest(Record):
     n_permutations: int | None = None
     draws: int | None = None
     stopped: bool | None = None
+    hits: int | None = None
+    screen: NeuronScreen | None = None
     floor: float | None = None
     null: NullSummaryStats | None = None
     fisher: Fisher | None = None

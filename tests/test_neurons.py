@@ -15,7 +15,7 @@ from forensics.corpus import load_corpus
 from forensics.errors import ForensicsError
 from forensics.fingerprint import fingerprint_model
 from forensics.lab import transforms as T
-from forensics.signals.neurons import read_sketch, selection
+from forensics.signals.neurons import Screen, read_sketch, selection
 from forensics.stats import residual
 from forensics.sources.vocabulary import canonical, shared_tokens, vocabulary
 from forensics.stats.compare import Settings, compare_case
@@ -165,7 +165,7 @@ def test_the_screened_search_finds_every_units_best_matching(lineage, suspect, n
             cand.units[unit] = {p: rows[:len(rows) * 2 // 3] for p, rows in cand.units[unit].items()}
     mt = _Matcher(sus, cand, FAST)
     assert len({len(c) for c in mt.cand}) == 2
-    mt.screen.native = native
+    mt.screen = Screen(np.concatenate(mt.cand), [len(c) for c in mt.cand], len(mt.sus), native=native)
     rng = np.random.default_rng(0)
 
     def matching(sim: np.ndarray) -> float:
@@ -233,7 +233,7 @@ def test_draws_stop_once_p_cannot_fall_below_alpha_and_change_no_decision(lineag
         reach = np.flatnonzero(np.array(_null_totals(sus, cand, s)) >= full["statistic"])
         if len(reach) >= 2:
             stops += 1
-            assert seq["stopped"] and seq["draws"] == reach[1] + 1
+            assert seq["stopped"] and seq["draws"] == reach[1] + 1 and seq["hits"] == 2
             assert seq["pvalue"] == pytest.approx(2 / seq["draws"]) and seq["pvalue"] >= 0.05
             assert full["pvalue"] >= 0.05
         else:
@@ -241,6 +241,32 @@ def test_draws_stop_once_p_cannot_fall_below_alpha_and_change_no_decision(lineag
                 {k: v for k, v in full.items() if k != "settings"}
     assert stops >= 3  # unrelated pairs mostly stop early; the derived child never does
     assert not match_test(read_sketch(pairs[-1][0], dims), read_sketch(pairs[-1][1], dims), sequential)["stopped"]
+
+
+def test_a_stopped_test_that_could_not_reach_alpha_stays_inconclusive(lineage):
+    """Under Holm with two candidates, T = 199 cannot bring an adjusted p below 0.01 (2/200): a test that stopped
+    early is INCONCLUSIVE then, as it would have been run to the end; with one candidate it is NO EVIDENCE, saying
+    how many of the draws made reached the observation."""
+    from forensics.stats.lineage import INCONCLUSIVE, NO_EVIDENCE, neuron_conclusions
+
+    dims = np.eye(32)
+    s = NeuronSettings(permutations=199, seed=3, alpha=0.01)
+    t = match_test(read_sketch(lineage / "independent0", dims), read_sketch(lineage / "independent1", dims), s)
+    assert t["stopped"] and t["draws"] < 199 and t["hits"] == 2
+    assert neuron_conclusions({"a": t, "b": t}, 0.01, "holm")["a"]["conclusion"] == INCONCLUSIVE
+    alone = neuron_conclusions({"a": t}, 0.01, "holm")["a"]
+    assert alone["conclusion"] == NO_EVIDENCE and f"2 of the first {t['draws']} random bases" in alone["reason"]
+
+
+def test_non_finite_sketches_are_refused_with_the_file(lineage):
+    dims = np.eye(32)
+    sus, cand = read_sketch(lineage / "permuted", dims), read_sketch(lineage / "parent", dims)
+    unit = sorted(cand.units)[2]
+    cand.units[unit]["up"] = cand.units[unit]["up"].copy()
+    cand.units[unit]["up"][0, 0] = np.nan
+    with pytest.raises(ForensicsError, match="non-finite") as e:
+        match_test(sus, cand, FAST)
+    assert str(lineage / "parent") in str(e.value)
 
 
 def _null_totals(sus, cand, s) -> list[float]:

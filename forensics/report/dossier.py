@@ -484,6 +484,8 @@ class _Story:
                              self.cell(f_pct(100 * sum(same) / len(same)) if same else NA)])
             self.flow.append(self.table(w["columns"], rows, [1.3, 1.3, 6.0, 1.9, 1.9, 2.4]))
             self.p(escape(w["columns_note"]), "small")
+            if n.stopped:
+                self.p(self.text(w["stopped_note"], draws=n.draws), "small")
         self.flow.append(PageBreak())
 
     def heatmap(self) -> None:

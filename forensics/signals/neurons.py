@@ -514,14 +514,20 @@ class Screen:
     float32 accumulation: the order in which neuron matching (stats/neurons.py) visits candidate units, and where it
     stops. torch's, since numpy has no bfloat16 product."""
 
-    def __init__(self, cand: np.ndarray, widths: list[int], rows: int):
+    def __init__(self, cand: np.ndarray, widths: list[int], rows: int, native: bool | None = None):
+        """`native`: the CPU's bfloat16 products (None: where it has the instructions) or the emulated ones."""
         import torch
 
         self.torch = torch
         self.cand = torch.from_numpy(cand).to(torch.bfloat16)
         self.blocks = _runs(widths, rows)
-        # Where the CPU has no bfloat16 instructions, the same products are float32 ones of the rounded inputs.
-        self.native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        # Where the CPU has no bfloat16 instructions, the same products are float32 ones of the rounded inputs,
+        # rounded to bfloat16 as the native ones are (so that the two paths agree to float32's accumulation order).
+        self.native = native if native is not None else (
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and _bf16_instructions())
+        if not self.native:
+            self.cand = self.cand.float()
 
     def __call__(self, sus: np.ndarray, offsets: np.ndarray, flips: tuple[bool, ...]) -> dict[bool, np.ndarray]:
         torch = self.torch
@@ -531,7 +537,7 @@ class Screen:
         high, low = [], []
         for start, end, runs in self.blocks:
             c = self.cand[start:end]
-            product = s @ (c if self.native else c.float()).T
+            product = s @ c.T
             product = product if self.native else product.to(torch.bfloat16)
             at = 0
             for units, width in runs:
@@ -543,3 +549,13 @@ class Screen:
         counts = np.diff(offsets)[:, None]
         mean = lambda parts: np.add.reduceat(torch.cat(parts, 1).float().numpy(), offsets[:-1], axis=0) / counts
         return {flip: -mean(low) if flip else mean(high) for flip in flips}
+
+
+def _bf16_instructions() -> bool:
+    """Whether the CPU multiplies bfloat16 itself (AVX512-BF16 or AMX): oneDNN's own check also says yes on AVX-512
+    CPUs without them, where it emulates bfloat16 at less than float32's speed."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags

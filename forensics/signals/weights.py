@@ -58,7 +58,7 @@ def moments(a: np.ndarray | Blocks, device: str = "cpu",
     a chunk at a time), or of a block-quantised tensor's values from its codes' exact sums (blocks whose sums are
     not given are decoded); NaN and Inf are counted and left out."""
     if isinstance(a, Blocks):
-        return _block_moments(a, device)
+        return _block_moments(a)
     if device != "cpu":
         return _moments_torch(a if decode is None else decode(a), device)
     flat = a.reshape(-1)
@@ -69,11 +69,10 @@ def moments(a: np.ndarray | Blocks, device: str = "cpu",
     return out
 
 
-def _block_moments(a: Blocks, device: str) -> Moments:
-    # One thread: the sums are many numpy calls on chunk-sized arrays, and two threads of them measured no faster
-    # (the GIL and the caches are shared), while the hashing thread needs the other core.
-    if device != "cpu":
-        return _moments_torch(a.decode(a.codes), device)
+def _block_moments(a: Blocks) -> Moments:
+    """On the CPU whatever the device (the fingerprint pass hands over blocks only there). One thread: the sums are
+    many numpy calls on chunk-sized arrays, and two threads of them measured no faster (the GIL and the caches are
+    shared), while the hashing thread needs the other core."""
     out = Moments()
     step = max(1, CHUNK_ELEMENTS // a.per_block)
     for start in range(0, len(a.codes), step):

@@ -2,7 +2,8 @@
 
 A route is a test of "the candidate is not the suspect's source" with an exact or calibrated null:
 
-1. **neuron matching** (stats/neurons.py): the exact joint p over T signed permutations of the residual basis;
+1. **neuron matching** (stats/neurons.py): the exact joint p over T signed permutations of the residual basis (or
+   Besag and Clifford's sequential p over the first L, once p cannot fall below alpha);
 2. **attention spectra**: for each compared spectrum (qk_spectrum, ov_spectrum) the intersection-union p of its
    block-permutation and empirical-null tests, max(p_perm, p_emp); the route's p is Bonferroni over the spectra;
 3. **std curves** (verdict.py): max(p_perm, p_emp) of the primary std signal, the rule of 0.2.
@@ -71,7 +72,9 @@ class Route:
 def neuron_route(test: dict | None) -> Route:
     if not test or test.get("status") != "compared":
         return Route("neurons", (test or {}).get("reason", "not run"))
-    return Route("neurons", f"exact joint p over {test['n_permutations']} signed permutations of the residual basis",
+    drawn = f"the first {test['draws']} of " if test.get("stopped") else ""
+    return Route("neurons", f"exact joint p over {drawn}{test['n_permutations']} signed permutations of the residual "
+                            f"basis",
                  (((test["pvalue"], test["floor"]),),))
 
 

@@ -26,7 +26,8 @@ def neuron_rule(alpha: float, method: str) -> str:
     return (f"Neuron matching: EVIDENCE OF DERIVATION if the exact joint p (sum over layers, T signed permutations "
             f"of the residual basis), adjusted across the candidates it applies to by {NAMES[method]}, is < {alpha}; "
             f"NO EVIDENCE if p >= {alpha} and the test could reach {alpha}; INCONCLUSIVE if T is too small for the "
-            f"adjusted p to reach {alpha}; UNAVAILABLE where widths differ or no vocabulary is shared.")
+            f"adjusted p to reach {alpha}; UNAVAILABLE where widths differ or no vocabulary is shared. The draws stop "
+            f"once ceil({alpha} T) of them reach the observed statistic (p can then no longer fall below {alpha}).")
 
 
 def neuron_conclusions(tests: dict[str, dict], alpha: float, method: str, untested: int = 0) -> dict[str, dict]:
@@ -45,15 +46,15 @@ def neuron_conclusions(tests: dict[str, dict], alpha: float, method: str, untest
             conclusion = EVIDENCE
             reason = (f"the embedding-aligned residual basis matches the candidate's neurons better than all "
                       f"{t['n_permutations']} random bases (p = {p:.3g}, adjusted {p_adj:.3g} < {alpha})")
-        elif t.get("stopped"):
-            conclusion = NO_EVIDENCE
-            reason = (f"{t['draws']} of {t['n_permutations']} random bases matched the candidate's neurons as well, "
-                      f"enough that p (= {p:.3g}) cannot fall below {alpha}: the draws stopped there "
-                      f"(Besag-Clifford)")
         elif capped:
             conclusion = INCONCLUSIVE
             reason = (f"with T = {t['n_permutations']} the adjusted p cannot go below {alpha} "
                       f"(p = {p:.3g}); raise neurons.permutations")
+        elif t.get("stopped"):
+            conclusion = NO_EVIDENCE
+            reason = (f"{t['hits']} of the first {t['draws']} random bases (of {t['n_permutations']}) matched the "
+                      f"candidate's neurons as well, enough that p (= {p:.3g}) cannot fall below {alpha}: the draws "
+                      f"stopped there (Besag-Clifford)")
         else:
             conclusion = NO_EVIDENCE
             reason = f"p = {p:.3g}, adjusted {p_adj:.3g} >= {alpha}"

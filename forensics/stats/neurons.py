@@ -7,7 +7,8 @@ the models and run in forensics.pipeline.neuron_test, steps 3-5 are `match_test`
 2. Sketch both models' FFN neurons at `dims` residual dimensions (the candidate's through the alignment).
 3. For every suspect unit (dense FFN, expert or shared expert of a layer) draw `neurons` of its neurons, match them
    one to one to the neurons of every candidate unit with `scipy.optimize.linear_sum_assignment` on their similarity
-   (the mean over gate, up and down of the cosine), and keep the best candidate unit: the unit statistic is that
+   (the mean over gate, up and down of the cosine), and keep the best candidate unit (the candidate units are visited
+   in the order of a bfloat16 screen of their row maxima, until it says none left can win): the unit statistic is that
    matching's mean similarity, and the unit it came from says which candidate layer the suspect layer holds (this
    localises pruned, duplicated and upcycled layers: each expert is matched against every dense FFN).
 4. A layer's statistic is the mean of its units'; the model's is the sum over layers.
@@ -115,6 +116,9 @@ class _Matcher:
         self.offsets = np.cumsum([0] + [len(r) for r in rows])
         self.rows = [np.arange(a, b) for a, b in zip(self.offsets, self.offsets[1:])]
         whole = np.concatenate([_matrix(cand, u, self.parts) for u in self.cand_units])
+        for path, m in ((sus.path, self.sus), (cand.path, whole)):
+            if not np.isfinite(m).all():
+                raise ForensicsError(path, "non-finite FFN weights: neurons cannot be matched on NaN or Inf")
         widths = [cand.units[u][self.parts[0]].shape[0] for u in self.cand_units]
         ends = np.cumsum([0] + widths)
         self.cand = [whole[a:b] for a, b in zip(ends, ends[1:])]
@@ -224,10 +228,10 @@ def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[
     def per_layer(unit_values: np.ndarray) -> np.ndarray:
         return np.array([unit_values[mask].mean() for mask in of_layer])
 
-    observed, obs_layers, where, same_index, flipped = _best_sign(mt, per_layer, (), both_signs, detail=True)
     # The matcher's own products are one unit pair each: too small for several BLAS threads to pay (they then mostly
-    # wait on each other); the screen's large ones run on torch's threads.
+    # wait on each other); the screen's large ones run on torch's threads. The observation and the draws alike.
     with threadpool_limits(limits=1, user_api="blas"):
+        observed, obs_layers, where, same_index, flipped = _best_sign(mt, per_layer, (), both_signs, detail=True)
         ge_units, ge_layers, ge_total, null_totals = _null(mt, s, observed, obs_layers, per_layer, progress,
                                                            both_signs)
     T, drawn = s.permutations, len(null_totals)
@@ -247,9 +251,11 @@ def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[
         "settings": asdict(s), "parts": mt.parts, "stream_sign": -1 if flipped else 1,
         "statistic": float(obs_layers.sum()),
         "statistic_definition": "sum over suspect layers of the mean, over the layer's FFN units, of the best "
-                                "one-to-one neuron matching's mean cosine (gate, up, down)",
+                                "one-to-one neuron matching's mean cosine (gate, up, down) over the candidate units "
+                                "a bfloat16 screen leaves in reach (docs/statistics.md, step 3)",
         "pvalue": float(ge_total / drawn if stopped else (1 + ge_total) / (T + 1)), "n_permutations": T,
-        "draws": drawn, "stopped": stopped, "floor": 1 / (T + 1),
+        "draws": drawn, "stopped": stopped, "hits": int(ge_total), "floor": 1 / (T + 1),
+        "screen": {"dtype": "bfloat16", "native": mt.screen.native, "margin": SCREEN_MARGIN},
         "null": {"mean": float(null_totals.mean()), "max": float(null_totals.max())},
         "fisher": {"statistic": float(fisher.statistic), "pvalue": float(fisher.pvalue), "df": 2 * len(layers)},
         "layers": [{"layer": layer, "statistic": float(obs_layers[k]), "pvalue": float(p_layers[k]),
