@@ -488,7 +488,7 @@ def read_record(path: Path, dims: int, tokens: int, seed: int) -> Record:
     return Record(texts, rows, read_profile(path), chosen, sketch, {"dims": dims, "tokens": tokens, "seed": seed})
 
 
-SCREEN_BYTES = 32 << 20  # one block of the screen's products
+SCREEN_BYTES = 8 << 20  # one block of the screen's products: 8 MiB ran 10-25 % faster than 32 (the demo pair)
 
 
 def _runs(widths: list[int], rows: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
