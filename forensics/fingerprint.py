@@ -6,6 +6,7 @@ Three threads share it: this one reads and takes the moments, one hashes each ch
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import time
@@ -19,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from forensics import __version__, roles
 from forensics.errors import ForensicsError
-from forensics.results import FINGERPRINT_SCHEMA
+from forensics.schemas import FINGERPRINT_SCHEMA
 from forensics.signals.attention import LayerCollector
 from forensics.signals.weights import Moments, moments, pick_device
 from forensics.sources import ModelInfo, Reads, open_model
@@ -53,13 +54,26 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
     info = source.info()
     table, matches = roles.resolve(path, info, source.names())
     dev = pick_device(device)
+    on_cpu = str(dev) == "cpu"
     # Per-layer attention spectra, reduced as soon as a layer's q, k, v, o and norm gain are in.
     attention = LayerCollector(info, roles.architecture_key(info.table or info.architecture), matches)
-    stats = _Moments(dev, path)
+    stats = _Moments(path)
     # One BLAS thread: the attention spectra's many small factorisations ran 10-20x slower with OpenBLAS's threads
     # competing with each other and the hashing thread (Gemma3-270M: 2.1 s against 29 s on 2 cores).
     try:
         extra = collectors(info) if collectors else []
+
+        def consume(ref, match, finish: Callable[[], object], decode, whole_only: bool, wanted: list) -> list:
+            """On the moments' thread, one tensor at a time and in file order: the tensor decoded (`finish`), its
+            parts to the attention spectra and the other collectors, and their moments."""
+            parts = table.parts(ref.name, match, finish(), info)
+            for part in parts:
+                if not whole_only:
+                    attention.add(part)
+                for c in wanted:
+                    c.add(part, decode)
+            return [(p.role, p.layer, p.expert, moments(p.tensor, dev, decode)) for p in parts]
+
         with threadpool_limits(limits=1, user_api="blas"):
             for ref in source.tensors():
                 match = matches.get(ref.name)
@@ -68,25 +82,18 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
                 # A tensor that the attention spectra do not need, stored in a format decoded element by element
                 # (bf16, fp8), is decoded a piece at a time where it is used (the moments' chunks, the sketches'
                 # coordinates): the whole float32 copy, twice a bf16 tensor, is never made. One in blocks of a
-                # quantised format that nothing but its moments needs goes to them as stored (on the moments'
-                # thread, from its codes).
+                # quantised format that nothing but its moments needs goes to them as stored (from its codes).
+                # Any other is read here and decoded on the moments' thread, while this one reads the next.
                 whole = (match.target not in roles.SPLITS and match.target not in roles.STACKED
                          and not attention.wants(match.target))
                 wanted = [c for c in extra if c.wants(match.target)]
                 streamed = whole and ref.decode is not None
-                blocked = whole and not wanted and ref.load_blocks is not None and str(dev) == "cpu"
-                tensor = ref.load_blocks() if blocked else ref.load_stored() if streamed else ref.load()
-                parts = table.parts(ref.name, match, tensor, info)
+                blocked = whole and not wanted and ref.load_blocks is not None and on_cpu
+                stored = ref.load_blocks() if blocked else ref.load_stored() if streamed else None
+                finish = (lambda s=stored: s) if stored is not None else ref.fetch()
                 decode = ref.decode if streamed else None
-                stats.submit(ref, parts, decode)
-                for part in parts:
-                    if not (streamed or blocked):
-                        attention.add(part)
-                    for c in wanted:
-                        c.add(part, decode)
-                # The parts are views of the tensor: all go (once their moments are taken) before the next is read.
-                del tensor, parts
-                part = None
+                stats.submit(ref, functools.partial(consume, ref, match, finish, decode, streamed or blocked, wanted))
+                stored = finish = None  # the moments' thread holds the tensor, and lets it go when done
             stats.wait()
             attention.finish()
     finally:
@@ -132,31 +139,32 @@ def fingerprint_model(path: str | Path, device: str | None = None, allow_nonfini
 
 
 class _Moments:
-    """Each tensor's moments on a worker thread while the next tensor is read: the copy out of the page cache, the
-    hashing and the moments then share both cores. One tensor is in flight at a time (`submit` waits for the one
-    before), so two at most are held."""
+    """Each tensor's decoding, collection and moments on a worker thread while the next tensor is read: the copy out
+    of the page cache, the hashing and the statistics then share both cores. One tensor is in flight at a time
+    (`submit` waits for the one before), so two at most are held, and the collectors see the tensors in file order
+    from one thread."""
 
-    def __init__(self, device, path: Path):
-        self.device, self.path = device, path
+    def __init__(self, path: Path):
+        self.path = path
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moments")
         self.pending: tuple | None = None
         self.per_role: dict[str, dict[tuple[int, int | None], Moments]] = defaultdict(dict)
         self.nonfinite: list[dict] = []
 
-    def submit(self, ref, parts: list, decode) -> None:
+    def submit(self, ref, work: Callable[[], list]) -> None:
+        """`work()` gives (role, layer, expert, Moments) for each of `ref`'s parts."""
         self.wait()
-        work = self.pool.submit(lambda: [moments(p.tensor, self.device, decode) for p in parts])
-        self.pending = (work, ref, [(p.role, p.layer, p.expert) for p in parts])
+        self.pending = (self.pool.submit(work), ref)
 
     def wait(self) -> None:
         if self.pending is None:
             return
-        work, ref, keys = self.pending
+        work, ref = self.pending
         self.pending = None
         found = work.result()
-        for (role, layer, expert), m in zip(keys, found):
+        for role, layer, expert, m in found:
             self.per_role[role][(layer, expert)] = m
-        nan, inf = sum(m.nan for m in found), sum(m.inf for m in found)
+        nan, inf = sum(m.nan for *_, m in found), sum(m.inf for *_, m in found)
         if nan or inf:
             self.nonfinite.append({"tensor": ref.name, "file": str(ref.file or self.path), "nan": nan, "inf": inf})
 

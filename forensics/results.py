@@ -15,9 +15,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RESULTS_SCHEMA = "llm-forensics.stats/2"
-FINGERPRINT_SCHEMA = "llm-forensics.fingerprint/1"
-NEURONS_SCHEMA = "llm-forensics.neurons/1"
 VERDICTS = ("DERIVED", "INCONCLUSIVE", "NO EVIDENCE")
 
 

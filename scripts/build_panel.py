@@ -38,7 +38,7 @@ from forensics import pipeline
 from forensics.case import Statistics
 from forensics.models import A_PKG, D_PKG, E_PKG, F_PKG, G_PARTS, H_PARTS, MODELS
 from forensics.evidence.atomic import atomic_write_bytes
-from forensics.results import FINGERPRINT_SCHEMA
+from forensics.schemas import FINGERPRINT_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_DIGITS = 12

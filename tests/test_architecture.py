@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "forensics"
 # The stages, top of the page first: a module may import its own stage and the ones above it, never one below.
 STAGES = (
     ("base", ("forensics", "forensics.errors", "forensics.settings", "forensics.results", "forensics.progress",
-              "forensics.files", "forensics.seeds")),
+              "forensics.files", "forensics.seeds", "forensics.schemas")),
     ("sources", ("forensics.sources", "forensics.corpus", "forensics.reference")),
     ("roles", ("forensics.roles",)),
     ("signals", ("forensics.signals", "forensics.fingerprint")),

@@ -98,17 +98,17 @@ def _random_blocks(qtype: Q, n: int, seed: int) -> np.ndarray:
 
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, (n, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
-    scales = {Q.Q8_0: [0], Q.Q5_0: [0], Q.Q4_K: [0, 1]}.get(qtype, [104])  # Q6_K keeps d last
+    scales = {Q.Q8_0: [0], Q.Q5_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 1], Q.Q4_K: [0, 1]}.get(qtype, [104])  # Q6_K: d last
     for k in scales:
         blocks[:, 2 * k:2 * k + 2] = rng.normal(0, 0.01, (n, 1)).astype(np.float16).view(np.uint8)
     return blocks
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K])
 def test_block_codes_give_ggufs_values_and_their_exact_moments(qtype):
-    """Our Q8_0 / Q5_0 decoders equal gguf's to the bit; the moments from scales and codes (no float32 copy) equal
-    float64 moments of gguf's decoded values (K-quants: of the exact values, which float32 decoding rounds, within
-    1e-9 of the std on these random blocks); a block with a NaN or infinite scale is decoded instead and its NaN
+    """Our Q8_0 / Q5_0 / Q4_0 / Q4_1 decoders equal gguf's to the bit; the moments from scales and codes (no float32
+    copy) equal float64 moments of gguf's decoded values (Q4_1 and K-quants: of the exact values, which float32
+    decoding rounds, within 1e-9 of the std on these random blocks); a block with a NaN or infinite scale is decoded instead and its NaN
     and Inf counted as the decoded tensor's are."""
     from gguf import quants
 
@@ -119,7 +119,7 @@ def test_block_codes_give_ggufs_values_and_their_exact_moments(qtype):
     blocks = _random_blocks(qtype, 40_000, seed=int(qtype))
     reference = getattr(quants, qtype.name).dequantize_blocks(blocks)
     decoded = _block_decoder(qtype)(blocks)
-    if qtype in SCALED_CODES:
+    if qtype in SCALED_CODES or qtype == Q.Q4_1:
         assert np.array_equal(decoded.view(np.uint32), reference.view(np.uint32))
     per_block = reference.shape[1]
     got = moments(Blocks((reference.size,), blocks, per_block, _code_sums(qtype), _block_decoder(qtype)))
@@ -139,7 +139,7 @@ def test_block_codes_give_ggufs_values_and_their_exact_moments(qtype):
     assert got.std == pytest.approx(plain.std, rel=tolerance)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_1])
 def test_a_gguf_fingerprint_from_codes_equals_one_from_decoded_tensors(tmp_path, qtype):
     """The pass takes the moments of tensors that only moments need from their codes: the same std, to 1e-13, as
     the float64 moments of every tensor decoded whole."""
@@ -153,3 +153,27 @@ def test_a_gguf_fingerprint_from_codes_equals_one_from_decoded_tensors(tmp_path,
     stds = {t.name: moments(t.load()).std for t in source.tensors() if t.load_blocks is not None}
     for signal, suffix in (("gate", "ffn_gate.weight"), ("up", "ffn_up.weight"), ("down", "ffn_down.weight")):
         assert fp[signal]["values"] == pytest.approx([stds[f"blk.{i}.{suffix}"] for i in range(3)], rel=1e-13)
+
+
+@pytest.mark.parametrize("fmt", ["q5_0.gguf", "f32.gguf", "bf16-safetensors"])
+def test_a_tensor_read_now_and_decoded_on_another_thread_equals_its_load(tmp_path, fmt):
+    """The pass reads each tensor on its own thread and decodes it on the moments' one (`TensorRef.fetch`): every
+    tensor decoded later, elsewhere and after the next ones were read, is bit for bit what `load()` gives, q and k
+    of the GGUF back in Hugging Face's row order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from forensics.sources import Reads, open_model
+
+    model = llama(hidden=64, inter=128)
+    if fmt.endswith("safetensors"):
+        path = tiny.save(model.to(torch.bfloat16), tmp_path / "st")
+    else:
+        path = tmp_path / fmt
+        write_gguf(model, path, Q.Q5_0 if fmt.startswith("q5_0") else Q.F32)
+    loaded = {t.name: t.load() for t in open_model(path, Reads(None)).tensors()}
+    fetched = [(t.name, t.fetch()) for t in open_model(path, Reads(None)).tensors()]
+    with ThreadPoolExecutor(1) as pool:
+        decoded = dict(zip([name for name, _ in fetched], pool.map(lambda item: item[1](), fetched)))
+    assert decoded.keys() == loaded.keys()
+    for name, tensor in loaded.items():
+        assert decoded[name].dtype == tensor.dtype and np.array_equal(decoded[name], tensor, equal_nan=True), name

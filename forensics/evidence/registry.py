@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from forensics.errors import ForensicsError
-from forensics.results import FINGERPRINT_SCHEMA
+from forensics.schemas import FINGERPRINT_SCHEMA
 
 SCHEMA = "llm-forensics.registry/2"
 SCHEMA_VERSION = 2  # 2: neuron records

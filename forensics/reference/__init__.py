@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from forensics.errors import ForensicsError
-from forensics.results import FINGERPRINT_SCHEMA
+from forensics.schemas import FINGERPRINT_SCHEMA
 
 HERE = Path(__file__).resolve().parent
 PANEL_DIR = HERE / "panel"

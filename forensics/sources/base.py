@@ -254,6 +254,20 @@ class TensorRef:
     read_rows: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
     # For a block-quantised format (GGUF): the tensor as stored, `Blocks`, whose moments need no float32 copy.
     load_blocks: Callable[[], Blocks] | None = field(default=None, repr=False)
+    # For a format whose decoding costs more than its read (GGUF's blocks): the bytes read now, their decoding
+    # returned to be run later (see `fetch`).
+    read_then_decode: Callable[[], Callable[[], np.ndarray]] | None = field(default=None, repr=False)
+
+    def fetch(self) -> Callable[[], np.ndarray]:
+        """Read (and hash) the bytes now; the call returned decodes them as `load()` would, on any thread, so that a
+        pass reads the next tensor while another thread decodes this one."""
+        if self.read_then_decode is not None:
+            return self.read_then_decode()
+        if self.decode is not None:
+            stored, decode = self.load_stored(), self.decode
+            return lambda: decode(stored)
+        tensor = self.load()
+        return lambda: tensor
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of the matrix (any order, repeats allowed)."""

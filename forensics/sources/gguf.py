@@ -15,7 +15,7 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import gguf
@@ -208,34 +208,106 @@ def _q8_0_codes(blocks: np.ndarray) -> list[np.ndarray]:
     return [blocks[:, 2:].view(np.int8)]
 
 
+# A Q5_0 block (ggml's block_q5_0): its scale, the high bits of values 0-15 and of 16-31, and 16 bytes holding value
+# j's low four bits in byte j's low half and value j + 16's in its high half.
+_Q5_0 = np.dtype([("d", "<f2"), ("high0", "V2"), ("high1", "V2"), ("low", "V16")])
+
+
 def _q5_0_codes(blocks: np.ndarray) -> list[np.ndarray]:
-    """The int8 codes q - 16 of Q5_0 blocks, values 0-15 and 16-31 of each block apart: a block is its scale, 32
-    high bits, and 16 bytes holding value j's low four bits in byte j's low half and value j + 16's in its high half
-    (ggml's dequantize_row_q5_0). Eight codes at a time in uint64 lanes: a code with its high bit set is its low
-    bits; one without is them less 16, the low bits with 0xF0 over them."""
-    low = np.ascontiguousarray(blocks[:, 6:]).view(np.uint64)
-    halves = []
-    for nibbles, bits in ((low & _LOW4, blocks[:, 2:4]), ((low >> _U4) & _LOW4, blocks[:, 4:6])):
-        high = np.unpackbits(bits, axis=1, bitorder="little").view(np.uint64)
-        high ^= _ONES
-        high *= _SIGN
-        nibbles |= high
-        halves.append(nibbles.view(np.int8))
-    return halves
+    """The int8 codes q - 16 of Q5_0 blocks, values 0-15 and 16-31 of each block apart (ggml's
+    dequantize_row_q5_0). Eight codes at a time in uint64 lanes: a code with its high bit set is its low bits; one
+    without is them less 16, the low bits with 0xF0 over them. The fields are copied out whole, and each half is
+    worked on as one flat run: numpy's loops over rows of a few lanes (a strided copy, a bitwise op on a column)
+    cost several times a flat pass."""
+    fields = np.ascontiguousarray(blocks).reshape(-1).view(_Q5_0)
+    n = len(fields)
+    low = np.ascontiguousarray(fields["low"]).view(np.uint64)
+    bits = np.empty((2, n), "V2")
+    bits[0], bits[1] = fields["high0"], fields["high1"]
+    codes = np.unpackbits(bits.view(np.uint8), bitorder="little").view(np.uint64).reshape(2, -1)
+    codes ^= _ONES
+    codes *= _SIGN
+    codes[0] |= low & _LOW4
+    low >>= _U4
+    low &= _LOW4
+    codes[1] |= low
+    return [half.view(np.int8).reshape(n, 16) for half in codes]
 
 
-# Formats whose every value is its block's scale times an integer code (ggml's Q8_0 and Q5_0, most of a Q4_K_M
-# file of a model whose rows are not whole 256-value super-blocks). A float16 scale times a code of at most 8 bits
+# Q4_0 and Q4_1 blocks: a float16 scale (and, for Q4_1, a float16 minimum), then 16 bytes holding value j in byte
+# j's low half and value j + 16 in its high half.
+_Q4_0 = np.dtype([("d", "<f2"), ("low", "V16")])
+_Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("low", "V16")])
+
+
+def _nibbles(blocks: np.ndarray, layout: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The 4-bit codes of Q4_0 / Q4_1 blocks as uint8 (2, blocks, 16) (values 0-15, then 16-31), and the blocks'
+    fields."""
+    fields = np.ascontiguousarray(blocks).reshape(-1).view(layout)
+    low = np.ascontiguousarray(fields["low"]).view(np.uint64)
+    codes = np.empty((2, len(low)), np.uint64)
+    np.bitwise_and(low, _LOW4, out=codes[0])
+    np.right_shift(low, _U4, out=codes[1])
+    codes[1] &= _LOW4
+    return codes.view(np.uint8).reshape(2, len(fields), 16), fields
+
+
+def _q4_0_codes(blocks: np.ndarray) -> list[np.ndarray]:
+    """The int8 codes q - 8 of Q4_0 blocks, values 0-15 and 16-31 apart (ggml's dequantize_row_q4_0)."""
+    codes = _nibbles(blocks, _Q4_0)[0].view(np.int8)
+    codes -= np.int8(8)
+    return list(codes)
+
+
+def _q4_1_values(blocks: np.ndarray) -> np.ndarray:
+    """Q4_1's values d * q + m in float32, in gguf's order of operations (so to the bit)."""
+    codes, fields = _nibbles(blocks, _Q4_1)
+    d, m = (fields[k].astype(np.float32)[:, None] for k in ("d", "m"))
+    out = _as_float(list(codes))
+    out *= d
+    out += m
+    return out
+
+
+def _q4_1_sums(blocks: np.ndarray) -> tuple[float, float] | None:
+    """Q4_1: 32 values d * q + m, codes of 4 bits: the sums of the exact values from those of the codes."""
+    codes, fields = _nibbles(blocks, _Q4_1)
+    d, m = (fields[k].astype(np.float64) for k in ("d", "m"))
+    if not (np.isfinite(d).all() and np.isfinite(m).all()):
+        return None
+    s1, s2 = _row_sums(codes.reshape(-1, 16).astype(np.float32))
+    s1, s2 = s1.reshape(2, -1).sum(axis=0), s2.reshape(2, -1).sum(axis=0)
+    return (float(d @ s1 + 32 * m.sum()),
+            float((d * d) @ s2 + 2 * np.einsum("i,i,i->", d, m, s1) + 32 * (m @ m)))
+
+
+def _as_float(parts: list[np.ndarray]) -> np.ndarray:
+    """Integer code arrays (blocks, k_i) side by side as one float32 (blocks, sum of k_i), cast as they are written
+    (one pass, where concatenating first is two)."""
+    out = np.empty((len(parts[0]), sum(part.shape[1] for part in parts)), np.float32)
+    at = 0
+    for part in parts:
+        out[:, at:at + part.shape[1]] = part
+        at += part.shape[1]
+    return out
+
+
+# Formats whose every value is its block's scale times an integer code (ggml's Q8_0, Q5_0 and Q4_0; Q8_0 and Q5_0 are
+# most of a Q4_K_M file of a model whose rows are not whole 256-value super-blocks). A float16 scale times a code of at most 8 bits
 # is exact in float32, so these decoders give gguf's values to the bit, about twice as fast (measured on G's
 # tensors), and the codes' sums give the exact moments without decoding.
-SCALED_CODES = {GGMLQuantizationType.Q8_0: _q8_0_codes, GGMLQuantizationType.Q5_0: _q5_0_codes}
+SCALED_CODES = {GGMLQuantizationType.Q8_0: _q8_0_codes, GGMLQuantizationType.Q5_0: _q5_0_codes,
+                GGMLQuantizationType.Q4_0: _q4_0_codes}
 
 
 def _block_decoder(qtype: GGMLQuantizationType):
-    """(blocks, bytes) uint8 -> (blocks, values) float32 for `qtype`: ours for SCALED_CODES, else gguf's."""
+    """(blocks, bytes) uint8 -> (blocks, values) float32 for `qtype`: ours, to gguf's bit, for SCALED_CODES and
+    Q4_1; else gguf's."""
     codes = SCALED_CODES.get(qtype)
     if codes is not None:
-        return lambda blocks: np.concatenate(codes(blocks), axis=1).astype(np.float32) * _scales(blocks)
+        return lambda blocks: _as_float(codes(blocks)) * _scales(blocks)
+    if qtype == GGMLQuantizationType.Q4_1:
+        return _q4_1_values
     decoder = getattr(quants, qtype.name, None)  # gguf names each block decoder class after its type
     if decoder is None:
         raise NotImplementedError(qtype.name)
@@ -243,13 +315,20 @@ def _block_decoder(qtype: GGMLQuantizationType):
     return decoder.dequantize_blocks
 
 
+def _row_sums(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sums and sums of squares of the rows of `q`, float32 integer codes (squared in place), as float64. Exact
+    whatever the order of addition: float32 holds these integers (below 2**24) exactly. Products with a vector of
+    ones: the fastest sums numpy has for short rows (einsum's sum of products took twice as long)."""
+    ones = np.ones(q.shape[1], np.float32)
+    s1 = (q @ ones).astype(np.float64)
+    np.square(q, out=q)
+    return s1, (q @ ones).astype(np.float64)
+
+
 def _sub_block_sums(codes: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sums and sums of squares of consecutive runs of `width` integer codes, as float64 (blocks, runs). Exact
-    whatever the order of addition: float32 holds these integers (below 2**24) exactly."""
-    q = codes.reshape(-1, width).astype(np.float32)
-    n = len(codes)
-    return ((q @ np.ones(width, np.float32)).reshape(n, -1).astype(np.float64),
-            np.einsum("ij,ij->i", q, q).reshape(n, -1).astype(np.float64))
+    """Sums and sums of squares of consecutive runs of `width` integer codes, as float64 (blocks, runs)."""
+    s1, s2 = _row_sums(codes.reshape(-1, width).astype(np.float32))
+    return s1.reshape(len(codes), -1), s2.reshape(len(codes), -1)
 
 
 def _q4_k_sums(blocks: np.ndarray) -> tuple[float, float] | None:
@@ -309,8 +388,8 @@ def _code_sums(qtype: GGMLQuantizationType):
     is not finite (the caller then decodes those blocks and counts what is NaN or Inf). Each block's terms are exact
     in float64; for Q8_0 and Q5_0 they are also exactly the float32 values decoded, for the K-quants those of the
     exact values, which float32 decoding may round (measured: within 1e-14 in the sums)."""
-    if qtype in K_SUMS:
-        return K_SUMS[qtype]
+    if qtype in OWN_SUMS:
+        return OWN_SUMS[qtype]
     codes = SCALED_CODES.get(qtype)
     if codes is None:
         return lambda blocks: None
@@ -321,14 +400,16 @@ def _code_sums(qtype: GGMLQuantizationType):
             return None
         s1, s2 = np.zeros(len(blocks)), np.zeros(len(blocks))
         for part in codes(blocks):
-            a, b = _sub_block_sums(part, part.shape[1])
-            s1 += a[:, 0]
-            s2 += b[:, 0]
+            a, b = _row_sums(part.astype(np.float32))
+            s1 += a
+            s2 += b
         return float(np.einsum("i,i->", d, s1)), float(np.einsum("i,i->", d * d, s2))
     return sums
 
 
-K_SUMS = {GGMLQuantizationType.Q4_K: _q4_k_sums, GGMLQuantizationType.Q6_K: _q6_k_sums}
+# Formats with a minimum or a scale per run of values besides the block's: sums of their own.
+OWN_SUMS = {GGMLQuantizationType.Q4_1: _q4_1_sums, GGMLQuantizationType.Q4_K: _q4_k_sums,
+            GGMLQuantizationType.Q6_K: _q6_k_sums}
 
 
 def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -380,9 +461,10 @@ class GGUFFile(Source):
             whole = (len(t.shape) != 2 or not t.shape[0] or t.nbytes % t.shape[0]
                      or t.name.endswith(("attn_q.weight", "attn_k.weight")))
             blocks = t.qtype not in PLAIN and t.qtype != GGMLQuantizationType.BF16
-            yield TensorRef(t.name, t.shape, t.qtype.name, lambda t=t: self._load(t), self.path,
+            yield TensorRef(t.name, t.shape, t.qtype.name, lambda t=t: self._read(t)(), self.path,
                             read_rows=None if whole else lambda ids, t=t: self._rows(t, ids),
-                            load_blocks=(lambda t=t: self._blocks(t)) if blocks else None)
+                            load_blocks=(lambda t=t: self._blocks(t)) if blocks else None,
+                            read_then_decode=lambda t=t: self._read(t))
 
     def _rows(self, t: TensorInfo, ids: np.ndarray) -> np.ndarray:
         width = t.nbytes // t.shape[0]
@@ -400,7 +482,7 @@ class GGUFFile(Source):
                                          f"gguf package")
 
     def _blocks(self, t: TensorInfo) -> Blocks:
-        """The tensor as stored, for its moments (row order, which `_load` restores for q and k, does not change
+        """The tensor as stored, for its moments (row order, which `_decoded` restores for q and k, does not change
         them)."""
         try:
             decode = _block_decoder(t.qtype)
@@ -410,8 +492,12 @@ class GGUFFile(Source):
         codes = self.file.read_array(t.offset, t.nbytes).reshape(-1, type_size)
         return Blocks(t.shape, codes, block, _code_sums(t.qtype), decode)
 
-    def _load(self, t: TensorInfo) -> np.ndarray:
-        w = self._dequantize(t, self.file.read_array(t.offset, t.nbytes)).reshape(t.shape)
+    def _read(self, t: TensorInfo) -> Callable[[], np.ndarray]:
+        raw = self.file.read_array(t.offset, t.nbytes)
+        return lambda: self._decoded(t, raw)
+
+    def _decoded(self, t: TensorInfo, raw: np.ndarray) -> np.ndarray:
+        w = self._dequantize(t, raw).reshape(t.shape)
         info = self._info
         if info.architecture in PERMUTED_QK and info.num_heads:
             if t.name.endswith("attn_q.weight"):
