@@ -162,18 +162,23 @@ class _Matcher:
             if value > best[i] or (value == best[i] and j < best_j[i]):
                 best[i], best_j[i], matches[i] = value, j, (r, c)
 
-        # Every unit's first candidate unit in one product with the other units that start there (it is read once).
-        for j in np.unique(order[:, 0]):
-            units = np.flatnonzero(order[:, 0] == j)
-            product = side[np.concatenate([self.rows[i] for i in units])] @ self.cand[j].T
-            for i, part in zip(units, np.split(product, np.cumsum([len(self.rows[i]) for i in units])[:-1])):
-                visit(i, j, part)
-        for i in range(n):
-            block = side[self.rows[i]]
-            for j in order[i, 1:]:
-                if screen[i, j] + SCREEN_MARGIN < best[i]:
-                    break
-                visit(i, j, block @ self.cand[j].T)
+        # In rounds: the r-th candidate unit of every unit still searching, each candidate's rows in one product with
+        # those of all the units that visit it in the round (one large product costs less than several small ones).
+        # A unit stops at the first candidate the screen puts below reach: the screen only falls along its order
+        # and the best found only rises, so no later one is in reach either. Each unit visits what it would alone.
+        searching = np.arange(n)
+        for rank in range(order.shape[1]):
+            at = order[searching, rank]
+            if rank:
+                reach = screen[searching, at] + SCREEN_MARGIN >= best[searching]
+                searching, at = searching[reach], at[reach]
+            if not len(searching):
+                break
+            for j in np.unique(at):
+                units = searching[at == j]
+                product = side[np.concatenate([self.rows[i] for i in units])] @ self.cand[j].T
+                for i, part in zip(units, np.split(product, np.cumsum([len(self.rows[i]) for i in units])[:-1])):
+                    visit(i, j, part)
         return best, best_j, matches
 
 
