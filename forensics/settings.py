@@ -22,6 +22,11 @@ def offline() -> None:
         os.environ.setdefault(name, value)
 
 
+def cores() -> int:
+    """The CPUs this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
+
+
 def key_dir() -> Path:
     """The analyst's key directory: $FORENSICS_KEY_DIR, else $XDG_CONFIG_HOME/llm-forensics (~/.config by
     default). It also holds the key that authenticates cache entries."""

@@ -518,3 +518,21 @@ def test_a_record_round_trips_byte_for_byte(records):
     assert Record.from_bytes(blob, "parent").to_bytes() == blob
     with pytest.raises(ForensicsError, match="neuron record"):
         Record.from_bytes(blob[:100], "parent")
+
+
+def test_token_maps_equal_their_dense_numpy_oracle(monkeypatch):
+    """The shared components found by Lanczos iterations (wide embeddings) are those of a full SVD, and the signed
+    permutation's quality, read without the dense product, is that of `_quality` on the product, in float64."""
+    rng = np.random.default_rng(3)
+    e = rng.standard_normal((600, 80)) @ np.diag(np.r_[[30.0, 20.0, 12.0, 8.0], np.ones(76)])
+    centred = e - e.mean(axis=0)
+    u, s, vt = np.linalg.svd(centred, full_matrices=False)
+    oracle = centred - (u[:, :4] * s[:4]) @ vt[:4]
+    monkeypatch.setattr(residual, "FULL_SVD_WIDTH", 8)  # the Lanczos path, on a matrix small enough to check
+    np.testing.assert_allclose(residual.without_shared_components(e), oracle, atol=1e-10)
+
+    fs, fc = residual._standard(e), residual._standard(e[:, rng.permutation(80)] + 0.5 * rng.standard_normal(e.shape))
+    js, jc = rng.standard_normal((600, 70)), rng.standard_normal((600, 80))
+    m, quality = residual._permutation_fit((fs[:, :70], fc), (js, jc))
+    assert sorted(np.abs(m).sum(axis=0)) == [1.0] * 70 and set(np.unique(m)) <= {-1.0, 0.0, 1.0}
+    assert quality == pytest.approx(residual._quality(js, jc @ m), abs=1e-14)
