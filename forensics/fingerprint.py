@@ -1,7 +1,8 @@
 """One pass over a checkpoint: every weight signal plus the SHA-256 of every file (docs/fingerprint-format.md).
 
-Three threads share it: this one reads and takes the moments, one hashes each chunk as it is read
-(forensics/sources/base.py), one reduces each layer's attention spectra (forensics/signals/attention.py).
+Four threads share it: this one reads, one hashes each chunk as it is read (forensics/sources/base.py), one decodes
+each tensor, hands it to the collectors and takes its moments (`_Moments`), one reduces each layer's attention
+spectra (forensics/signals/attention.py).
 """
 
 from __future__ import annotations
