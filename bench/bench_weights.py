@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['sha256sum_s']} | {r['ours_over_openssl']}x | {r['pass_over_openssl']}x | {r['ours_peak_rss_mb']} | "
               f"{r.get('naive_over_ours_time', 'not run')}"
               f"{'x' if 'naive_s' in r else ''} | {r.get('ours_over_naive_memory', 'not run')}")
-    print("\ntimes: best of 3 wall-clock runs (naive: 1), each a fresh process including Python start-up (about 0.5 s "
+    print("\ntimes: best of 3 wall-clock runs (naive: 1), each a fresh process including Python start-up (about 0.2 s "
           "of imports); pass: the fingerprint pass alone, as the process times it (what a 10-300 GB checkpoint is "
           "made of); the naive path is not run where its float32 copy would not fit in half of this machine's memory")
     return 0
