@@ -23,8 +23,9 @@ def offline() -> None:
 
 
 def cores() -> int:
-    """The CPUs this process may run on (its affinity, not the machine's count)."""
-    return len(os.sched_getaffinity(0))
+    """The CPUs this process may run on (its affinity where the system has one, else the machine's count)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def key_dir() -> Path:

@@ -117,10 +117,16 @@ def test_block_codes_give_ggufs_values_and_their_exact_moments(qtype):
     from forensics.sources.gguf import SCALED_CODES, _block_decoder, _code_sums
 
     blocks = _random_blocks(qtype, 40_000, seed=int(qtype))
+    as_read = blocks.copy()
     reference = getattr(quants, qtype.name).dequantize_blocks(blocks)
     decoded = _block_decoder(qtype)(blocks)
     if qtype in SCALED_CODES or qtype == Q.Q4_1:
         assert np.array_equal(decoded.view(np.uint32), reference.view(np.uint32))
+    # The bytes stay as read (the pass may still be hashing them), a chunk of one block too.
+    for i in (0, 5):
+        assert np.array_equal(_block_decoder(qtype)(blocks[i:i + 1]), reference[i:i + 1])
+        _code_sums(qtype)(blocks[i:i + 1])
+    assert np.array_equal(blocks, as_read)
     per_block = reference.shape[1]
     got = moments(Blocks((reference.size,), blocks, per_block, _code_sums(qtype), _block_decoder(qtype)))
     values = reference.astype(np.float64).reshape(-1)

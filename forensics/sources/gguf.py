@@ -221,7 +221,8 @@ def _q5_0_codes(blocks: np.ndarray) -> list[np.ndarray]:
     cost several times a flat pass."""
     fields = np.ascontiguousarray(blocks).reshape(-1).view(_Q5_0)
     n = len(fields)
-    low = np.ascontiguousarray(fields["low"]).view(np.uint64)
+    low = fields["low"].copy().view(np.uint64)  # a copy always: it is shifted in place below, and the read buffer
+    # must stay as read (its hash may still be queued); one block's field would be contiguous, hence not copied
     bits = np.empty((2, n), "V2")
     bits[0], bits[1] = fields["high0"], fields["high1"]
     codes = np.unpackbits(bits.view(np.uint8), bitorder="little").view(np.uint64).reshape(2, -1)

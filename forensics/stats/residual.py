@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from scipy.sparse.linalg import svds
+from scipy.sparse.linalg import ArpackNoConvergence, svds
 from threadpoolctl import threadpool_limits
 
 from forensics import settings
@@ -139,12 +139,17 @@ def _quality(target: np.ndarray, mapped: np.ndarray) -> float:
     return float(np.sum(_standard(target) * _standard(mapped), axis=0).mean())
 
 
-def _chance(fit_quality, rng: np.random.Generator, shuffle) -> tuple[float, float, float]:
-    """The fit's quality on CHANCE_DRAWS shuffles, drawn in order and fitted one per core, each on one BLAS thread
-    (scipy's assignment releases the GIL; BLAS threads of several fits at once only wait on each other)."""
+# The working memory of the chance draws fitted at once: a draw of 8192 tokens at a 7B width holds about 1.5 GB.
+CHANCE_MEMORY = 4 << 30
+
+
+def _chance(fit_quality, rng: np.random.Generator, shuffle, draw_bytes: int = 0) -> tuple[float, float, float]:
+    """The fit's quality on CHANCE_DRAWS shuffles, drawn in order and fitted one per core (as many at once as
+    CHANCE_MEMORY holds at `draw_bytes` a draw), each on one BLAS thread (scipy's assignment releases the GIL; BLAS
+    threads of several fits at once only wait on each other)."""
     orders = [shuffle(rng) for _ in range(CHANCE_DRAWS)]
-    with threadpool_limits(limits=1, user_api="blas"), \
-            ThreadPoolExecutor(max_workers=min(CHANCE_DRAWS, settings.cores())) as pool:
+    workers = max(1, min(CHANCE_DRAWS, settings.cores(), CHANCE_MEMORY // max(draw_bytes, 1)))
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
         draws = np.array(list(pool.map(fit_quality, orders)))
     return float(draws.mean()), float(draws.std(ddof=1)), float(draws.max())
 
@@ -175,7 +180,10 @@ def _top_right_singular_vectors(e: np.ndarray, k: int) -> np.ndarray:
     if min(e.shape) <= FULL_SVD_WIDTH:
         return np.linalg.svd(e, full_matrices=False)[2][:k].T
     start = np.random.default_rng(0).standard_normal(min(e.shape))  # ARPACK's start: fixed, so results repeat
-    return svds(e, k=k, tol=0, v0=start, solver="arpack", return_singular_vectors="vh")[2].T
+    try:
+        return svds(e, k=k, tol=0, v0=start, solver="arpack", return_singular_vectors="vh")[2].T
+    except ArpackNoConvergence:  # nearly equal k-th and next singular values: the full SVD decides
+        return np.linalg.svd(e, full_matrices=False)[2][:k].T
 
 
 def by_tokens(es: np.ndarray, ec: np.ndarray, rng: np.random.Generator) -> list[Fit]:
@@ -198,7 +206,8 @@ def by_tokens(es: np.ndarray, ec: np.ndarray, rng: np.random.Generator) -> list[
         def shuffled(order, fitter=fitter, fs=fs, fc=fc):
             return fitter((fs, fc[order]), (js, jc[order]))[1]
 
-        fits.append(Fit(how, m, q, *_chance(shuffled, rng, lambda g: g.permutation(n))))
+        # A draw holds about seven (tokens, width) float64 arrays: the shuffled rows, their standardised copies.
+        fits.append(Fit(how, m, q, *_chance(shuffled, rng, lambda g: g.permutation(n), 7 * 8 * n * ec.shape[1])))
     return fits
 
 
