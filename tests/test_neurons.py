@@ -532,7 +532,7 @@ def test_token_maps_equal_their_dense_numpy_oracle(monkeypatch):
     np.testing.assert_allclose(residual.without_shared_components(e), oracle, atol=1e-10)
 
     fs, fc = residual._standard(e), residual._standard(e[:, rng.permutation(80)] + 0.5 * rng.standard_normal(e.shape))
-    js, jc = rng.standard_normal((600, 70)), rng.standard_normal((600, 80))
+    js, jc = residual._standard(rng.standard_normal((600, 70))), rng.standard_normal((600, 80))
     m, quality = residual._permutation_fit((fs[:, :70], fc), (js, jc))
     assert sorted(np.abs(m).sum(axis=0)) == [1.0] * 70 and set(np.unique(m)) <= {-1.0, 0.0, 1.0}
     assert quality == pytest.approx(residual._quality(js, jc @ m), abs=1e-14)

@@ -213,37 +213,15 @@ def _q8_0_codes(blocks: np.ndarray) -> list[np.ndarray]:
 _Q5_0 = np.dtype([("d", "<f2"), ("high0", "V2"), ("high1", "V2"), ("low", "V16")])
 
 
-def _q5_0_codes(blocks: np.ndarray) -> list[np.ndarray]:
-    """The int8 codes q - 16 of Q5_0 blocks, values 0-15 and 16-31 of each block apart (ggml's
-    dequantize_row_q5_0). Eight codes at a time in uint64 lanes: a code with its high bit set is its low bits; one
-    without is them less 16, the low bits with 0xF0 over them. The fields are copied out whole, and each half is
-    worked on as one flat run: numpy's loops over rows of a few lanes (a strided copy, a bitwise op on a column)
-    cost several times a flat pass."""
-    fields = np.ascontiguousarray(blocks).reshape(-1).view(_Q5_0)
-    n = len(fields)
-    low = fields["low"].copy().view(np.uint64)  # a copy always: it is shifted in place below, and the read buffer
-    # must stay as read (its hash may still be queued); one block's field would be contiguous, hence not copied
-    bits = np.empty((2, n), "V2")
-    bits[0], bits[1] = fields["high0"], fields["high1"]
-    codes = np.unpackbits(bits.view(np.uint8), bitorder="little").view(np.uint64).reshape(2, -1)
-    codes ^= _ONES
-    codes *= _SIGN
-    codes[0] |= low & _LOW4
-    low >>= _U4
-    low &= _LOW4
-    codes[1] |= low
-    return [half.view(np.int8).reshape(n, 16) for half in codes]
-
-
-# Q4_0 and Q4_1 blocks: a float16 scale (and, for Q4_1, a float16 minimum), then 16 bytes holding value j in byte
-# j's low half and value j + 16 in its high half.
+# Q4_0 and Q4_1 blocks: a float16 scale (and, for Q4_1, a float16 minimum), then 16 bytes holding value j's four bits
+# in byte j's low half and value j + 16's in its high half, as Q5_0's low bits are.
 _Q4_0 = np.dtype([("d", "<f2"), ("low", "V16")])
 _Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("low", "V16")])
 
 
 def _nibbles(blocks: np.ndarray, layout: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The 4-bit codes of Q4_0 / Q4_1 blocks as uint8 (2, blocks, 16) (values 0-15, then 16-31), and the blocks'
-    fields."""
+    """The 4-bit codes (for Q5_0 the low four bits) of blocks of `layout` as uint8 (2, blocks, 16) (values 0-15,
+    then 16-31), in a new array (the blocks are the read buffer, which stays as read), and the blocks' fields."""
     fields = np.ascontiguousarray(blocks).reshape(-1).view(layout)
     low = np.ascontiguousarray(fields["low"]).view(np.uint64)
     codes = np.empty((2, len(low)), np.uint64)
@@ -251,6 +229,21 @@ def _nibbles(blocks: np.ndarray, layout: np.dtype) -> tuple[np.ndarray, np.ndarr
     np.right_shift(low, _U4, out=codes[1])
     codes[1] &= _LOW4
     return codes.view(np.uint8).reshape(2, len(fields), 16), fields
+
+
+def _q5_0_codes(blocks: np.ndarray) -> list[np.ndarray]:
+    """The int8 codes q - 16 of Q5_0 blocks, values 0-15 and 16-31 of each block apart (ggml's
+    dequantize_row_q5_0). Eight codes at a time in uint64 lanes: a code with its high bit set is its low bits; one
+    without is them less 16, the low bits with 0xF0 over them. Each half is worked on as one flat run: numpy's loops
+    over rows of a few lanes (a strided copy, a bitwise op on a column) cost several times a flat pass."""
+    nibbles, fields = _nibbles(blocks, _Q5_0)
+    bits = np.empty((2, len(fields)), "V2")
+    bits[0], bits[1] = fields["high0"], fields["high1"]
+    codes = np.unpackbits(bits.view(np.uint8), bitorder="little").view(np.uint64).reshape(2, -1)
+    codes ^= _ONES
+    codes *= _SIGN
+    codes |= nibbles.reshape(2, -1).view(np.uint64)
+    return list(codes.view(np.int8).reshape(2, len(fields), 16))
 
 
 def _q4_0_codes(blocks: np.ndarray) -> list[np.ndarray]:
@@ -387,8 +380,8 @@ def _q6_k_sums(blocks: np.ndarray) -> tuple[float, float] | None:
 def _code_sums(qtype: GGMLQuantizationType):
     """Blocks -> (sum, sum of squares) of their values in float64 from the scales and codes, or None where a scale
     is not finite (the caller then decodes those blocks and counts what is NaN or Inf). Each block's terms are exact
-    in float64; for Q8_0 and Q5_0 they are also exactly the float32 values decoded, for the K-quants those of the
-    exact values, which float32 decoding may round (measured: within 1e-14 in the sums)."""
+    in float64; for Q8_0, Q5_0 and Q4_0 they are also exactly the float32 values decoded, for Q4_1 and the K-quants
+    those of the exact values, which float32 decoding may round (measured: within 1e-14 in the sums)."""
     if qtype in OWN_SUMS:
         return OWN_SUMS[qtype]
     codes = SCALED_CODES.get(qtype)

@@ -96,34 +96,27 @@ def _standard(x: np.ndarray) -> np.ndarray:
     return x / np.where(n > 0, n, 1.0)
 
 
-def _signed_match(corr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each row's one-to-one match on |corr|: (rows, columns, signs of their r)."""
+def _signed_match(corr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's one-to-one match on |corr|: M (columns x rows of corr) with ±1 at the matches, and the matches
+    (rows, columns, signs of their r)."""
     rows, cols = linear_sum_assignment(np.abs(corr), maximize=True)
-    return rows, cols, np.where(corr[rows, cols] < 0, -1.0, 1.0)
-
-
-def signed_assignment(corr: np.ndarray) -> tuple[np.ndarray, float]:
-    """M (columns x rows of corr) placing ±1 at each row's one-to-one match on |corr|, and the mean matched |r|."""
-    rows, cols, signs = _signed_match(corr)
+    signs = np.where(corr[rows, cols] < 0, -1.0, 1.0)
     m = np.zeros((corr.shape[1], corr.shape[0]))
     m[cols, rows] = signs
-    return m, float(np.abs(corr[rows, cols]).mean())
+    return m, rows, cols, signs
 
 
 def _permutation_fit(fit: tuple[np.ndarray, np.ndarray], judge: tuple[np.ndarray, np.ndarray]) -> tuple:
-    """Signed permutation fitted on `fit` (standardised columns of both sides), its quality read on `judge`.
+    """Signed permutation fitted on `fit` (standardised columns of both sides), its quality read on `judge` (the
+    suspect's side standardised already, as `_quality` takes it).
 
     The quality is `_quality(judge[0], judge[1] @ M)` without the dense (tokens x d) by (d x d) product: a column of
     the product is one signed column of judge[1] (or zero), and standardising commutes with picking columns and
     with their signs, so each matched pair's correlation is that of the two columns, signed."""
-    corr = fit[0].T @ fit[1]
-    rows, cols, signs = _signed_match(corr)
-    m = np.zeros((corr.shape[1], corr.shape[0]))
-    m[cols, rows] = signs
-    per = np.zeros(corr.shape[0])
+    m, rows, cols, signs = _signed_match(fit[0].T @ fit[1])
+    per = np.zeros(m.shape[1])
     # np.take: several times faster than indexing, for columns
-    per[rows] = np.sum(np.take(_standard(judge[0]), rows, axis=1) * np.take(_standard(judge[1]), cols, axis=1),
-                       axis=0) * signs
+    per[rows] = np.sum(np.take(judge[0], rows, axis=1) * np.take(_standard(judge[1]), cols, axis=1), axis=0) * signs
     return m, float(per.mean())
 
 
@@ -135,8 +128,9 @@ def _orthogonal_fit(fit: tuple[np.ndarray, np.ndarray], judge: tuple[np.ndarray,
 
 
 def _quality(target: np.ndarray, mapped: np.ndarray) -> float:
-    """Mean over the suspect's coordinates of the correlation of each with what the map puts there."""
-    return float(np.sum(_standard(target) * _standard(mapped), axis=0).mean())
+    """Mean over the suspect's coordinates of the correlation of each with what the map puts there; `target`
+    standardised already (`_standard`: it is the same for the fit and every chance draw)."""
+    return float(np.sum(target * _standard(mapped), axis=0).mean())
 
 
 # The working memory of the chance draws fitted at once: a draw of 8192 tokens at a 7B width holds about 1.5 GB.
@@ -177,13 +171,13 @@ FULL_SVD_WIDTH = 1024
 
 def _top_right_singular_vectors(e: np.ndarray, k: int) -> np.ndarray:
     """(d, k): an orthonormal basis of e's k leading right singular directions."""
-    if min(e.shape) <= FULL_SVD_WIDTH:
-        return np.linalg.svd(e, full_matrices=False)[2][:k].T
-    start = np.random.default_rng(0).standard_normal(min(e.shape))  # ARPACK's start: fixed, so results repeat
-    try:
-        return svds(e, k=k, tol=0, v0=start, solver="arpack", return_singular_vectors="vh")[2].T
-    except ArpackNoConvergence:  # nearly equal k-th and next singular values: the full SVD decides
-        return np.linalg.svd(e, full_matrices=False)[2][:k].T
+    if min(e.shape) > FULL_SVD_WIDTH:
+        start = np.random.default_rng(0).standard_normal(min(e.shape))  # ARPACK's start: fixed, so results repeat
+        try:
+            return svds(e, k=k, tol=0, v0=start, solver="arpack", return_singular_vectors="vh")[2].T
+        except ArpackNoConvergence:
+            pass  # nearly equal k-th and next singular values: the full SVD decides
+    return np.linalg.svd(e, full_matrices=False)[2][:k].T
 
 
 def by_tokens(es: np.ndarray, ec: np.ndarray, rng: np.random.Generator) -> list[Fit]:
@@ -193,7 +187,7 @@ def by_tokens(es: np.ndarray, ec: np.ndarray, rng: np.random.Generator) -> list[
     the embeddings without their shared components (`without_shared_components`), where only lineage lines up."""
     es, ec = es.astype(np.float64), ec.astype(np.float64)
     cs, cc = es - es.mean(axis=0), ec - ec.mean(axis=0)
-    js, jc = without_shared_components(es), without_shared_components(ec)
+    js, jc = _standard(without_shared_components(es)), without_shared_components(ec)
     zs, zc = _standard(cs), _standard(cc)
     n = len(es)
     fits = []
