@@ -3,6 +3,7 @@ received, independently initialised pairs no more often significant than alpha, 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +16,7 @@ from forensics.corpus import load_corpus
 from forensics.errors import ForensicsError
 from forensics.fingerprint import fingerprint_model
 from forensics.lab import transforms as T
-from forensics.signals.neurons import Screen, read_sketch, selection
+from forensics.signals.neurons import Screen, _row_max, _row_min, read_sketch, selection
 from forensics.stats import residual
 from forensics.sources.vocabulary import canonical, shared_tokens, vocabulary
 from forensics.stats.compare import Settings, compare_case
@@ -184,6 +185,54 @@ def test_the_screened_search_finds_every_units_best_matching(lineage, suspect, n
             stats_, where, _ = got[flip]
             np.testing.assert_allclose(stats_, exact.max(axis=1), atol=1e-5)
             assert (exact[np.arange(len(where)), where] >= exact.max(axis=1) - 1e-5).all()
+
+
+def test_the_screens_integer_extremes_equal_torchs_bfloat16_ones():
+    """Signed zeros, rows all negative, all positive and mixed, magnitudes from 1e-3 to 1e3, and slices of a wider
+    product (as the screen takes them)."""
+    g = torch.Generator().manual_seed(0)
+    for case in range(60):
+        x = (torch.randn(7, 90, generator=g) * 10.0 ** (case % 7 - 3)).bfloat16()
+        x = {1: -x.abs(), 2: x.abs()}.get(case % 4, x)
+        if case % 5 == 0:
+            x[0, :3], x[1] = 0.0, -0.0
+        view = x[:, 10:70].unflatten(1, (2, 30))
+        assert torch.equal(_row_max(torch, view), view.amax(dim=-1))
+        assert torch.equal(_row_min(torch, view), view.amin(dim=-1))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_screen_that_cuts_wide_units_into_pieces_equals_the_whole_units(lineage, native):
+    dims = np.eye(32)
+    mt = _Matcher(read_sketch(lineage / "upcycled", dims), read_sketch(lineage / "parent", dims), FAST)
+    whole, widths = np.concatenate(mt.cand), [len(c) for c in mt.cand]
+    rows = len(mt.sus)
+    # Blocks of 2/5 of a unit's products: every unit is cut into three pieces, a block each.
+    cut = Screen(whole, widths, rows, native=native, block_bytes=2 * rows * widths[0] * 2 // 5)
+    assert len(cut.blocks) > len(widths)
+    kept = Screen(whole, widths, rows, native=native)
+    for draw in [()] + [mt.draw(np.random.default_rng(k)) for k in range(3)]:
+        x = mt.sus[:, np.argsort(draw[0])] * draw[1][np.argsort(draw[0])] if draw else mt.sus
+        a, b = cut(x, mt.offsets, (False, True)), kept(x, mt.offsets, (False, True))
+        for flip in (False, True):
+            np.testing.assert_array_equal(a[flip], b[flip])
+
+
+def test_candidate_units_visited_at_once_give_the_bits_of_one_after_another(lineage):
+    dims = np.eye(32)
+    sus, cand = read_sketch(lineage / "upcycled", dims), read_sketch(lineage / "parent", dims)
+    alone = match_test(sus, cand, FAST)
+    mt = _Matcher(sus, cand, FAST)
+    rng = np.random.default_rng(1)
+    for draw in [()] + [mt.draw(rng) for _ in range(3)]:
+        one = mt.unit_stats(*draw, detail=True, flips=(False, True))
+        with ThreadPoolExecutor(max_workers=2) as mt.pool:
+            both = mt.unit_stats(*draw, detail=True, flips=(False, True))
+        mt.pool = None
+        for flip in (False, True):
+            np.testing.assert_array_equal(one[flip][0], both[flip][0])
+            np.testing.assert_array_equal(one[flip][1], both[flip][1])
+    assert alone == match_test(sus, cand, FAST)
 
 
 def test_sketch_is_invariant_to_output_preserving_edits(lineage):

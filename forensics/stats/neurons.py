@@ -27,6 +27,7 @@ the models and run in forensics.pipeline.neuron_test, steps 3-5 are `match_test`
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -35,6 +36,7 @@ from scipy import stats
 from scipy.optimize import linear_sum_assignment
 from threadpoolctl import threadpool_limits
 
+from forensics import settings
 from forensics.errors import ForensicsError
 from forensics.signals.neurons import Screen, Sketch, UnitKey
 from forensics.seeds import rng_for
@@ -124,6 +126,7 @@ class _Matcher:
         self.cand = [whole[a:b] for a, b in zip(ends, ends[1:])]
         self.screen = Screen(whole, widths, len(self.sus))
         self.k = sus.units[self.sus_units[0]][self.parts[0]].shape[1]
+        self.pool: ThreadPoolExecutor | None = None  # where the candidate units of one round are visited at once
 
     def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Column order and signs of one random signed permutation, the same in every part."""
@@ -174,11 +177,19 @@ class _Matcher:
                 searching, at = searching[reach], at[reach]
             if not len(searching):
                 break
-            for j in np.unique(at):
-                units = searching[at == j]
+            def visits(j: int, units: np.ndarray) -> None:
                 product = side[np.concatenate([self.rows[i] for i in units])] @ self.cand[j].T
                 for i, part in zip(units, np.split(product, np.cumsum([len(self.rows[i]) for i in units])[:-1])):
                     visit(i, j, part)
+
+            # The candidates of a round are visited by distinct units, so they run at once, each product on one
+            # BLAS thread (the same bits as one after another); numpy's product releases the GIL.
+            work = [(j, searching[at == j]) for j in np.unique(at)]
+            if self.pool is None or len(work) == 1:
+                for j, units in work:
+                    visits(j, units)
+            else:
+                list(self.pool.map(lambda job: visits(*job), work))
         return best, best_j, matches
 
 
@@ -234,8 +245,9 @@ def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[
         return np.array([unit_values[mask].mean() for mask in of_layer])
 
     # The matcher's own products are one unit pair each: too small for several BLAS threads to pay (they then mostly
-    # wait on each other); the screen's large ones run on torch's threads. The observation and the draws alike.
-    with threadpool_limits(limits=1, user_api="blas"):
+    # wait on each other), so they run side by side instead; the screen's large ones run on torch's threads. The
+    # observation and the draws alike.
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=settings.cores()) as mt.pool:
         observed, obs_layers, where, same_index, flipped = _best_sign(mt, per_layer, (), both_signs, detail=True)
         ge_units, ge_layers, ge_total, null_totals = _null(mt, s, observed, obs_layers, per_layer, progress,
                                                            both_signs)
