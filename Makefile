@@ -99,7 +99,7 @@ bench-activations: $(STAMP)
 bench-case: $(STAMP)
 	$(PY) bench/bench_case.py
 
-# Neuron matching on a 7B-sized pair (Llama-2-7B shapes, 2 x 13.5 GB written once to out/bench-neurons): its cost.
+# Neuron matching on bench-case's 7B pair (2 x 15.2 GB in out/bench-7b): its cost against the passes and openssl.
 bench-neurons: $(STAMP)
 	$(PY) bench/bench_neurons.py
 

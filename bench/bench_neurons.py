@@ -1,14 +1,15 @@
-"""`make bench-neurons`: what neuron matching costs on a 7B-sized pair (Llama-2-7B shapes), on this machine.
+"""`make bench-neurons`: what neuron matching costs on a 7B pair, against the passes that read it, on this machine.
 
-Two independently drawn checkpoints with Llama-2-7B's shapes (hidden 4096, FFN 11008, 32 layers, vocabulary 32000;
-fp16, sharded safetensors, ~13.5 GB each) are written once into a cache folder, then `neuron_test` runs on the pair as
-a case would: each model read twice from disk (embedding rows, then the FFN sketches), one tensor at a time, then the
-exact permutation test. Independent weights are the expensive case: no early stop in the matching helps.
+The pair is bench-case's: bench-activations' Qwen2-7B-shaped checkpoint (bf16, 15.2 GB, out/bench-7b/, written once
+from seeded random weights) and its child with every layer's FFN neurons permuted, written once beside it. A derived
+pair is the expensive case: its null draws never reach the observation, so the sequential stop never cuts them, and
+all T are made (an unrelated pair's alignment is refused before any matching). `neuron_test` runs as it does alone:
+the look-ups (embedding rows, the token alignment), one pass per model that reads and hashes every file and keeps its
+FFN sketch, then the exact permutation test (28 suspect units of 16 neurons against 28 units of 18,944).
 
-Prints the wall time of each stage, the peak RSS (it must stay far below one model's size: the two models are never
-held whole), and the ratio to `sha256sum` of the same files (the least any tool that reads the evidence pays).
-`--layers N` writes and tests an N-layer model of the same widths instead (quicker; the reading time scales with N,
-the matching with N^2).
+Printed: each stage's wall time, the matching's time per draw, its ratio to the two passes (#12: matching at a
+fraction of the pass) and to `openssl dgst -sha256` of both models (the SHA-NI floor), the peak RSS, and a JSON line.
+The page cache is emptied before the floor and before the test where this process may (as root); `--warm` keeps it.
 """
 
 from __future__ import annotations
@@ -17,112 +18,87 @@ import argparse
 import json
 import multiprocessing
 import resource
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-HIDDEN, FFN, VOCAB, HEADS = 4096, 11008, 32000, 32
-
-
-def write_model(path: Path, layers: int, seed: int) -> None:
-    """A Llama-shaped fp16 checkpoint, one shard per layer, written without holding more than one layer."""
-    from safetensors.numpy import save_file
-    from tokenizers import Tokenizer, models
-
-    from shards import write_shards
-
-    if (path / "model.safetensors.index.json").is_file():
-        return
-    tmp = path.with_suffix(".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-
-    def w(*shape):
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
-
-    def layer(i: int) -> dict:
-        p = f"model.layers.{i}."
-        return {
-            p + "self_attn.q_proj.weight": w(HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": w(HIDDEN, HIDDEN),
-            p + "self_attn.v_proj.weight": w(HIDDEN, HIDDEN), p + "self_attn.o_proj.weight": w(HIDDEN, HIDDEN),
-            p + "mlp.gate_proj.weight": w(FFN, HIDDEN), p + "mlp.up_proj.weight": w(FFN, HIDDEN),
-            p + "mlp.down_proj.weight": w(HIDDEN, FFN),
-            p + "input_layernorm.weight": np.ones(HIDDEN, np.float16),
-            p + "post_attention_layernorm.weight": np.ones(HIDDEN, np.float16),
-        }
-
-    # Made lazily and in this order, so the draws (and the files) are those of one seeded stream.
-    write_shards(tmp, [("embed", lambda: {"model.embed_tokens.weight": w(VOCAB, HIDDEN)}),
-                       *((f"layer{i:02d}", lambda i=i: layer(i)) for i in range(layers)),
-                       ("head", lambda: {"model.norm.weight": np.ones(HIDDEN, np.float16),
-                                         "lm_head.weight": w(VOCAB, HIDDEN)})], save_file)
-    (tmp / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
-        "intermediate_size": FFN, "num_hidden_layers": layers, "num_attention_heads": HEADS,
-        "num_key_value_heads": HEADS, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "torch_dtype": "float16"}))
-    Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0")).save(str(tmp / "tokenizer.json"))
-    tmp.rename(path)
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--permutations", type=int, default=199)
-    ap.add_argument("--cache", type=Path, default=Path("out/bench-neurons"))
+    ap.add_argument("--warm", action="store_true", help="keep the page cache as it is before the floor and the test")
     args = ap.parse_args(argv)
 
-    from forensics import pipeline
-    from forensics.signals import neurons as S
-    from forensics.stats.neurons import NeuronSettings
+    from bench_activations import write_model
+    from bench_case import drop_page_cache, write_child
 
-    a, b = args.cache / f"a-{args.layers}", args.cache / f"b-{args.layers}"
-    t0 = time.perf_counter()
+    parent = ROOT / "out" / "bench-7b" / "qwen2-7b-shaped"
+    child = ROOT / "out" / "bench-7b" / "qwen2-7b-shaped-permuted"
+    t = time.perf_counter()
     # Written in child processes, so that the peak RSS printed below is the test's own.
-    for path, seed in ((a, 1), (b, 2)):
-        writer = multiprocessing.get_context("spawn").Process(target=write_model, args=(path, args.layers, seed))
+    for make, args_, target in ((write_model, (parent,), parent), (write_child, (parent, child), child)):
+        writer = multiprocessing.get_context("spawn").Process(target=make, args=args_)
         writer.start()
         writer.join()
         if writer.exitcode:
-            raise SystemExit(f"writing {path} failed")
-    size = sum(f.stat().st_size for d in (a, b) for f in d.iterdir())
-    print(f"pair: 2 x {args.layers} layers of Llama-2-7B width, {size / 1e9:.1f} GB on disk "
-          f"(written in {time.perf_counter() - t0:.0f} s, or reused)")
+            raise SystemExit(f"writing {target} failed")
+    print(f"pair written in {time.perf_counter() - t:.0f} s (or reused)")
 
-    files = [str(f) for d in (a, b) for f in sorted(d.glob("*.safetensors"))]
+    files = [str(f) for d in (child, parent) for f in sorted(d.glob("*.safetensors"))]
+    size = sum(Path(f).stat().st_size for f in files)
+    cold = not args.warm and drop_page_cache()
     t = time.perf_counter()
-    subprocess.run(["sha256sum", *files], check=True, stdout=subprocess.DEVNULL)
-    sha = time.perf_counter() - t
+    subprocess.run(["openssl", "dgst", "-sha256", *files], check=True, stdout=subprocess.DEVNULL)
+    floor = time.perf_counter() - t
 
-    stages = {}
-    orig = {name: getattr(S, name) for name in ("read_embedding_rows", "read_sketch")}
+    from forensics import pipeline
+    from forensics.signals import neurons as signals
+    from forensics.stats import neurons as stats
+    from forensics.stats.neurons import NeuronSettings
 
-    def timed(name):
+    stages: dict[str, float] = {}
+
+    def timed(module, name: str, stage: str) -> None:
+        inner = getattr(module, name)
+
         def run(*a, **k):
             t = time.perf_counter()
-            out = orig[name](*a, **k)
-            stages[name] = stages.get(name, 0.0) + time.perf_counter() - t
-            return out
-        return run
+            try:
+                return inner(*a, **k)
+            finally:
+                stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - t
+        setattr(module, name, run)
 
-    S.read_embedding_rows, S.read_sketch = timed("read_embedding_rows"), timed("read_sketch")
-    settings = NeuronSettings(permutations=args.permutations)
+    # The pipeline imports these where it calls them, so the timed ones are those it runs.
+    timed(signals, "read_sketch", "passes")
+    timed(stats, "match_test", "matching")
+    if cold:
+        drop_page_cache()
     t = time.perf_counter()
-    r = pipeline.neuron_test(a, b, settings)
+    r = pipeline.neuron_test(child, parent, NeuronSettings(permutations=args.permutations))
     total = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    read = stages["read_embedding_rows"] + stages["read_sketch"]
-    matching = total - read
-    print(f"sha256sum of both models: {sha:.1f} s")
-    print(f"neuron_test: {total:.1f} s in all = reading {read:.1f} s (embeddings {stages['read_embedding_rows']:.1f} s, "
-          f"FFN sketches {stages['read_sketch']:.1f} s) + alignment and matching {matching:.1f} s "
-          f"(T = {args.permutations}: {matching / (args.permutations + 1):.2f} s per draw)")
-    print(f"peak RSS {peak:.2f} GB (one model on disk: {size / 2e9:.1f} GB)")
-    print(f"ratio to sha256sum: {total / sha:.1f}x; p = {r['pvalue']:.3g} (independent pair)")
+    if r.get("status") != "compared":
+        raise SystemExit(f"the pair was not compared: {r.get('reason')}")
+    passes, matching = stages["passes"], stages["matching"]
+    row = {"input_gb": round(size / 1e9, 2), "openssl_s": round(floor, 1), "total_s": round(total, 1),
+           "look_ups_and_alignment_s": round(total - passes - matching, 1), "passes_s": round(passes, 1),
+           "matching_s": round(matching, 1), "draws": r["draws"],
+           "per_draw_s": round(matching / (r["draws"] + 1), 3),
+           "matching_over_passes": round(matching / passes, 2), "matching_over_openssl": round(matching / floor, 2),
+           "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+           "pvalue": r["pvalue"], "page_cache": "emptied before the floor and the test" if cold else "kept"}
+    print(json.dumps(row))
+    print(f"\nneuron_test on 2 x {size / 2e9:.1f} GB: {row['total_s']} s = look-ups and alignment "
+          f"{row['look_ups_and_alignment_s']} s + two passes {row['passes_s']} s + matching {row['matching_s']} s "
+          f"({row['draws']} draws and the observation, {row['per_draw_s']} s each); matching = "
+          f"{row['matching_over_passes']}x the passes, {row['matching_over_openssl']}x openssl of both "
+          f"({row['openssl_s']} s); peak RSS {row['peak_rss_gb']} GB; p = {r['pvalue']:.3g} (derived pair); page "
+          f"cache {row['page_cache']}")
     return 0
 
 
