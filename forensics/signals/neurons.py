@@ -491,7 +491,7 @@ def read_record(path: Path, dims: int, tokens: int, seed: int) -> Record:
 SCREEN_BYTES = 8 << 20  # one block of the screen's products: 8 MiB ran 10-25 % faster than 32 (the demo pair)
 
 
-def _pieces(widths: list[int], rows: int, block_bytes: int) -> list[int]:
+def _pieces(widths: list[int], rows: int, block_bytes: int) -> list[tuple[int, int]]:
     """Each candidate unit's width, a unit whose product with `rows` suspect neurons alone exceeds `block_bytes` in
     bfloat16 cut into near-equal pieces that fit (a 7B FFN's 18,944 neurons against 448 rows: 17 MB of products, at
     half the speed of 8 MiB blocks): [(unit, width)] in row order."""

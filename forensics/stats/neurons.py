@@ -165,6 +165,11 @@ class _Matcher:
             if value > best[i] or (value == best[i] and j < best_j[i]):
                 best[i], best_j[i], matches[i] = value, j, (r, c)
 
+        def visits(j: int, units: np.ndarray) -> None:
+            product = side[np.concatenate([self.rows[i] for i in units])] @ self.cand[j].T
+            for i, part in zip(units, np.split(product, np.cumsum([len(self.rows[i]) for i in units])[:-1])):
+                visit(i, j, part)
+
         # In rounds: the r-th candidate unit of every unit still searching, each candidate's rows in one product with
         # those of all the units that visit it in the round (one large product costs less than several small ones).
         # A unit stops at the first candidate the screen puts below reach: the screen only falls along its order
@@ -177,11 +182,6 @@ class _Matcher:
                 searching, at = searching[reach], at[reach]
             if not len(searching):
                 break
-            def visits(j: int, units: np.ndarray) -> None:
-                product = side[np.concatenate([self.rows[i] for i in units])] @ self.cand[j].T
-                for i, part in zip(units, np.split(product, np.cumsum([len(self.rows[i]) for i in units])[:-1])):
-                    visit(i, j, part)
-
             # The candidates of a round are visited by distinct units, so they run at once, each product on one
             # BLAS thread (the same bits as one after another); numpy's product releases the GIL.
             work = [(j, searching[at == j]) for j in np.unique(at)]
