@@ -495,6 +495,8 @@ def _pieces(widths: list[int], rows: int, block_bytes: int) -> list[tuple[int, i
     """Each candidate unit's width, a unit whose product with `rows` suspect neurons alone exceeds `block_bytes` in
     bfloat16 cut into near-equal pieces that fit (a 7B FFN's 18,944 neurons against 448 rows: 17 MB of products, at
     half the speed of 8 MiB blocks): [(unit, width)] in row order."""
+    if min(widths, default=1) < 1:
+        raise ValueError("a candidate unit without neurons")
     cols = max(1, block_bytes // (2 * rows))
     out = []
     for unit, width in enumerate(widths):
@@ -576,16 +578,17 @@ class Screen:
 def _row_max(torch, view):
     """The maximum over the last axis of a bfloat16 tensor, from its bits read as int16 (several times quicker than
     torch's bfloat16 reduction). bfloat16's bits are a sign and a magnitude, so as integers the non-negative numbers
-    keep their order and lie above every negative one: where no row's maximum is negative, the integer maximum is the
-    number's; otherwise torch's bfloat16 maximum is taken."""
+    keep their order and lie above every negative one: where no row's maximum is negative, the integer maximum is
+    torch's (a maximum of zero may come out as +0 where torch gives -0: the same number); otherwise torch's bfloat16
+    maximum is taken."""
     high = view.view(torch.int16).amax(dim=-1)
     return view.amax(dim=-1) if bool((high < 0).any()) else high.view(torch.bfloat16)
 
 
 def _row_min(torch, view):
-    """The minimum over the last axis, likewise: with the magnitude bits flipped (x ^ 0x7FFF), the negative numbers
-    keep their order as integers and lie below every non-negative one; where a row has no negative number, torch's
-    bfloat16 minimum is taken."""
+    """The minimum over the last axis, likewise: with the magnitude bits flipped (x ^ 0x7FFF), the numbers with the
+    sign bit set (-0 among them) keep their order as integers and lie below every other; where some row has none,
+    torch's bfloat16 minimum is taken."""
     low = (view.view(torch.int16) ^ 0x7FFF).amin(dim=-1) ^ 0x7FFF
     return view.amin(dim=-1) if bool((low >= 0).any()) else low.view(torch.bfloat16)
 

@@ -247,10 +247,12 @@ def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[
     # The matcher's own products are one unit pair each: too small for several BLAS threads to pay (they then mostly
     # wait on each other), so they run side by side instead; the screen's large ones run on torch's threads. The
     # observation and the draws alike.
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=settings.cores()) as mt.pool:
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=settings.cores()) as pool:
+        mt.pool = pool if settings.cores() > 1 else None
         observed, obs_layers, where, same_index, flipped = _best_sign(mt, per_layer, (), both_signs, detail=True)
         ge_units, ge_layers, ge_total, null_totals = _null(mt, s, observed, obs_layers, per_layer, progress,
                                                            both_signs)
+    mt.pool = None
     T, drawn = s.permutations, len(null_totals)
     stopped = s.stop_after() is not None and ge_total >= s.stop_after()
     p_units = (1 + ge_units) / (drawn + 1)
