@@ -60,6 +60,24 @@ def write_child(parent: Path, child: Path, seed: int = 11) -> None:
     tmp.rename(child)
 
 
+def write_pair() -> tuple[Path, Path]:
+    """bench-activations' 7B checkpoint and its neuron-permuted child (written once, each in a process of its own, so
+    that the caller's peak RSS is its own): (parent, child)."""
+    from bench_activations import write_model
+
+    parent = ROOT / "out" / "bench-7b" / "qwen2-7b-shaped"
+    child = ROOT / "out" / "bench-7b" / "qwen2-7b-shaped-permuted"
+    t = time.perf_counter()
+    for make, args_, target in ((write_model, (parent,), parent), (write_child, (parent, child), child)):
+        writer = multiprocessing.get_context("spawn").Process(target=make, args=args_)
+        writer.start()
+        writer.join()
+        if writer.exitcode:
+            raise SystemExit(f"writing {target} failed")
+    print(f"pair written in {time.perf_counter() - t:.0f} s (or reused)")
+    return parent, child
+
+
 def drop_page_cache() -> bool:
     """Empty the kernel's page cache (clean pages only, after a sync); False where this process may not."""
     subprocess.run(["sync"], check=True)
@@ -90,18 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm", action="store_true", help="keep the page cache as it is before the floor and the case")
     args = ap.parse_args(argv)
 
-    from bench_activations import write_model
-
-    parent = ROOT / "out" / "bench-7b" / "qwen2-7b-shaped"
-    child = ROOT / "out" / "bench-7b" / "qwen2-7b-shaped-permuted"
-    t = time.perf_counter()
-    for make, args_, target in ((write_model, (parent,), parent), (write_child, (parent, child), child)):
-        writer = multiprocessing.get_context("spawn").Process(target=make, args=args_)
-        writer.start()
-        writer.join()
-        if writer.exitcode:
-            raise SystemExit(f"writing {target} failed")
-    print(f"pair written in {time.perf_counter() - t:.0f} s (or reused)")
+    parent, child = write_pair()
 
     files = [str(f) for d in (child, parent) for f in sorted(d.iterdir())]
     size = sum(Path(f).stat().st_size for f in files)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import resource
 import subprocess
 import sys
@@ -34,20 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm", action="store_true", help="keep the page cache as it is before the floor and the test")
     args = ap.parse_args(argv)
 
-    from bench_activations import write_model
-    from bench_case import drop_page_cache, write_child
+    from bench_case import drop_page_cache, write_pair
 
-    parent = ROOT / "out" / "bench-7b" / "qwen2-7b-shaped"
-    child = ROOT / "out" / "bench-7b" / "qwen2-7b-shaped-permuted"
-    t = time.perf_counter()
-    # Written in child processes, so that the peak RSS printed below is the test's own.
-    for make, args_, target in ((write_model, (parent,), parent), (write_child, (parent, child), child)):
-        writer = multiprocessing.get_context("spawn").Process(target=make, args=args_)
-        writer.start()
-        writer.join()
-        if writer.exitcode:
-            raise SystemExit(f"writing {target} failed")
-    print(f"pair written in {time.perf_counter() - t:.0f} s (or reused)")
+    parent, child = write_pair()
 
     files = [str(f) for d in (child, parent) for f in sorted(d.glob("*.safetensors"))]
     size = sum(Path(f).stat().st_size for f in files)

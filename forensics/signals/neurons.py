@@ -505,11 +505,9 @@ def _pieces(widths: list[int], rows: int, block_bytes: int) -> list[tuple[int, i
     return out
 
 
-def _runs(widths: list[int], rows: int, block_bytes: int = SCREEN_BYTES
-          ) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """Blocks of consecutive pieces of candidate units (`_pieces`), (first row, end row, [(pieces, width)] runs of one
-    width), whose products with `rows` suspect neurons fit `block_bytes` in bfloat16."""
-    pieces = [width for _, width in _pieces(widths, rows, block_bytes)]
+def _runs(pieces: list[int], rows: int, block_bytes: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Blocks of consecutive pieces of candidate units (their widths, `_pieces`), (first row, end row, [(pieces,
+    width)] runs of one width), whose products with `rows` suspect neurons fit `block_bytes` in bfloat16."""
     blocks, start, k = [], 0, 0
     while k < len(pieces):
         end, runs = start, []
@@ -537,9 +535,10 @@ class Screen:
 
         self.torch = torch
         self.cand = torch.from_numpy(cand).to(torch.bfloat16)
-        self.blocks = _runs(widths, rows, block_bytes)
+        pieces = _pieces(widths, rows, block_bytes)
+        self.blocks = _runs([width for _, width in pieces], rows, block_bytes)
         # Where a unit was cut, its pieces' extremes are combined: the first piece of each unit.
-        of_piece = np.array([unit for unit, _ in _pieces(widths, rows, block_bytes)])
+        of_piece = np.array([unit for unit, _ in pieces])
         self.firsts = np.flatnonzero(np.r_[True, of_piece[1:] != of_piece[:-1]])
         # Where the CPU has no bfloat16 instructions, the same products are float32 ones of the rounded inputs,
         # rounded to bfloat16 as the native ones are (so that the two paths agree to float32's accumulation order).

@@ -26,6 +26,7 @@ the models and run in forensics.pipeline.neuron_test, steps 3-5 are `match_test`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -247,8 +248,10 @@ def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[
     # The matcher's own products are one unit pair each: too small for several BLAS threads to pay (they then mostly
     # wait on each other), so they run side by side instead; the screen's large ones run on torch's threads. The
     # observation and the draws alike.
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=settings.cores()) as pool:
-        mt.pool = pool if settings.cores() > 1 else None
+    cores = settings.cores()
+    with threadpool_limits(limits=1, user_api="blas"), \
+            (ThreadPoolExecutor(max_workers=cores) if cores > 1 else contextlib.nullcontext()) as pool:
+        mt.pool = pool
         observed, obs_layers, where, same_index, flipped = _best_sign(mt, per_layer, (), both_signs, detail=True)
         ge_units, ge_layers, ge_total, null_totals = _null(mt, s, observed, obs_layers, per_layer, progress,
                                                            both_signs)
