@@ -17,7 +17,7 @@ from forensics.corpus import load_corpus
 from forensics.errors import ForensicsError
 from forensics.fingerprint import fingerprint_model
 from forensics.lab import transforms as T
-from forensics.signals.neurons import Screen, _row_max, _row_min, read_sketch, selection
+from forensics.signals.neurons import Screen, _bfloat16, _row_max, _row_min, read_sketch, selection
 from forensics.stats import residual
 from forensics.sources.vocabulary import canonical, shared_tokens, vocabulary
 from forensics.stats.compare import Settings, compare_case
@@ -206,6 +206,19 @@ def test_the_screens_integer_extremes_equal_torchs_bfloat16_ones():
             assert torch.equal(got, want)
             nonzero = want != 0
             assert torch.equal(got.view(torch.int16)[nonzero], want.view(torch.int16)[nonzero])
+
+
+def test_the_emulated_screens_rounding_is_torchs_bfloat16_bit_for_bit():
+    """Random bits of every finite float32 (subnormals, both signs, the largest, which round to infinity), and the
+    halfway cases, whose ties go to the even bfloat16 either way."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    halfway = (bits & 0xFFFF0000) | 0x8000
+    x = np.concatenate([bits, halfway, np.array([0x7F7FFFFF, 0xFF7FFFFF, 0, 0x80000000], np.uint32)]).view(np.float32)
+    x = x[np.isfinite(x)]
+    want = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(_bfloat16(x).view(np.uint32), want.view(np.uint32))
+    assert np.isinf(_bfloat16(np.array([3.4028235e38], np.float32))).all()
 
 
 @pytest.mark.parametrize("native", [True, False])

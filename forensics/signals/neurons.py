@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -489,6 +490,9 @@ def read_record(path: Path, dims: int, tokens: int, seed: int) -> Record:
 
 
 SCREEN_BYTES = 8 << 20  # one block of the screen's products: 8 MiB ran 10-25 % faster than 32 (the demo pair)
+# Emulated (float32) products, a block per core: 1 MiB counted in bfloat16 (2 MiB of float32 products) ran twice as
+# fast as torch's 8 MiB blocks on a 2-core AMD EPYC without bfloat16 instructions (a 7B pair: 0.66 s a draw, not 1.48).
+EMULATED_BYTES = 1 << 20
 
 
 def _pieces(widths: list[int], rows: int, block_bytes: int) -> list[tuple[int, int]]:
@@ -526,52 +530,82 @@ def _runs(pieces: list[int], rows: int, block_bytes: int) -> list[tuple[int, int
 class Screen:
     """Each suspect unit's mean row maximum (and minimum) against every candidate unit, from bfloat16 products in
     float32 accumulation: the order in which neuron matching (stats/neurons.py) visits candidate units, and where it
-    stops. torch's, since numpy has no bfloat16 product."""
+    stops. torch's, since numpy has no bfloat16 product; where the CPU has no bfloat16 instructions, numpy's float32
+    products of the rounded inputs instead (torch's emulation of bfloat16 is slower than float32)."""
 
     def __init__(self, cand: np.ndarray, widths: list[int], rows: int, native: bool | None = None,
-                 block_bytes: int = SCREEN_BYTES):
+                 block_bytes: int | None = None):
         """`native`: the CPU's bfloat16 products (None: where it has the instructions) or the emulated ones."""
-        import torch
+        self.native = native if native is not None else _bf16_instructions() and _mkldnn_bf16()
+        if self.native:
+            import torch
 
-        self.torch = torch
-        self.cand = torch.from_numpy(cand).to(torch.bfloat16)
-        pieces = _pieces(widths, rows, block_bytes)
-        self.blocks = _runs([width for _, width in pieces], rows, block_bytes)
+            self.cand = torch.from_numpy(cand).to(torch.bfloat16)
+        else:
+            # Held transposed, so that a block of candidate neurons is a slice of columns of one product; rounded
+            # and transposed a slice at a time (a whole transposed copy is several times slower).
+            self.cand = np.empty(cand.shape[::-1], np.float32)
+            for a in range(0, len(cand), 8192):
+                self.cand[:, a:a + 8192] = _bfloat16(cand[a:a + 8192]).T
+        block = block_bytes or (SCREEN_BYTES if self.native else EMULATED_BYTES)
+        pieces = _pieces(widths, rows, block)
+        self.blocks = _runs([width for _, width in pieces], rows, block)
         # Where a unit was cut, its pieces' extremes are combined: the first piece of each unit.
         of_piece = np.array([unit for unit, _ in pieces])
         self.firsts = np.flatnonzero(np.r_[True, of_piece[1:] != of_piece[:-1]])
-        # Where the CPU has no bfloat16 instructions, the same products are float32 ones of the rounded inputs,
-        # rounded to bfloat16 as the native ones are (so that the two paths agree to float32's accumulation order).
-        self.native = native if native is not None else (
-            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-            and _bf16_instructions())
-        if not self.native:
-            self.cand = self.cand.float()
 
-    def __call__(self, sus: np.ndarray, offsets: np.ndarray, flips: tuple[bool, ...]) -> dict[bool, np.ndarray]:
-        torch = self.torch
-        s = torch.from_numpy(np.ascontiguousarray(sus)).to(torch.bfloat16)
-        if not self.native:
-            s = s.float()
-        high, low = [], []
-        for start, end, runs in self.blocks:
-            c = self.cand[start:end]
-            product = s @ c.T
-            product = product if self.native else product.to(torch.bfloat16)
-            at = 0
-            for pieces, width in runs:
-                view = product[:, at:at + pieces * width].unflatten(1, (pieces, width))
-                high.append(_row_max(torch, view))
-                if True in flips:
-                    low.append(_row_min(torch, view))
-                at += pieces * width
+    def __call__(self, sus: np.ndarray, offsets: np.ndarray, flips: tuple[bool, ...],
+                 pool: ThreadPoolExecutor | None = None) -> dict[bool, np.ndarray]:
+        """`pool`: where the emulated products run, a block each on one BLAS thread (the native ones run on torch's
+        threads)."""
+        low_too = True in flips
+        if self.native:
+            import torch
+
+            s = torch.from_numpy(np.ascontiguousarray(sus)).to(torch.bfloat16)
+            high, low = [], []
+            for start, end, runs in self.blocks:
+                product, at = s @ self.cand[start:end].T, 0
+                for pieces, width in runs:
+                    view = product[:, at:at + pieces * width].unflatten(1, (pieces, width))
+                    high.append(_row_max(torch, view))
+                    if low_too:
+                        low.append(_row_min(torch, view))
+                    at += pieces * width
+            high = torch.cat(high, 1).float().numpy()
+            low = torch.cat(low, 1).float().numpy() if low_too else None
+        else:
+            s = _bfloat16(sus)
+
+            def extremes(block: tuple) -> list[tuple[np.ndarray, np.ndarray | None]]:
+                start, end, runs = block
+                product, at, out = s @ self.cand[:, start:end], 0, []
+                for pieces, width in runs:
+                    view = product[:, at:at + pieces * width].reshape(len(s), pieces, width)
+                    out.append((view.max(axis=2), view.min(axis=2) if low_too else None))
+                    at += pieces * width
+                return out
+
+            found = [e for block in (pool.map(extremes, self.blocks) if pool else map(extremes, self.blocks))
+                     for e in block]
+            # Rounding to bfloat16 keeps order, so the rounded extreme is the extreme of the rounded products (as
+            # the native path rounds them).
+            high = _bfloat16(np.concatenate([h for h, _ in found], axis=1))
+            low = _bfloat16(np.concatenate([m for _, m in found], axis=1)) if low_too else None
         counts = np.diff(offsets)[:, None]
 
-        def mean(parts: list, extreme) -> np.ndarray:
-            per_unit = extreme.reduceat(torch.cat(parts, 1).float().numpy(), self.firsts, axis=1)
+        def mean(extremes: np.ndarray, extreme) -> np.ndarray:
+            per_unit = extreme.reduceat(extremes, self.firsts, axis=1)
             return np.add.reduceat(per_unit, offsets[:-1], axis=0) / counts
 
         return {flip: -mean(low, np.minimum) if flip else mean(high, np.maximum) for flip in flips}
+
+
+def _bfloat16(x: np.ndarray) -> np.ndarray:
+    """Finite numbers rounded to bfloat16 (to nearest, ties to even, as torch rounds them), as float32: the low 16
+    bits of the float32 rounded away (a carry into the exponent is the rounding up it should be)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000).view(np.float32)
 
 
 def _row_max(torch, view):
@@ -590,6 +624,12 @@ def _row_min(torch, view):
     torch's bfloat16 minimum is taken."""
     low = (view.view(torch.int16) ^ 0x7FFF).amin(dim=-1) ^ 0x7FFF
     return view.amin(dim=-1) if bool((low >= 0).any()) else low.view(torch.bfloat16)
+
+
+def _mkldnn_bf16() -> bool:
+    import torch
+
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _bf16_instructions() -> bool:

@@ -70,9 +70,20 @@ def unavailable(reason: str) -> dict:
     return {"schema": SCHEMA, "status": "unavailable", "reason": reason}
 
 
-def _matrix(sketch: Sketch, unit: UnitKey, parts: list[str]) -> np.ndarray:
-    """A unit's neurons as rows of length len(parts) * dims; the dot product of two rows is their mean cosine."""
-    return np.concatenate([sketch.units[unit][p] for p in parts], axis=1) / math.sqrt(len(parts))
+def _matrix(sketch: Sketch, units: list[UnitKey], parts: list[str],
+            picks: list[np.ndarray] | None = None) -> np.ndarray:
+    """The units' neurons (those `picks` names, where given), one unit after another, as rows of length len(parts) *
+    dims: the dot product of two rows is their mean cosine. Written in place, part by part (a 7B candidate's is 0.4
+    GB)."""
+    blocks = [[sketch.units[u][p] if picks is None else sketch.units[u][p][picks[i]] for p in parts]
+              for i, u in enumerate(units)]
+    ends = np.cumsum([0] + [len(b[0]) for b in blocks])
+    k = blocks[0][0].shape[1]
+    out = np.empty((ends[-1], len(parts) * k), blocks[0][0].dtype)
+    for block, a, b in zip(blocks, ends, ends[1:]):
+        for n, rows in enumerate(block):
+            np.divide(rows, math.sqrt(len(parts)), out=out[a:b, n * k:(n + 1) * k])
+    return out
 
 
 def _lsa_mean(sim: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -108,17 +119,13 @@ class _Matcher:
         self.sus_units = sorted(sus.units)
         self.cand_units = sorted(cand.units)
         self.picks = {}
-        rows = []
         for u in self.sus_units:
-            full = _matrix(sus, u, self.parts)
-            n = full.shape[0]
-            pick = np.sort(rng_for(s.seed, "neurons", u.label()).choice(n, min(s.neurons, n), replace=False))
-            self.picks[u] = pick
-            rows.append(full[pick])
-        self.sus = np.concatenate(rows)  # (sum of m, parts * dims)
-        self.offsets = np.cumsum([0] + [len(r) for r in rows])
+            n = sus.units[u][self.parts[0]].shape[0]
+            self.picks[u] = np.sort(rng_for(s.seed, "neurons", u.label()).choice(n, min(s.neurons, n), replace=False))
+        self.sus = _matrix(sus, self.sus_units, self.parts, [self.picks[u] for u in self.sus_units])  # (sum of m, .)
+        self.offsets = np.cumsum([0] + [len(self.picks[u]) for u in self.sus_units])
         self.rows = [np.arange(a, b) for a, b in zip(self.offsets, self.offsets[1:])]
-        whole = np.concatenate([_matrix(cand, u, self.parts) for u in self.cand_units])
+        whole = _matrix(cand, self.cand_units, self.parts)
         for path, m in ((sus.path, self.sus), (cand.path, whole)):
             if not np.isfinite(m).all():
                 raise ForensicsError(path, "non-finite FFN weights: neurons cannot be matched on NaN or Inf")
@@ -142,7 +149,7 @@ class _Matcher:
         # Permuting the suspect's columns by the inverse is the same as permuting the candidate's (cosines are
         # invariant to one orthogonal map applied to both), and the suspect side is the small one.
         sus = self.sus if index is None else self.sus[:, np.argsort(index)] * signs[np.argsort(index)]
-        screen = self.screen(sus, self.offsets, flips)
+        screen = self.screen(sus, self.offsets, flips, self.pool)
         out = {}
         for flip in flips:
             stats_, where, matches = self._best_units(-sus if flip else sus, screen[flip])
