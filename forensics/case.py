@@ -91,7 +91,9 @@ class Neurons(Strict):
     enabled: bool = True
     permutations: int = Field(NeuronSettings.permutations, ge=19, le=MAX_NEURON_PERMUTATIONS,
                               description="T of the exact test; its p cannot go below 1/(T+1)")
-    neurons: int = Field(NeuronSettings.neurons, ge=2, le=MAX_NEURONS, description="suspect neurons drawn per FFN unit")
+    neurons: int = Field(NeuronSettings.neurons, ge=2, le=MAX_NEURONS,
+                         description="suspect neurons drawn per layer, split evenly over its FFN units (dense FFN, "
+                                     "experts, shared expert), at least 4 from each")
     dims: int = Field(NeuronSettings.dims, ge=8, le=MAX_DIMS,
                       description="residual dimensions kept in the neuron sketches")
     tokens: int = Field(NeuronSettings.tokens, ge=16, le=MAX_TOKENS,

@@ -194,6 +194,7 @@ class NeuronUnit(Record):
     pvalue: float
     matches: Unit
     same_index_fraction: float
+    neurons: int  # drawn from this unit (stats.neurons.unit_neurons)
 
 
 class NeuronLayer(Record):

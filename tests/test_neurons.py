@@ -23,7 +23,7 @@ from forensics.sources.vocabulary import canonical, shared_tokens, vocabulary
 from forensics.stats.compare import Settings, compare_case
 from forensics.stats.lineage import EVIDENCE, tamper_flag
 from forensics.pipeline import neuron_test
-from forensics.stats.neurons import SCREEN_MARGIN, NeuronSettings, _Matcher, match_test
+from forensics.stats.neurons import SCREEN_MARGIN, NeuronSettings, _Matcher, match_test, unit_neurons
 from tests.test_case_run import family
 from tests.test_corpus import byte_bpe
 
@@ -153,6 +153,13 @@ def test_upcycled_experts_match_the_dense_layer(lineage):
     for layer in r["layers"]:
         assert [u["unit"]["kind"] for u in layer["units"]] == ["expert", "expert"]
         assert {u["matches"]["layer"] for u in layer["units"]} == {layer["layer"]}
+        assert [u["neurons"] for u in layer["units"]] == [8, 8]  # the layer's 16, split over its two experts
+
+
+def test_a_layers_neurons_are_split_over_its_units():
+    assert [unit_neurons(16, e) for e in (1, 2, 3, 4, 5, 64)] == [16, 8, 6, 4, 4, 4]
+    assert [unit_neurons(3, e) for e in (1, 2, 64)] == [3, 3, 3]  # below the minimum: the sample asked for, from each unit
+    assert unit_neurons(1024, 64) == 16
 
 
 @pytest.mark.parametrize("suspect, native", [("upcycled", True), ("independent0", True), ("upcycled", False)])

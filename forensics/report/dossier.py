@@ -210,6 +210,13 @@ def f_rate(r: Rate, long: bool = False) -> str:
     return text
 
 
+def _drawn(neurons: int, layers) -> str:
+    """How many suspect neurons the matching drew: per layer, and per unit where a layer has several."""
+    per_unit = sorted({u.neurons for layer in layers for u in layer.units if len(layer.units) > 1})
+    each = f" ({' or '.join(map(str, per_unit))} from each of a layer's FFN units)" if per_unit else ""
+    return f"{neurons} neurons drawn per layer{each}"
+
+
 def _hash(h: str | None) -> str:
     """A 64-digit hash as two fixed 32-digit lines, so it never wraps at a random place."""
     if not h:
@@ -465,7 +472,7 @@ class _Story:
                 draws=f"the first {n.draws} of {n.n_permutations} random reorderings, stopped once p could not "
                       f"fall below the significance level" if n.stopped else f"{n.n_permutations} random reorderings",
                 p_adj=f_p(n.pvalue_adjusted), fisher=f_p(fisher.pvalue), df=fisher.df, parts=", ".join(n.parts),
-                neurons=settings.neurons, dims=settings.dims, how=a.how, quality=f_num(a.quality),
+                neurons=_drawn(settings.neurons, n.layers), dims=settings.dims, how=a.how, quality=f_num(a.quality),
                 chance=f_num(next(t.chance_mean for t in a.tried if t.how == a.how)),
                 sd=f_num(next(t.chance_sd for t in a.tried if t.how == a.how)),
                 widths=f"{a.suspect_width} of {a.candidate_width}" if a.suspect_width != a.candidate_width

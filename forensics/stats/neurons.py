@@ -5,7 +5,8 @@ the models and run in forensics.pipeline.neuron_test, steps 3-5 are `match_test`
 
 1. Align the residual streams (`stats.residual`: through shared tokens, else through the attention weights).
 2. Sketch both models' FFN neurons at `dims` residual dimensions (the candidate's through the alignment).
-3. For every suspect unit (dense FFN, expert or shared expert of a layer) draw `neurons` of its neurons, match them
+3. For every suspect unit (dense FFN, expert or shared expert of a layer) draw its share of the layer's `neurons`
+   (`unit_neurons`: all of them for a dense FFN, an even split over a layer's experts, at least 4 each), match them
    one to one to the neurons of every candidate unit with `scipy.optimize.linear_sum_assignment` on their similarity
    (the mean over gate, up and down of the cosine), and keep the best candidate unit (the candidate units are visited
    in the order of a bfloat16 screen of their row maxima, until it says none left can win): the unit statistic is that
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -42,13 +44,13 @@ from forensics.errors import ForensicsError
 from forensics.signals.neurons import Screen, Sketch, UnitKey
 from forensics.seeds import rng_for
 
-SCHEMA = "llm-forensics.neurons/1"
+SCHEMA = "llm-forensics.neurons/2"  # 2: the sample is per layer, and each unit says its share
 
 
 @dataclass(frozen=True)
 class NeuronSettings:
     permutations: int = 199  # T: p >= 1/(T+1)
-    neurons: int = 16  # suspect neurons drawn per unit
+    neurons: int = 16  # suspect neurons drawn per layer, spread over its FFN units (unit_neurons)
     dims: int = 64  # residual dimensions the sketches keep
     tokens: int = 8192  # shared tokens used for the alignment, at most
     seed: int = 0
@@ -64,6 +66,18 @@ class NeuronSettings:
         """h of Besag and Clifford's sequential p: once h null totals reach the observed one after L draws, p = h/L,
         at least h/T >= alpha, so no adjustment across candidates can bring it below alpha."""
         return math.ceil(self.alpha * self.permutations) if self.alpha else None
+
+
+# A unit's statistic is a one-to-one matching: below a few neurons it is little more than one neuron's best cosine.
+UNIT_NEURONS_MIN = 4
+
+
+def unit_neurons(neurons: int, units_in_layer: int) -> int:
+    """Neurons drawn from each of a layer's FFN units: the layer's `neurons` split evenly (rounded up), at least
+    UNIT_NEURONS_MIN each (or `neurons`, where smaller). So every layer costs the screen about the same whatever its
+    number of experts, and the layer statistic, which the test sums, rests on about `neurons` neurons in every
+    architecture: a 64-expert layer drew 64 times a dense one's with a fixed count per unit."""
+    return max(min(neurons, UNIT_NEURONS_MIN), -(-neurons // units_in_layer))
 
 
 def unavailable(reason: str) -> dict:
@@ -104,9 +118,10 @@ def _lsa_mean(sim: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     return float(sim[r, cols[c]].mean()), r, cols[c]
 
 
-# The screen's bfloat16 products are within 5e-4 of float32 ones in a unit's mean row maximum (measured on the demo
-# pair's 3,600 unit pairs over 300 draws); a unit it puts this far below the best matching found is not visited.
-SCREEN_MARGIN = 2e-3
+# The screen's bfloat16 products are within 1.1e-3 of float64 ones in a unit's mean row maximum (measured on the
+# demo pair's 3,600 unit pairs over 300 draws, 4 neurons a unit: fewer rows average its rounding less); a unit it puts
+# this far below the best matching found is not visited.
+SCREEN_MARGIN = 4e-3
 
 
 class _Matcher:
@@ -118,10 +133,12 @@ class _Matcher:
             raise ForensicsError(sus.path, "the two models share no FFN part (gate, up, down) to match neurons on")
         self.sus_units = sorted(sus.units)
         self.cand_units = sorted(cand.units)
+        per_layer = Counter(u.layer for u in self.sus_units)
         self.picks = {}
         for u in self.sus_units:
             n = sus.units[u][self.parts[0]].shape[0]
-            self.picks[u] = np.sort(rng_for(s.seed, "neurons", u.label()).choice(n, min(s.neurons, n), replace=False))
+            k = min(unit_neurons(s.neurons, per_layer[u.layer]), n)
+            self.picks[u] = np.sort(rng_for(s.seed, "neurons", u.label()).choice(n, k, replace=False))
         self.sus = _matrix(sus, self.sus_units, self.parts, [self.picks[u] for u in self.sus_units])  # (sum of m, .)
         self.offsets = np.cumsum([0] + [len(self.picks[u]) for u in self.sus_units])
         self.rows = [np.arange(a, b) for a, b in zip(self.offsets, self.offsets[1:])]
@@ -273,7 +290,7 @@ def match_test(sus: Sketch, cand: Sketch, s: NeuronSettings, progress: Callable[
         m = mt.cand_units[where[i]]
         unit_rows.append({"unit": u.as_dict(), "label": u.label(), "statistic": float(observed[i]),
                           "pvalue": float(p_units[i]), "matches": {**m.as_dict(), "label": m.label()},
-                          "same_index_fraction": same_index[i]})
+                          "same_index_fraction": same_index[i], "neurons": len(mt.picks[u])})
     null_totals = np.asarray(null_totals)
     return {
         "schema": SCHEMA, "status": "compared",
