@@ -93,7 +93,7 @@ class Neurons(Strict):
                               description="T of the exact test; its p cannot go below 1/(T+1)")
     neurons: int = Field(NeuronSettings.neurons, ge=2, le=MAX_NEURONS,
                          description="suspect neurons drawn per layer, split evenly over its FFN units (dense FFN, "
-                                     "experts, shared expert), at least 4 from each")
+                                     "experts, shared expert), at least min(4, neurons) from each")
     dims: int = Field(NeuronSettings.dims, ge=8, le=MAX_DIMS,
                       description="residual dimensions kept in the neuron sketches")
     tokens: int = Field(NeuronSettings.tokens, ge=16, le=MAX_TOKENS,

@@ -194,7 +194,7 @@ class NeuronUnit(Record):
     pvalue: float
     matches: Unit
     same_index_fraction: float
-    neurons: int  # drawn from this unit (stats.neurons.unit_neurons)
+    neurons: int | None = None  # drawn from this unit (stats.neurons.unit_neurons); absent before neurons/2
 
 
 class NeuronLayer(Record):

@@ -158,21 +158,25 @@ def test_upcycled_experts_match_the_dense_layer(lineage):
 
 def test_a_layers_neurons_are_split_over_its_units():
     assert [unit_neurons(16, e) for e in (1, 2, 3, 4, 5, 64)] == [16, 8, 6, 4, 4, 4]
-    assert [unit_neurons(3, e) for e in (1, 2, 64)] == [3, 3, 3]  # below the minimum: the sample asked for, from each unit
+    # Below the minimum: the sample asked for, from each unit.
+    assert [unit_neurons(3, e) for e in (1, 2, 64)] == [3, 3, 3]
     assert unit_neurons(1024, 64) == 16
 
 
-@pytest.mark.parametrize("suspect, native", [("upcycled", True), ("independent0", True), ("upcycled", False)])
-def test_the_screened_search_finds_every_units_best_matching(lineage, suspect, native):
+@pytest.mark.parametrize("suspect, native, neurons", [("upcycled", True, 16), ("independent0", True, 16),
+                                                     ("upcycled", False, 16), ("upcycled", True, 8)])
+def test_the_screened_search_finds_every_units_best_matching(lineage, suspect, native, neurons):
     """Against the solver on every whole similarity matrix in float64, for the observed basis and signed
     permutations, both signs of the stream and a candidate of mixed unit widths; the bfloat16 screen (native, or
-    float32 products of the rounded inputs) stays within a quarter of its margin of the exact bound."""
+    float32 products of the rounded inputs) stays within a quarter of its margin of the exact bound, with 8 neurons
+    an expert and with 4 (the fewest a unit draws, whose mean row maximum averages the rounding least)."""
     dims = np.eye(32)
     sus, cand = read_sketch(lineage / suspect, dims), read_sketch(lineage / "parent", dims)
     for k, unit in enumerate(sorted(cand.units)):
         if k % 3 == 1:
             cand.units[unit] = {p: rows[:len(rows) * 2 // 3] for p, rows in cand.units[unit].items()}
-    mt = _Matcher(sus, cand, FAST)
+    mt = _Matcher(sus, cand, replace(FAST, neurons=neurons))
+    assert {len(rows) for rows in mt.rows} == {neurons // 2 if suspect == "upcycled" else neurons}
     assert len({len(c) for c in mt.cand}) == 2
     mt.screen = Screen(np.concatenate(mt.cand), [len(c) for c in mt.cand], len(mt.sus), native=native)
     rng = np.random.default_rng(0)

@@ -362,3 +362,22 @@ def test_statistics_null_values_give_a_histogram(built_stats, tmp_path):
     assert [(n.label, len(n.values)) for n in view.nulls] == [("qkvo", 11)]
     assert set(view.nulls[0].observed) == {"base-7b", "other-lab"}
     assert (tmp_path / "null_qkvo.png") in figures.render_all(view, tmp_path)["null:qkvo"]
+
+
+def test_the_dossier_says_how_many_neurons_each_layer_drew():
+    """Per layer from the units' own counts (a wide MoE layer draws more than the setting), per unit where a layer
+    has several; results from before units recorded their share fall back on the setting."""
+    from forensics.report.dossier import _drawn
+    from forensics.results import NeuronLayer
+
+    def layer(i: int, counts: list[int | None]) -> NeuronLayer:
+        unit = {"layer": i, "kind": "dense" if len(counts) == 1 else "expert"}
+        return NeuronLayer.model_validate({"layer": i, "statistic": 0.5, "pvalue": 0.5, "units": [
+            {"unit": unit, "label": "u", "statistic": 0.5, "pvalue": 0.5, "matches": unit,
+             "same_index_fraction": 0.0, **({} if n is None else {"neurons": n})} for n in counts]})
+
+    assert _drawn(16, [layer(0, [16]), layer(1, [16])]) == "16 neurons drawn per layer"
+    assert _drawn(16, [layer(0, [4] * 4)]) == "16 neurons drawn per layer (4 from each of its FFN units)"
+    assert _drawn(16, [layer(0, [4] * 64), layer(1, [16])]) == \
+        "16 or 256 neurons drawn per layer (4 from each of its FFN units)"
+    assert _drawn(16, [layer(0, [None, None])]) == "16 neurons per unit"

@@ -211,10 +211,15 @@ def f_rate(r: Rate, long: bool = False) -> str:
 
 
 def _drawn(neurons: int, layers) -> str:
-    """How many suspect neurons the matching drew: per layer, and per unit where a layer has several."""
+    """How many suspect neurons the matching drew: per layer, and per unit where a layer has several (results written
+    before units recorded their share say only the setting)."""
+    units = [u for layer in layers for u in layer.units]
+    if any(u.neurons is None for u in units):
+        return f"{neurons} neurons per unit"
+    totals = sorted({sum(u.neurons for u in layer.units) for layer in layers})
     per_unit = sorted({u.neurons for layer in layers for u in layer.units if len(layer.units) > 1})
-    each = f" ({' or '.join(map(str, per_unit))} from each of a layer's FFN units)" if per_unit else ""
-    return f"{neurons} neurons drawn per layer{each}"
+    each = f" ({' or '.join(map(str, per_unit))} from each of its FFN units)" if per_unit else ""
+    return f"{' or '.join(map(str, totals))} neurons drawn per layer{each}"
 
 
 def _hash(h: str | None) -> str:

@@ -74,9 +74,9 @@ UNIT_NEURONS_MIN = 4
 
 def unit_neurons(neurons: int, units_in_layer: int) -> int:
     """Neurons drawn from each of a layer's FFN units: the layer's `neurons` split evenly (rounded up), at least
-    UNIT_NEURONS_MIN each (or `neurons`, where smaller). So every layer costs the screen about the same whatever its
-    number of experts, and the layer statistic, which the test sums, rests on about `neurons` neurons in every
-    architecture: a 64-expert layer drew 64 times a dense one's with a fixed count per unit."""
+    min(neurons, UNIT_NEURONS_MIN) each. A layer then draws max(neurons, 4 x units) or so: up to `neurons // 4`
+    units, what a dense layer draws (the screen's cost and the layer statistic's sample alike); beyond, 4 a unit,
+    against `neurons` a unit before (a 64-expert layer drew 64 times a dense one's, now 16 times)."""
     return max(min(neurons, UNIT_NEURONS_MIN), -(-neurons // units_in_layer))
 
 
