@@ -59,8 +59,8 @@ verify: $(STAMP)
 fingerprint: $(STAMP)
 	$(VENV)/bin/forensics fingerprint $(MODEL) $(if $(OUT),-o $(OUT))
 
-# The verdict rule's error rates on 420 unrelated and 218 derived pairs of trained 24-layer models (about 15 min on
-# 2 idle cores the first time; trained families are cached in out/.cache/calibration).
+# The verdict rule's error rates on 462 unrelated and 574 derived pairs of trained 24-layer models (64 min on 2 idle
+# cores the first time, 55 of them training; trained families are cached in out/.cache/calibration).
 calibrate: $(STAMP)
 	$(PY) -m forensics.lab.calibrate --cache out/.cache/calibration --markdown docs/calibration.md \
 		--table forensics/reference/calibration_table.json
