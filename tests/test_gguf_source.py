@@ -68,8 +68,9 @@ def test_truncated_gguf_is_refused_with_its_name(tmp_path):
 
 
 def test_the_plain_reader_parses_what_gguf_parses_and_is_put_back(tmp_path):
-    """transformers loads GGUF files through `plain_reader` (a faster view of the same mapping): every field and every
-    tensor reads the same as with gguf's own reader, and gguf's reader is restored afterwards, also on an error."""
+    """transformers loads GGUF files through `plain_reader` (a faster view of the same mapping, a faster conversion of
+    its metadata, done once): every field and every tensor reads the same as with gguf's own reader, every metadata
+    value converts to the same Python value, and what it replaced is restored afterwards, also on an error."""
     import gguf
 
     from forensics.sources.gguf import _PlainReader, plain_reader
@@ -83,13 +84,26 @@ def test_the_plain_reader_parses_what_gguf_parses_and_is_put_back(tmp_path):
         assert ours.fields[name].contents() == field.contents(), name
     assert [(t.name, t.tensor_type, t.data.tobytes()) for t in ours.tensors] == \
         [(t.name, t.tensor_type, t.data.tobytes()) for t in theirs.tensors]
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
     original, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    original_load, original_parse = hf_gguf.load_gguf_checkpoint, hf_gguf._gguf_parse_value
+    metadata = original_load(str(path), return_tensors=False)
+    values = {name: [original_parse(f.parts[i], f.types) for i in f.data] for name, f in theirs.fields.items()}
     with pytest.raises(RuntimeError), plain_reader():
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3)
         first = gguf.GGUFReader(path)
         assert isinstance(first, _PlainReader) and gguf.GGUFReader(str(path)) is first  # parsed once
+        parse = hf_gguf._gguf_parse_value
+        assert parse is not original_parse
+        ours = {name: [parse(f.parts[i], f.types) for i in f.data] for name, f in theirs.fields.items()}
+        assert ours == values and all(type(a) is type(b) for name in values for a, b in zip(values[name], ours[name]))
+        # the config's and the tokenizer's look-ups get equal metadata, each its own copy
+        a, b = (hf_gguf.load_gguf_checkpoint(str(path), return_tensors=False) for _ in range(2))
+        assert a == b == metadata and a is not b and a["tokenizer"]["tokens"] is not b["tokenizer"]["tokens"]
         raise RuntimeError
     assert gguf.GGUFReader is original and gguf.get_tensor_name_map is original_map
+    assert hf_gguf.load_gguf_checkpoint is original_load and hf_gguf._gguf_parse_value is original_parse
 
 
 def _random_blocks(qtype: Q, n: int, seed: int) -> np.ndarray:
