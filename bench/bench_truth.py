@@ -42,6 +42,7 @@ from forensics import pipeline
 from forensics.results import SignalTest
 from forensics.stats.compare import Settings
 from forensics.stats.multitest import min_null_size
+from forensics.stats.neurons import UNIT_NEURONS_MIN
 from forensics.reference import load_panel
 from forensics.stats.verdict import DERIVED, INCONCLUSIVE, NO_EVIDENCE, PRIMARY_ORDER, PrimaryEvidence, decide
 
@@ -707,7 +708,7 @@ def render_invariant(result: BenchResult, w) -> None:
     w("## Neuron matching and the tamper flag")
     w("")
     w(f"Neuron matching as a case runs it (case defaults: T = {ns['permutations']} signed permutations of the "
-      f"residual basis, {ns['neurons']} neurons per layer (split over its FFN units, at least 4 each), "
+      f"residual basis, {ns['neurons']} neurons per layer (split over its FFN units, at least {min(UNIT_NEURONS_MIN, ns['neurons'])} each), "
       f"{ns['dims']} residual dimensions, up to {ns['tokens']} "
       f"shared tokens for the alignment); its rule: exact joint p < alpha = {x['alpha']} (one candidate). It needs "
       f"a near-exact alignment of the residual streams (through shared tokens, else the attention weights; "

@@ -6,12 +6,12 @@ the models and run in forensics.pipeline.neuron_test, steps 3-5 are `match_test`
 1. Align the residual streams (`stats.residual`: through shared tokens, else through the attention weights).
 2. Sketch both models' FFN neurons at `dims` residual dimensions (the candidate's through the alignment).
 3. For every suspect unit (dense FFN, expert or shared expert of a layer) draw its share of the layer's `neurons`
-   (`unit_neurons`: all of them for a dense FFN, an even split over a layer's experts, at least 4 each), match them
-   one to one to the neurons of every candidate unit with `scipy.optimize.linear_sum_assignment` on their similarity
-   (the mean over gate, up and down of the cosine), and keep the best candidate unit (the candidate units are visited
-   in the order of a bfloat16 screen of their row maxima, until it says none left can win): the unit statistic is that
-   matching's mean similarity, and the unit it came from says which candidate layer the suspect layer holds (this
-   localises pruned, duplicated and upcycled layers: each expert is matched against every dense FFN).
+   (`unit_neurons`: all of them for a dense FFN, an even split over a layer's experts, at least min(4, neurons) each),
+   match them one to one to the neurons of every candidate unit with `scipy.optimize.linear_sum_assignment` on their
+   similarity (the mean over gate, up and down of the cosine), and keep the best candidate unit (the candidate units are
+   visited in the order of a bfloat16 screen of their row maxima, until it says none left can win): the unit statistic
+   is that matching's mean similarity, and the unit it came from says which candidate layer the suspect layer holds
+   (this localises pruned, duplicated and upcycled layers: each expert is matched against every dense FFN).
 4. A layer's statistic is the mean of its units'; the model's is the sum over layers.
 5. Null "trained from independent initialisations": such a model's residual dimensions are exchangeable (its
    initialisation is, and training treats them alike), so under the null the alignment found in step 1 is no better
