@@ -708,7 +708,8 @@ def render_invariant(result: BenchResult, w) -> None:
     w("## Neuron matching and the tamper flag")
     w("")
     w(f"Neuron matching as a case runs it (case defaults: T = {ns['permutations']} signed permutations of the "
-      f"residual basis, {ns['neurons']} neurons per layer (split over its FFN units, at least {min(UNIT_NEURONS_MIN, ns['neurons'])} each), "
+      f"residual basis, {ns['neurons']} neurons per layer (split over its FFN units, at least "
+      f"{min(UNIT_NEURONS_MIN, ns['neurons'])} each), "
       f"{ns['dims']} residual dimensions, up to {ns['tokens']} "
       f"shared tokens for the alignment); its rule: exact joint p < alpha = {x['alpha']} (one candidate). It needs "
       f"a near-exact alignment of the residual streams (through shared tokens, else the attention weights; "
